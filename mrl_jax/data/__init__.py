@@ -1,0 +1,1 @@
+"""TFDS input pipelines, preprocessing and the built-in offline datasets."""

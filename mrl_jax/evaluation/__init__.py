@@ -1,0 +1,1 @@
+"""Evaluators: embedding extraction, head accuracy, k-NN and retrieval, adaptive deployment."""

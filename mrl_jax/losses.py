@@ -1,0 +1,110 @@
+"""Matryoshka cross-entropy: L = sum_m w_m * CE(logits_m, y), mean over the batch (paper Eq. 1).
+
+The official code (`Matryoshka_CE_Loss`) sums the per-size CE with weights (default 1) and the
+same label smoothing for every size; this module does the same, in float32 whatever the compute
+dtype, and also returns the per-size loss and top-1 for logging (`loss@{m}`, `top1@{m}`).
+
+`sample_nesting_weights` implements sentence-transformers' `n_dims_per_step`: each step trains a
+random subset of k sizes, with the sampled sizes' weights scaled so that the expected loss equals
+the full sum. All heads are still computed (they cost ~nothing next to the encoder); the skipped
+sizes simply get zero weight, hence zero gradient, on that step.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mrl_jax.errors import ConfigError
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+  """Per-example softmax CE with label smoothing: logits [B, C], labels int [B] -> [B]."""
+  logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def matryoshka_loss(logits_by_size: Mapping[int, jax.Array], labels: jax.Array, *,
+                    weights: Mapping[int, float] | jax.Array | None = None,
+                    label_smoothing: float = 0.0,
+                    mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum over sizes of the batch-mean CE.
+
+  Args:
+    logits_by_size: {m: logits_m [B, C]}.
+    labels: int [B].
+    weights: {m: w_m} (default 1 for every size), or an array aligned with sorted sizes.
+    label_smoothing: epsilon of the smoothed targets (1 - eps) * onehot + eps / C.
+    mask: optional [B] with 1 for real examples and 0 for padding.
+
+  Returns:
+    (loss, metrics) where metrics has `loss@{m}` (unweighted batch-mean CE) and `top1@{m}`.
+  """
+  sizes = sorted(logits_by_size)
+  if mask is None:
+    mask = jnp.ones(labels.shape, jnp.float32)
+  mask = mask.astype(jnp.float32)
+  denom = jnp.maximum(mask.sum(), 1.0)
+  if weights is None:
+    weight_of = {m: 1.0 for m in sizes}
+  elif isinstance(weights, Mapping):
+    weight_of = {m: weights[m] for m in sizes}
+  else:
+    weight_of = {m: weights[i] for i, m in enumerate(sizes)}
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for m in sizes:
+    logits = logits_by_size[m]
+    ce = (cross_entropy(logits, labels, label_smoothing) * mask).sum() / denom
+    total = total + weight_of[m] * ce
+    metrics[f"loss@{m}"] = ce
+    metrics[f"top1@{m}"] = ((jnp.argmax(logits, -1) == labels) * mask).sum() / denom
+  return total, metrics
+
+
+def parse_weights(spec, sizes: tuple[int, ...]) -> tuple[float, ...]:
+  """config.mrl.weights: None/'' (all 1) or a comma-separated list / sequence, one per size."""
+  if spec is None or spec == "":
+    return tuple(1.0 for _ in sizes)
+  values = [float(w) for w in (spec.split(",") if isinstance(spec, str) else spec)]
+  if len(values) != len(sizes):
+    raise ConfigError(f"config.mrl.weights has {len(values)} values but there are {len(sizes)} "
+                      f"nesting sizes {list(sizes)}; give one weight per size")
+  if any(w < 0 for w in values):
+    raise ConfigError(f"config.mrl.weights={values} has a negative weight; allowed: w >= 0")
+  return tuple(values)
+
+
+def sample_nesting_weights(rng: jax.Array, weights: jax.Array, sizes_per_step: int, *,
+                           keep_smallest: bool = True, keep_largest: bool = True) -> jax.Array:
+  """Per-size weights for one step when only `sizes_per_step` of the sizes are trained.
+
+  The smallest/largest size are always kept when asked (they count towards k); the other
+  k_free = k - kept sizes are drawn uniformly without replacement from the n_free others, and
+  their weight is multiplied by n_free / k_free so that E[weights_step] = weights.
+  `sizes_per_step` <= 0 or >= the number of sizes means all sizes, every step.
+  """
+  n = weights.shape[0]
+  if sizes_per_step <= 0 or sizes_per_step >= n:
+    return weights
+  fixed_indices = ({0} if keep_smallest else set()) | ({n - 1} if keep_largest else set())
+  fixed = jnp.zeros((n,), bool).at[jnp.array(sorted(fixed_indices), int)].set(True)
+  num_fixed = len(fixed_indices)
+  k_free = sizes_per_step - num_fixed
+  n_free = n - num_fixed
+  if k_free < 0:
+    raise ConfigError(f"config.mrl.sizes_per_step={sizes_per_step} is smaller than the {num_fixed}"
+                      " always-kept sizes (keep_smallest/keep_largest); allowed: >= "
+                      f"{num_fixed} or 0 for all sizes")
+  # Random priorities; fixed sizes never compete. The k_free free sizes with the lowest
+  # priority are chosen.
+  priority = jnp.where(fixed, jnp.inf, jax.random.uniform(rng, (n,)))
+  rank = jnp.argsort(jnp.argsort(priority))
+  chosen = (~fixed) & (rank < k_free)
+  scale = jnp.where(fixed, 1.0, jnp.where(chosen, n_free / max(k_free, 1), 0.0))
+  return weights * scale

@@ -1,0 +1,61 @@
+"""Matryoshka heads: logits for every nesting size from one feature z (paper Sec. 3).
+
+- MRL: one Dense per size m with its own kernel [m, C] and bias, reading z[:, :m].
+- MRL-E ("efficient", weight-tied): one kernel W [d, C] and bias b; logits_m = z[:, :m] @ W[:m] + b.
+  This is the official code's `MRL_Linear_Layer(efficient=True)`: the first m rows of one
+  classifier, sharing the full bias.
+- FF-m (fixed-feature baseline): an MRL head with the single size m; the encoder still produces d
+  features but only z[:, :m] reaches the classifier, as the official FF baselines do.
+
+All sizes are computed from the same z, i.e. from one encoder forward pass.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrl_jax import nesting as nesting_lib
+from mrl_jax.errors import ConfigError
+
+HEAD_TYPES = ("mrl", "mrle", "ff")
+
+
+class MatryoshkaHeads(nnx.Module):
+  """z [B, d] -> {m: logits_m [B, C]} for every m in `nesting`.
+
+  Parameters are named `head_{m}/{kernel,bias}` (MRL, FF) or `tied/{kernel,bias}` (MRL-E).
+  """
+
+  def __init__(self, feature_dim: int, num_classes: int, nesting: tuple[int, ...], *,
+               efficient: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.nesting = nesting_lib.validate(list(nesting), feature_dim)
+    self.efficient = efficient
+    if num_classes < 1:
+      raise ConfigError(f"num_classes {num_classes} must be >= 1 (config.num_classes)")
+    if efficient:
+      self.tied = nnx.Linear(feature_dim, num_classes, dtype=dtype, rngs=rngs)
+    else:
+      for m in self.nesting:
+        setattr(self, f"head_{m}", nnx.Linear(m, num_classes, dtype=dtype, rngs=rngs))
+
+  def __call__(self, z: jax.Array) -> dict[int, jax.Array]:
+    if self.efficient:
+      kernel, bias = self.tied.kernel[...], self.tied.bias[...]
+      dtype = self.tied.dtype or z.dtype
+      return {m: z[:, :m].astype(dtype) @ kernel[:m].astype(dtype) + bias.astype(dtype)
+              for m in self.nesting}
+    return {m: getattr(self, f"head_{m}")(z[:, :m]) for m in self.nesting}
+
+
+def head_nesting(head: str, nesting: tuple[int, ...], ff_size: int | None,
+                 feature_dim: int) -> tuple[tuple[int, ...], bool]:
+  """(sizes the heads read, efficient?) for a head type from config.mrl."""
+  if head not in HEAD_TYPES:
+    raise ConfigError(f"head type {head!r} is not supported (config.mrl.head); "
+                      f"allowed: {list(HEAD_TYPES)}")
+  if head == "ff":
+    if ff_size is None:
+      raise ConfigError("config.mrl.ff_size must be set for head 'ff' (e.g. ff=64 in the "
+                        "config arg); allowed: 1 <= ff_size <= feature_dim")
+    return nesting_lib.validate([ff_size], feature_dim, "config.mrl.ff_size"), False
+  return nesting, head == "mrle"

@@ -1,0 +1,153 @@
+"""ResNet v1.5 (He et al. 2016; torchvision layout) returning the pooled feature z.
+
+v1.5 puts the stride on the 3x3 convolution of the bottleneck, as torchvision and the official
+MRL code (torchvision resnet50) do. Padding, BatchNorm momentum/epsilon and the conv init follow
+torchvision, so ResNet-50 has exactly torchvision's 25,557,032 parameters minus its 2048x1000+1000
+classifier. No classifier lives here: the Matryoshka heads own it (models/heads.py).
+
+BatchNorm uses batch statistics in train mode and running averages in eval mode. The mode is a
+static attribute (`use_running_average`) set outside jit with `nnx.view`, so one train graph and
+one eval graph share the same state. Under `jax.jit` with a batch sharded over devices the batch
+mean is already the global mean, which is what synchronous data-parallel BN over the data axis
+means; no `axis_name` is needed (STYLE.md §1).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrl_jax.errors import ConfigError
+
+# Blocks per stage, and whether the stage uses bottleneck blocks (expansion 4).
+DEPTHS: dict[int, tuple[tuple[int, ...], bool]] = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+STEMS = ("imagenet", "small")
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _ConvBN(nnx.Module):
+  """Conv (no bias) followed by BatchNorm, torchvision padding (k // 2 on each side)."""
+
+  def __init__(self, in_features: int, out_features: int, kernel: int, stride: int = 1, *,
+               zero_init_scale: bool = False, dtype, rngs: nnx.Rngs):
+    pad = kernel // 2
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), (stride, stride),
+                         padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                         kernel_init=conv_init, rngs=rngs)
+    # torch momentum 0.1 == flax momentum 0.9; eps 1e-5 as torchvision.
+    self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                            scale_init=nnx.initializers.zeros if zero_init_scale
+                            else nnx.initializers.ones, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.conv(x))
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs (ResNet-18/34)."""
+  expansion = 1
+
+  def __init__(self, in_features: int, filters: int, stride: int, *, zero_init_residual: bool,
+               dtype, rngs: nnx.Rngs):
+    self.conv1 = _ConvBN(in_features, filters, 3, stride, dtype=dtype, rngs=rngs)
+    self.conv2 = _ConvBN(filters, filters, 3, zero_init_scale=zero_init_residual, dtype=dtype,
+                         rngs=rngs)
+    self.shortcut = (_ConvBN(in_features, filters, 1, stride, dtype=dtype, rngs=rngs)
+                     if stride != 1 or in_features != filters else None)
+
+  def __call__(self, x):
+    y = self.conv2(nnx.relu(self.conv1(x)))
+    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class BottleneckBlock(nnx.Module):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 (x4) (ResNet-50/101/152)."""
+  expansion = 4
+
+  def __init__(self, in_features: int, filters: int, stride: int, *, zero_init_residual: bool,
+               dtype, rngs: nnx.Rngs):
+    out = filters * self.expansion
+    self.conv1 = _ConvBN(in_features, filters, 1, dtype=dtype, rngs=rngs)
+    self.conv2 = _ConvBN(filters, filters, 3, stride, dtype=dtype, rngs=rngs)
+    self.conv3 = _ConvBN(filters, out, 1, zero_init_scale=zero_init_residual, dtype=dtype,
+                         rngs=rngs)
+    self.shortcut = (_ConvBN(in_features, out, 1, stride, dtype=dtype, rngs=rngs)
+                     if stride != 1 or in_features != out else None)
+
+  def __call__(self, x):
+    y = nnx.relu(self.conv1(x))
+    y = nnx.relu(self.conv2(y))
+    y = self.conv3(y)
+    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResNet(nnx.Module):
+  """ResNet v1.5 encoder: images [B, H, W, C] -> (z [B, feature_dim], aux).
+
+  Args:
+    depth: 18, 34, 50, 101 or 152.
+    width: channels of the first stage (64 in the paper); feature_dim = 8 * width (basic blocks)
+      or 32 * width (bottlenecks), e.g. 2048 for ResNet-50.
+    stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "small" (3x3/1 conv, no pool) for
+      28x28/32x32 inputs.
+    zero_init_residual: zero-init the last BN scale of each block (Goyal et al. 2017).
+    remat: recompute each block's activations in the backward pass (saves memory).
+  """
+
+  def __init__(self, depth: int = 50, *, width: int = 64, stem: str = "imagenet",
+               in_channels: int = 3, zero_init_residual: bool = True, remat: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if depth not in DEPTHS:
+      raise ConfigError(f"ResNet depth {depth} is not supported (config.model.depth); "
+                        f"allowed: {sorted(DEPTHS)}")
+    if stem not in STEMS:
+      raise ConfigError(f"ResNet stem {stem!r} is not supported (config.model.stem); "
+                        f"allowed: {list(STEMS)}")
+    if width < 1:
+      raise ConfigError(f"ResNet width {width} must be >= 1 (config.model.width)")
+    stage_sizes, bottleneck = DEPTHS[depth]
+    block_cls = BottleneckBlock if bottleneck else BasicBlock
+    self.stem_kind = stem
+    self.remat = remat
+    if stem == "imagenet":
+      self.stem = _ConvBN(in_channels, width, 7, 2, dtype=dtype, rngs=rngs)
+    else:
+      self.stem = _ConvBN(in_channels, width, 3, 1, dtype=dtype, rngs=rngs)
+    blocks = []
+    features = width
+    for stage, num_blocks in enumerate(stage_sizes):
+      filters = width * 2**stage
+      for b in range(num_blocks):
+        stride = 2 if stage > 0 and b == 0 else 1
+        blocks.append(block_cls(features, filters, stride, zero_init_residual=zero_init_residual,
+                                dtype=dtype, rngs=rngs))
+        features = filters * block_cls.expansion
+    self.blocks = nnx.List(blocks)
+    self.feature_dim = features
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
+    del rngs  # No dropout in ResNet; accepted so every encoder has one signature.
+    x = nnx.relu(self.stem(x.astype(self.dtype)))
+    if self.stem_kind == "imagenet":
+      x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for block in self.blocks:
+      x = nnx.remat(block.__class__.__call__)(block, x) if self.remat else block(x)
+    z = jnp.mean(x, axis=(1, 2))  # [B, feature_dim]
+    return z, {"pre_pool": x}
+
+
+def feature_dim(depth: int, width: int = 64) -> int:
+  """feature_dim of a ResNet without building it (used to validate nesting sizes early)."""
+  if depth not in DEPTHS:
+    raise ConfigError(f"ResNet depth {depth} is not supported (config.model.depth); "
+                      f"allowed: {sorted(DEPTHS)}")
+  return width * 8 * (4 if DEPTHS[depth][1] else 1)
+

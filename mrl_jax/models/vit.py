@@ -1,0 +1,149 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), original layout, returning the pooled feature z.
+
+Layout as in the original ViT / big_vision `vit.py`: patch embedding conv, a learned CLS token,
+learned position embeddings, pre-LN blocks (x + MHSA(LN(x)), x + MLP(LN(x))), a final LayerNorm,
+then the CLS token ("cls") or the mean of the patch tokens ("gap"; no CLS token, as big_vision).
+ViT-B/16 at 224px has 86,567,656 parameters with its 1000-class head, i.e. 85,798,656 here.
+No classifier lives here: the Matryoshka heads own it.
+
+Attention goes through `jax.nn.dot_product_attention`, so XLA may pick a fused (cuDNN flash)
+kernel on GPU; the query/key/value projection is one fused matmul.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrl_jax.errors import ConfigError
+
+# width, depth, mlp_dim, heads (ViT paper Table 1; Ti/S from DeiT / big_vision).
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+PATCHES = (8, 14, 16, 32)
+POOLS = ("cls", "gap")
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+  """'B/16' -> ('B', 16), with a one-line error for anything else."""
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS or not patch.isdigit() or int(patch) not in PATCHES:
+    raise ConfigError(f"ViT variant {variant!r} is not supported (config.model.variant); "
+                      f"allowed: <{'|'.join(VARIANTS)}>/<{'|'.join(map(str, PATCHES))}>, "
+                      "e.g. 'B/16'")
+  return name, int(patch)
+
+
+class MlpBlock(nnx.Module):
+
+  def __init__(self, width: int, mlp_dim: int, dropout_rate: float, *, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.xavier_uniform()
+    bias_init = nnx.initializers.normal(1e-6)
+    self.fc1 = nnx.Linear(width, mlp_dim, kernel_init=init, bias_init=bias_init, dtype=dtype,
+                          rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, width, kernel_init=init, bias_init=bias_init, dtype=dtype,
+                          rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x, rngs):
+    x = self.dropout(nnx.gelu(self.fc1(x), approximate=False), rngs=rngs)
+    return self.fc2(x)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection (3*D*D + 3*D parameters)."""
+
+  def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.xavier_uniform()
+    self.num_heads = num_heads
+    self.qkv = nnx.Linear(width, 3 * width, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(width, width, kernel_init=init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+    y = jax.nn.dot_product_attention(q, k, v)
+    return self.out(y.reshape(b, n, d))
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LN transformer block."""
+
+  def __init__(self, width: int, mlp_dim: int, num_heads: int, dropout_rate: float, *, dtype,
+               rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.mlp = MlpBlock(width, mlp_dim, dropout_rate, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x, rngs=None):
+    x = x + self.dropout(self.attn(self.ln1(x)), rngs=rngs)
+    return x + self.dropout(self.mlp(self.ln2(x), rngs), rngs=rngs)
+
+
+class ViT(nnx.Module):
+  """ViT encoder: images [B, H, W, C] -> (z [B, width], aux).
+
+  Args:
+    variant: "<Ti|S|B|L|H>/<8|14|16|32>", e.g. "B/16".
+    image_size: input resolution; must be divisible by the patch size (sets the number of
+      position embeddings).
+    pool: "cls" (CLS token, the original ViT) or "gap" (mean of patch tokens, no CLS token).
+    dropout_rate: dropout after attention and in the MLP (the original ViT used 0.1 on 21k).
+    remat: recompute each block's activations in the backward pass (saves memory).
+  """
+
+  def __init__(self, variant: str = "B/16", *, image_size: int = 224, pool: str = "cls",
+               in_channels: int = 3, dropout_rate: float = 0.0, remat: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    name, patch = parse_variant(variant)
+    if pool not in POOLS:
+      raise ConfigError(f"ViT pool {pool!r} is not supported (config.model.pool); "
+                        f"allowed: {list(POOLS)}")
+    if image_size % patch:
+      raise ConfigError(f"image size {image_size} is not divisible by the ViT patch size {patch} "
+                        f"(config.model.image_size, variant {variant!r})")
+    width, depth, mlp_dim, num_heads = VARIANTS[name]
+    self.patch = patch
+    self.pool = pool
+    self.remat = remat
+    self.dtype = dtype
+    self.feature_dim = width
+    self.embedding = nnx.Conv(in_channels, width, (patch, patch), (patch, patch),
+                              padding="VALID", dtype=dtype, rngs=rngs)
+    num_tokens = (image_size // patch)**2 + (pool == "cls")
+    self.cls = nnx.Param(jnp.zeros((1, 1, width))) if pool == "cls" else None
+    self.pos_embedding = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (1, num_tokens, width)))
+    self.blocks = nnx.List([
+        EncoderBlock(width, mlp_dim, num_heads, dropout_rate, dtype=dtype, rngs=rngs)
+        for _ in range(depth)
+    ])
+    self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
+    x = self.embedding(x.astype(self.dtype))
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    if self.cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, d)), x], 1)
+    if x.shape[1] != self.pos_embedding.shape[1]:
+      raise ValueError(f"input gives {x.shape[1]} tokens but the model was built for "
+                       f"{self.pos_embedding.shape[1]} (config.model.image_size)")
+    x = self.dropout(x + self.pos_embedding[...].astype(x.dtype), rngs=rngs)
+    for block in self.blocks:
+      x = nnx.remat(EncoderBlock.__call__)(block, x, rngs) if self.remat else block(x, rngs)
+    x = self.encoder_norm(x)
+    z = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)  # [B, width]
+    return z, {"tokens": x}
+
+
+def feature_dim(variant: str) -> int:
+  return VARIANTS[parse_variant(variant)[0]][0]

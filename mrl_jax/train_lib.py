@@ -1,0 +1,445 @@
+"""Train state, the jit-compiled sharded MRL train step, and the train loop.
+
+The NNX model is split once into static graph definitions (one in train mode, one in eval mode:
+BatchNorm running averages, no dropout) and pure state. The step is `jax.jit` over a pure
+function of (TrainState, batch): merge -> one encoder forward -> every head -> Matryoshka loss ->
+grads -> optax update. It is compiled once with explicit in/out shardings and donates the state
+(STYLE.md §1, §4). The per-step RNG is `fold_in(key, step)`, so a resumed run draws the same
+random numbers as an uninterrupted one.
+"""
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import losses
+from mrl_jax import models
+from mrl_jax import optim
+from mrl_jax import sharding
+from mrl_jax import utils
+from mrl_jax import validation
+from mrl_jax import workdir as workdir_lib
+from mrl_jax.data import pipeline
+from mrl_jax.data import preprocess
+from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import linear
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  params: Any  # nnx.State of nnx.Param (pure arrays)
+  batch_stats: Any  # nnx.State of nnx.BatchStat (pure arrays)
+  opt_state: Any
+  rng: jax.Array  # uint32 key data
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The static halves of the split model and what the config resolves to."""
+  train_graphdef: Any
+  eval_graphdef: Any
+  nesting: tuple[int, ...]  # sizes that have a head
+  feature_dim: int
+  num_classes: int
+  signature: dict  # identifies the model in checkpoints and summaries
+
+  def apply(self, params, batch_stats, images, *, train: bool = False, rngs=None):
+    """(z [B, d], {m: logits_m [B, C]}); train=True also returns the updated BN statistics."""
+    module = nnx.merge(self.train_graphdef if train else self.eval_graphdef, params, batch_stats)
+    z, logits = module(images, rngs=rngs)
+    if train:
+      return z, logits, nnx.as_pure(nnx.state(module, nnx.BatchStat))
+    return z, logits
+
+
+def _split(module):
+  graphdef, params, batch_stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"model has state other than Param/BatchStat: {rest}")
+  return graphdef, nnx.as_pure(params), nnx.as_pure(batch_stats)
+
+
+def model_signature(config) -> dict:
+  """What makes two checkpoints interchangeable: encoder, head, nesting, classes."""
+  m = config.model
+  if config.model_name == "resnet":
+    encoder = (f"resnet{m.depth}(width={m.get('width', 64)},stem={m.get('stem', 'imagenet')},"
+               f"in_channels={m.get('in_channels', 3)})")
+  else:
+    encoder = (f"vit-{m.variant}(image_size={m.image_size},pool={m.get('pool', 'cls')},"
+               f"in_channels={m.get('in_channels', 3)})")
+  return {"encoder": encoder, "head": config.mrl.head, "nesting": list(models.head_sizes(config)),
+          "num_classes": int(config.num_classes), "feature_dim": models.feature_dim(config)}
+
+
+def build_model(config) -> tuple[Model, Any, Any]:
+  """(Model, abstract params, abstract batch_stats) without allocating any parameter."""
+  abstract = nnx.eval_shape(lambda: models.create_model(config, nnx.Rngs(config.seed)))
+  train_graphdef, params, batch_stats = _split(abstract)
+  eval_view = nnx.view(abstract, use_running_average=True, deterministic=True,
+                       raise_if_not_found=False)
+  eval_graphdef, _, _ = _split(eval_view)
+  model = Model(train_graphdef, eval_graphdef, tuple(abstract.heads.nesting),
+                abstract.encoder.feature_dim, config.num_classes, model_signature(config))
+  return model, params, batch_stats
+
+
+def dry_run(config, workdir: str) -> dict:
+  """Builds model and heads abstractly, prints the parameter table, writes model_summary.json."""
+  validation.validate_model(config)
+  model, params, batch_stats = build_model(config)
+  encoder_params = params["encoder"]
+  head_params = params["heads"]
+  print(utils.parameter_table(params))
+  summary = {
+      "encoder": model.signature["encoder"],
+      "model_name": config.model_name,
+      "feature_dim": model.feature_dim,
+      "num_classes": model.num_classes,
+      "nesting_sizes": list(models.nesting_sizes(config)),
+      "head_sizes": list(model.nesting),
+      "head": config.mrl.head,
+      "num_params_encoder": utils.count_params(encoder_params),
+      "num_params_heads": utils.count_params(head_params),
+      "num_batch_stats": utils.count_params(batch_stats),
+      "dtype": config.dtype,
+  }
+  summary["num_params_total"] = summary["num_params_encoder"] + summary["num_params_heads"]
+  os.makedirs(workdir, exist_ok=True)
+  utils.write_json(os.path.join(workdir, "model_summary.json"), summary)
+  print(f"encoder {summary['encoder']}: {summary['num_params_encoder']:,} params, feature_dim "
+        f"{summary['feature_dim']}; heads {summary['head']} at {summary['head_sizes']}: "
+        f"{summary['num_params_heads']:,} params")
+  return summary
+
+
+def create_train_state(config, model: Model, tx: optax.GradientTransformation, mesh):
+  """(initial TrainState placed by the partition rules, its sharding tree)."""
+
+  def init():
+    module = models.create_model(config, nnx.Rngs(config.seed))
+    _, params, batch_stats = _split(module)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+
+  abstract = jax.eval_shape(init)
+  state_sharding = sharding.state_sharding(abstract, mesh, config.sharding)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=state_sharding)()
+  return state, state_sharding
+
+
+def make_train_step(config, model: Model, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh, state_sharding):
+  """The jitted `train_step(state, batch) -> (state, metrics)`; metrics are replicated."""
+  weights = jnp.asarray(losses.parse_weights(config.mrl.weights, model.nesting), jnp.float32)
+  accum = config.optim.grad_accum_steps
+  label_smoothing = config.loss.label_smoothing
+  skip_nonfinite = True  # Non-finite steps never touch the state; the host stops or goes on.
+
+  def loss_fn(params, batch_stats, images, labels, rng, step_weights):
+    _, logits, new_stats = model.apply(params, batch_stats, images, train=True,
+                                       rngs=nnx.Rngs(dropout=rng))
+    loss, metrics = losses.matryoshka_loss(logits, labels, weights=step_weights,
+                                           label_smoothing=label_smoothing)
+    return loss, (new_stats, metrics)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    sample_rng, dropout_rng = jax.random.split(rng)
+    step_weights = losses.sample_nesting_weights(
+        sample_rng, weights, config.mrl.sizes_per_step, keep_smallest=config.mrl.keep_smallest,
+        keep_largest=config.mrl.keep_largest)
+    images, labels = batch["image"], batch["label"]
+    if accum == 1:
+      (loss, (batch_stats, metrics)), grads = grad_fn(
+          state.params, state.batch_stats, images, labels, dropout_rng, step_weights)
+    else:
+      # Micro-batch j takes rows j, j + accum, ...: every micro-batch spans all devices.
+      def micro(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(mesh, jax.P(None, sharding.BATCH_AXES)))
+
+      def body(carry, xs):
+        grads_sum, batch_stats = carry
+        i, micro_images, micro_labels = xs
+        (loss, (batch_stats, metrics)), grads = grad_fn(
+            state.params, batch_stats, micro_images, micro_labels,
+            jax.random.fold_in(dropout_rng, i), step_weights)
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, batch_stats), (loss, metrics)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, batch_stats), (loss, metrics) = jax.lax.scan(
+          body, (zeros, state.batch_stats), (jnp.arange(accum), micro(images), micro(labels)))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss.mean()
+      metrics = jax.tree.map(jnp.mean, metrics)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    if skip_nonfinite:
+      kept = state.replace(step=state.step + 1)
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    metrics = dict(metrics, loss=loss, finite=finite, lr=schedule(state.step),
+                   l2_grads=optax.global_norm(grads), l2_params=optax.global_norm(params),
+                   l2_updates=optax.global_norm(updates))
+    return new_state, metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_accuracy_fn(model: Model, mesh, state_sharding, class_mask=None):
+  """Jitted `(params, batch_stats, batch) -> accuracy sums` of every head (eval mode)."""
+
+  def fn(params, batch_stats, batch):
+    _, logits = model.apply(params, batch_stats, batch["image"])
+    return linear.accuracy_sums(logits, batch["label"], batch["mask"], class_mask)
+
+  return jax.jit(fn, in_shardings=(state_sharding.params, state_sharding.batch_stats,
+                                   sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+@dataclasses.dataclass
+class RunInfo:
+  """Sizes derived from the dataset at run time (configs do not hard-code dataset sizes)."""
+  num_train_examples: int
+  steps_per_epoch: int
+  total_steps: int
+
+
+def run_info(config, source: pipeline.Source) -> RunInfo:
+  n = source.num_examples(config.input.train_split)
+  steps_per_epoch = max(1, n // config.input.batch_size)
+  total = optim.steps_from(config, "total", steps_per_epoch)
+  return RunInfo(n, steps_per_epoch, max(1, total))
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag checked after every step (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class NonFiniteError(RuntimeError):
+  """Raised when a step produced a non-finite loss or gradient and config.on_nonfinite='stop'."""
+
+
+def evaluate_heads(config, model: Model, state: TrainState, accuracy_fn, source, reader, mesh,
+                   split: str | None = None) -> dict[str, float]:
+  """Head top-1/top-5 per size on the eval split (all examples, padding masked)."""
+  split = split or config.input.eval_split
+  eval_batch = config.input.get("eval_batch_size") or config.input.batch_size
+  local_batch = eval_batch // jax.process_count()
+  n = source.num_examples(split)
+  pp = preprocess.from_config(config.input, train=False, channels=source.channels)
+  batches = reader.eval_batches(
+      split, local_batch=local_batch, preprocess=pp, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_batches=pipeline.num_eval_batches(n, local_batch, jax.process_count()))
+  batches = pipeline.global_batches(batches, sharding.batch_sharding(mesh),
+                                    config.input.prefetch)
+  with jax.set_mesh(mesh):
+    return linear.head_accuracy(
+        functools.partial(accuracy_fn, state.params, state.batch_stats), batches)
+
+
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the summary dict."""
+  num_devices = jax.device_count()
+  validation.validate_config(config, num_devices, jax.process_count())
+  source = pipeline.open_source(config.input)
+  if source.num_classes and source.num_classes != config.num_classes:
+    raise ConfigError(f"config.num_classes={config.num_classes} but dataset {source.name!r} has "
+                      f"{source.num_classes} classes")
+  workdir_lib.claim(workdir, config, overwrite=overwrite)
+  info = run_info(config, source)
+  mesh = sharding.make_mesh(config.mesh)
+  model, abstract_params, _ = build_model(config)
+  schedule = optim.make_schedule(config, info.steps_per_epoch, info.total_steps)
+  tx = optim.make_optimizer(config, abstract_params, schedule)
+  state, state_sharding = create_train_state(config, model, tx, mesh)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     every_steps=config.checkpoint_every_steps,
+                                     keep=config.keep_checkpoints)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+  restored = ckpt.restore_latest(abstract_state, expected_signature=model.signature)
+  start_step = 0
+  if restored is not None:
+    state, meta, start_step = restored
+    logging.info("resumed from step %d (%s)", start_step, ckpt.directory)
+    print(f"Resuming from checkpoint step {start_step} in {ckpt.directory}", flush=True)
+  meta = {"signature": model.signature, "global_batch": config.input.batch_size,
+          "reader": config.input.reader, "num_processes": jax.process_count()}
+
+  writer = utils.metric_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in utils.flatten_config(config).items()
+                          if isinstance(v, (int, float, str, bool))})
+    logging.info("parameters:\n%s", utils.parameter_table(state.params))
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  progress = utils.report_progress(info.total_steps, writer, config.log_every_steps)
+
+  train_step = make_train_step(config, model, tx, schedule, mesh, state_sharding)
+  accuracy_fn = make_accuracy_fn(model, mesh, state_sharding)
+  reader = pipeline.make_reader(config.input, source)
+  train_pp = preprocess.train_from_config(config.input, channels=source.channels,
+                                          steps_per_epoch=info.steps_per_epoch)
+  local_batch = config.input.batch_size // jax.process_count()
+  train_batches = pipeline.global_batches(
+      reader.train_batches(config.input.train_split, local_batch=local_batch,
+                           start_batch=start_step, seed=config.seed,
+                           train_preprocess=train_pp, process_index=jax.process_index(),
+                           process_count=jax.process_count(),
+                           shuffle_buffer=config.input.shuffle_buffer),
+      sharding.batch_sharding(mesh), config.input.prefetch)
+
+  def save(step, force):
+    saved = ckpt.save(step, state, dict(meta, step=step, data_position=step), force=force)
+    if saved:
+      logging.info("checkpoint saved at step %d", step)
+    return saved
+
+  step = start_step
+  last_metrics, pending = {}, None
+  train_seconds, train_steps_timed = 0.0, 0
+  log_time, log_step = time.perf_counter(), step
+  stopped_by = None
+  with _StopSignal() as stop, jax.set_mesh(mesh):
+    while step < info.total_steps:
+      batch = next(train_batches)
+      state, metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:  # Checked one step late, so the device never waits for the host.
+        _check_finite(config, *pending)
+      pending = (step, metrics)
+      progress(step)
+      if step % config.log_every_steps == 0 or step == info.total_steps or step == start_step + 1:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(config, step, values)
+        elapsed = time.perf_counter() - log_time
+        steps_done = step - log_step
+        if step > start_step + 1:  # Exclude the compiling first step from throughput.
+          train_seconds += elapsed
+          train_steps_timed += steps_done
+        values["images_per_second"] = steps_done * config.input.batch_size / max(elapsed, 1e-9)
+        values["step_time"] = elapsed / max(steps_done, 1)
+        last_metrics = values
+        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items() if k != "finite"})
+        utils.append_jsonl(metrics_file, {"step": step, **{f"train/{k}": v for k, v in
+                                                             values.items()}})
+        _print_train_line(step, info.total_steps, values, model.nesting)
+        log_time, log_step = time.perf_counter(), step
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and (
+          step < info.total_steps):
+        _log_eval(step, evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh),
+                  writer, metrics_file)
+        log_time = time.perf_counter()
+      save(step, force=step == info.total_steps)
+      if utils.multihost_any(stop.received is not None):
+        stopped_by = stop.received or "a signal on another process"
+        break
+    if pending is not None:
+      _check_finite(config, *pending)
+
+  if stopped_by is not None:
+    save(step, force=True)
+    ckpt.close()
+    writer.flush()
+    print(f"Received {stopped_by}: saved a checkpoint at step {step} in {ckpt.directory}. "
+          "Rerun the same command to resume.", flush=True)
+    return {"final_step": step, "preempted": True}
+
+  final_eval = evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh)
+  _log_eval(step, final_eval, writer, metrics_file)
+  ckpt.close()
+  writer.flush()
+  summary = {
+      "final_step": step,
+      "train_loss": last_metrics.get("loss"),
+      "eval": {str(m): {"top1": final_eval.get(f"top1@{m}"), "top5": final_eval.get(f"top5@{m}")}
+               for m in model.nesting},
+      "images_per_second": (train_steps_timed * config.input.batch_size / train_seconds
+                            if train_seconds else last_metrics.get("images_per_second")),
+      "num_devices": num_devices,
+      "num_processes": jax.process_count(),
+      "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
+      "dataset": source.name,
+      "eval_split": config.input.eval_split,
+      "model": model.signature,
+  }
+  utils.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _check_finite(config, step: int, metrics) -> None:
+  finite = bool(np.asarray(jax.device_get(metrics["finite"])))
+  if finite:
+    return
+  values = jax.device_get(metrics)
+  per_size = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(values.items())
+                       if k.startswith("loss@"))
+  message = (f"non-finite loss or gradient at step {step} (loss={float(values['loss']):.4g}; "
+             f"{per_size}); the update was not applied")
+  if config.on_nonfinite == "skip":
+    logging.warning("%s; continuing (config.on_nonfinite='skip')", message)
+    print(f"WARNING: {message}; continuing (config.on_nonfinite='skip')", flush=True)
+    return
+  raise NonFiniteError(f"{message}. Stopping (config.on_nonfinite='stop'); the last good "
+                       "checkpoint is kept.")
+
+
+def _print_train_line(step, total, values, nesting) -> None:
+  sizes = [nesting[0], nesting[-1]] if len(nesting) > 1 else list(nesting)
+  parts = " ".join(f"top1@{m}={values[f'top1@{m}']:.3f}" for m in sizes)
+  print(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
+        f"{values['images_per_second']:.0f} img/s", flush=True)
+
+
+def _log_eval(step, results, writer, metrics_file) -> None:
+  writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
+  utils.append_jsonl(metrics_file, {"step": step, **{f"val/{k}": v for k, v in results.items()}})
+  top1 = {k: v for k, v in results.items() if k.startswith("top1@")}
+  print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in top1.items()), flush=True)

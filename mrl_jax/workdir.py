@@ -1,0 +1,68 @@
+"""Workdir safety: a run directory belongs to one config; nothing is overwritten silently.
+
+The resolved config is saved as `<workdir>/config.json` at the start of a run. A later run in the
+same workdir must have the same config, except for fields that only change how long or how
+verbosely it runs (ALLOWED_CHANGES), which is what resuming with more steps needs. Anything else
+is refused with the first differing field, unless `--overwrite` is given; then (and only then)
+the old checkpoints, metrics and summaries are deleted and the run starts from scratch.
+"""
+
+import fnmatch
+import json
+import os
+import shutil
+
+import jax
+
+from mrl_jax import utils
+from mrl_jax.errors import ConfigError
+
+ALLOWED_CHANGES = (
+    "total_steps", "total_epochs", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite", "input.data_dir",
+    "input.num_workers", "input.prefetch", "input.eval_batch_size", "eval.*", "mesh.*",
+)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "config.json")
+
+
+def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+  """(field, old, new) for every differing field that is not an allowed change."""
+  diffs = []
+  for key in sorted(set(old) | set(new)):
+    if any(fnmatch.fnmatch(key, pattern) for pattern in ALLOWED_CHANGES):
+      continue
+    if old.get(key) != new.get(key):
+      diffs.append((key, old.get(key, "<absent>"), new.get(key, "<absent>")))
+  return diffs
+
+
+def claim(workdir: str, config, *, overwrite: bool = False) -> None:
+  """Checks the workdir against the config, then records the config there."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(json.dumps(utils.flatten_config(config)))  # Same types as a reloaded file.
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = config_differences(old, new)
+    if diffs and not overwrite:
+      key, was, now = diffs[0]
+      more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+      raise ConfigError(
+          f"workdir {workdir} holds a run with {key}={was!r} but this config has {key}={now!r}"
+          f"{more}; use another --workdir, or pass --overwrite to delete that run and start "
+          "from scratch")
+    if diffs and overwrite and utils.is_main_process():
+      for name in RUN_OUTPUTS:
+        target = os.path.join(workdir, name)
+        if os.path.isdir(target):
+          shutil.rmtree(target)
+        elif os.path.exists(target):
+          os.remove(target)
+      for name in os.listdir(workdir):
+        if name.startswith("events.out.tfevents"):
+          os.remove(os.path.join(workdir, name))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("mrl_jax.workdir.claim")
+  os.makedirs(workdir, exist_ok=True)
+  utils.write_json(path, new)

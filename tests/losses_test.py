@@ -1,0 +1,125 @@
+"""Matryoshka loss against a plain numpy implementation of paper Eq. 1 (+ label smoothing)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mrl_jax import losses
+from mrl_jax.errors import ConfigError
+from mrl_jax.models import heads as heads_lib
+
+
+def np_cross_entropy(logits, labels, eps):
+  """-sum_c t_c log softmax(logits)_c with t = (1 - eps) onehot + eps / C; float64."""
+  logits = logits.astype(np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  c = logits.shape[-1]
+  targets = np.full(logits.shape, eps / c)
+  targets[np.arange(len(labels)), labels] += 1.0 - eps
+  return -(targets * logp).sum(-1)
+
+
+def np_matryoshka_loss(z, kernels, biases, labels, weights, eps):
+  """Paper Eq. 1: sum_m w_m * mean_i CE(W_m z_i[:m] + b_m, y_i)."""
+  total = 0.0
+  for m, w in weights.items():
+    logits = z[:, :m] @ kernels[m] + biases[m]
+    total += w * np_cross_entropy(logits, labels, eps).mean()
+  return total
+
+
+def _heads_params(h: heads_lib.MatryoshkaHeads, sizes):
+  if h.efficient:
+    kernel, bias = np.asarray(h.tied.kernel[...]), np.asarray(h.tied.bias[...])
+    return {m: kernel[:m] for m in sizes}, {m: bias for m in sizes}
+  return ({m: np.asarray(getattr(h, f"head_{m}").kernel[...]) for m in sizes},
+          {m: np.asarray(getattr(h, f"head_{m}").bias[...]) for m in sizes})
+
+
+@pytest.mark.parametrize("efficient", [False, True], ids=["mrl", "mrle"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_loss_equals_numpy_reference_with_weights_and_label_smoothing(efficient, eps):
+  rng = np.random.default_rng(0)
+  d, c, b = 16, 7, 12
+  sizes = (2, 4, 8, 16)
+  weights = {2: 0.5, 4: 1.0, 8: 2.0, 16: 1.5}
+  z = rng.normal(size=(b, d)).astype(np.float32)
+  labels = rng.integers(0, c, size=b)
+  h = heads_lib.MatryoshkaHeads(d, c, sizes, efficient=efficient, rngs=nnx.Rngs(1))
+  loss, metrics = losses.matryoshka_loss(h(jnp.asarray(z)), jnp.asarray(labels),
+                                         weights=weights, label_smoothing=eps)
+  kernels, biases = _heads_params(h, sizes)
+  expected = np_matryoshka_loss(z, kernels, biases, labels, weights, eps)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  for m in sizes:  # Per-size logs are the unweighted CE and the head's top-1.
+    logits = z[:, :m] @ kernels[m] + biases[m]
+    np.testing.assert_allclose(float(metrics[f"loss@{m}"]),
+                               np_cross_entropy(logits, labels, eps).mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics[f"top1@{m}"]),
+                               (logits.argmax(-1) == labels).mean(), rtol=1e-6)
+
+
+def test_ff_head_reads_only_the_first_m_features():
+  rng = np.random.default_rng(1)
+  h = heads_lib.MatryoshkaHeads(32, 5, (8,), rngs=nnx.Rngs(0))
+  z = rng.normal(size=(4, 32)).astype(np.float32)
+  z2 = z.copy()
+  z2[:, 8:] = rng.normal(size=(4, 24))
+  np.testing.assert_array_equal(np.asarray(h(z)[8]), np.asarray(h(z2)[8]))
+  kernels, biases = _heads_params(h, (8,))
+  labels = rng.integers(0, 5, size=4)
+  loss, _ = losses.matryoshka_loss(h(z), labels)
+  np.testing.assert_allclose(float(loss), np_matryoshka_loss(z, kernels, biases, labels,
+                                                             {8: 1.0}, 0.0), rtol=1e-5)
+
+
+def test_mrle_logits_are_slices_of_the_tied_kernel_plus_full_bias():
+  rng = np.random.default_rng(2)
+  h = heads_lib.MatryoshkaHeads(16, 6, (2, 4, 16), efficient=True, rngs=nnx.Rngs(0))
+  h.tied.bias[...] = jnp.asarray(rng.normal(size=6), jnp.float32)
+  z = rng.normal(size=(3, 16)).astype(np.float32)
+  w, bias = np.asarray(h.tied.kernel[...]), np.asarray(h.tied.bias[...])
+  out = h(z)
+  for m in (2, 4, 16):
+    np.testing.assert_allclose(np.asarray(out[m]), z[:, :m] @ w[:m] + bias, rtol=1e-5, atol=1e-6)
+  # One kernel d x C and one bias, whatever the number of sizes.
+  assert {k for k, _ in nnx.state(h, nnx.Param).flat_state()} == {("tied", "kernel"),
+                                                                    ("tied", "bias")}
+
+
+def test_mask_excludes_padding_from_loss_and_accuracy():
+  rng = np.random.default_rng(3)
+  logits = {4: jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)}
+  labels = jnp.asarray([0, 1, 2, 0, 1, 2])
+  mask = jnp.asarray([1, 1, 1, 0, 0, 0])
+  loss, metrics = losses.matryoshka_loss(logits, labels, mask=mask)
+  expected = np_cross_entropy(np.asarray(logits[4])[:3], np.asarray(labels)[:3], 0.0).mean()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  assert 0.0 <= float(metrics["top1@4"]) <= 1.0
+
+
+def test_sampled_sizes_keep_ends_pick_k_and_are_unbiased():
+  weights = jnp.asarray([1.0, 2.0, 1.0, 0.5, 1.0, 3.0])
+  n_steps = 4000
+  samples = jax.vmap(lambda k: losses.sample_nesting_weights(
+      k, weights, 3, keep_smallest=True, keep_largest=True))(
+          jax.random.split(jax.random.key(0), n_steps))
+  samples = np.asarray(samples)
+  assert np.all(samples[:, 0] == 1.0) and np.all(samples[:, -1] == 3.0)
+  assert np.all((samples != 0).sum(1) == 3)  # k = 3 sizes per step
+  # E[w_step] = w: 1 of the 4 middle sizes is picked and scaled by 4 (std of mean ~ w*sqrt(3)/63).
+  np.testing.assert_allclose(samples.mean(0), np.asarray(weights), rtol=0.1)
+
+
+def test_sampling_all_sizes_is_the_identity():
+  weights = jnp.ones(5)
+  out = losses.sample_nesting_weights(jax.random.key(0), weights, 0)
+  np.testing.assert_array_equal(np.asarray(out), np.ones(5))
+
+
+def test_weights_must_match_the_number_of_sizes():
+  with pytest.raises(ConfigError, match="has 2 values but there are 3 nesting sizes"):
+    losses.parse_weights("1,2", (8, 16, 32))

@@ -1,0 +1,197 @@
+"""Encoders: published parameter counts, forward passes in f32/bf16, BatchNorm modes, gradients.
+
+Parameter counts are computed with nnx.eval_shape (no allocation) and compared with the published
+totals minus the 1000-class classifier (d * 1000 + 1000), which our encoders do not contain.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mrl_jax import models
+from mrl_jax.errors import ConfigError
+from mrl_jax.models import resnet
+from mrl_jax.models import vit
+from tests.conftest import jit_build
+from tests.conftest import jit_call
+from tests.conftest import load_config
+
+
+def _num_params(module) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+# torchvision.models.resnetXX().parameters() totals (torchvision docs "Num Params"; ResNet-50:
+# 25,557,032 as in STYLE.md), minus the fc layer.
+RESNET_PUBLISHED = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160,
+                    152: 60_192_808}
+# Original ViT at 224px with a 1000-class head (timm vit_*_patch16_224 / vit_huge_patch14_224;
+# ViT-B/16 86.6M in Dosovitskiy et al. Table 1), minus the head.
+VIT_PUBLISHED = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656,
+                 "L/16": 304_326_632, "H/14": 632_045_800}
+
+
+@pytest.mark.parametrize("depth", sorted(RESNET_PUBLISHED))
+def test_resnet_parameter_count_equals_torchvision_minus_classifier(depth):
+  model = nnx.eval_shape(lambda: resnet.ResNet(depth, rngs=nnx.Rngs(0)))
+  d = model.feature_dim
+  assert d == (2048 if depth >= 50 else 512)
+  assert _num_params(model) == RESNET_PUBLISHED[depth] - (d * 1000 + 1000)
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_PUBLISHED))
+def test_vit_parameter_count_equals_published_minus_head(variant):
+  model = nnx.eval_shape(lambda: vit.ViT(variant, image_size=224, rngs=nnx.Rngs(0)))
+  d = model.feature_dim
+  assert _num_params(model) == VIT_PUBLISHED[variant] - (d * 1000 + 1000)
+
+
+def test_vit_b16_count_matches_a_hand_derivation():
+  # Independent of any library: patch conv + cls + pos + 12 blocks + final LN.
+  d, mlp, tokens = 768, 3072, 14 * 14 + 1
+  block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d)
+  expected = (16 * 16 * 3 * d + d) + d + tokens * d + 12 * block + 2 * d
+  model = nnx.eval_shape(lambda: vit.ViT("B/16", rngs=nnx.Rngs(0)))
+  assert _num_params(model) == expected == 85_798_656
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_resnet_forward_small_stem(dtype):
+  model = jit_build(lambda: resnet.ResNet(18, width=4, stem="small", in_channels=1, dtype=dtype,
+                                          rngs=nnx.Rngs(0)), share_state_as="r18w4")
+  z, aux = jit_call(model, jnp.ones((2, 16, 16, 1)))
+  assert z.shape == (2, 32) and z.dtype == dtype
+  assert aux["pre_pool"].shape == (2, 2, 2, 32)
+  # Parameters stay float32 whatever the compute dtype.
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
+
+
+def test_resnet_imagenet_stem_downsamples_by_32():
+  model = jit_build(lambda: resnet.ResNet(18, width=4, rngs=nnx.Rngs(0)))
+  z, aux = jit_call(model, jnp.ones((1, 64, 64, 3)))
+  assert z.shape == (1, 32) and aux["pre_pool"].shape == (1, 2, 2, 32)
+
+
+@pytest.mark.parametrize("dtype, pool", [(jnp.float32, "cls"), (jnp.bfloat16, "cls"),
+                                         (jnp.float32, "gap")])
+def test_vit_forward(dtype, pool):
+  model = jit_build(lambda: vit.ViT("Ti/16", image_size=32, pool=pool, dtype=dtype,
+                                    rngs=nnx.Rngs(0)), share_state_as=f"vit-ti-{pool}")
+  z, aux = jit_call(model, jnp.ones((2, 32, 32, 3)))
+  assert z.shape == (2, 192) and z.dtype == dtype
+  assert aux["tokens"].shape == (2, 4 + (pool == "cls"), 192)
+
+
+def test_vit_rejects_image_size_not_divisible_by_patch():
+  with pytest.raises(ConfigError, match="image size 30 is not divisible by the ViT patch size 16"):
+    vit.ViT("Ti/16", image_size=30, rngs=nnx.Rngs(0))
+
+
+def test_unknown_variant_and_depth_are_one_line_errors():
+  with pytest.raises(ConfigError, match="ViT variant 'X/16' is not supported"):
+    vit.parse_variant("X/16")
+  with pytest.raises(ConfigError, match="ResNet depth 42 is not supported"):
+    resnet.feature_dim(42)
+
+
+def test_batchnorm_uses_batch_stats_in_train_and_running_averages_in_eval():
+  model = jit_build(lambda: resnet.ResNet(18, width=4, stem="small", in_channels=1,
+                                          rngs=nnx.Rngs(0)), share_state_as="r18w4")
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)) * 3 + 1
+
+  @jax.jit
+  def run(state, x, use_running_average):
+    m = nnx.merge(graphdef_train if not use_running_average else graphdef_eval, state)
+    z, _ = m(x)
+    return z, nnx.state(m, nnx.BatchStat)
+
+  graphdef_train, state = nnx.split(model)
+  graphdef_eval, _ = nnx.split(nnx.view(model, use_running_average=True))
+  run = jax.jit(run.__wrapped__, static_argnums=2)
+  before = nnx.state(model, nnx.BatchStat)
+  _, after_train = run(state, x, False)  # train mode (default): statistics move
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                      jax.tree.leaves(after_train)))
+  z1, after_eval = run(state, x, True)
+  z2, _ = run(state, x[:1], True)  # eval output of an example does not depend on the batch
+  np.testing.assert_allclose(np.asarray(z1[:1]), np.asarray(z2), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after_eval)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("block_cls, last", [(resnet.BottleneckBlock, "conv3"),
+                                             (resnet.BasicBlock, "conv2")])
+def test_zero_init_residual_zeroes_the_last_bn_scale_of_each_block(block_cls, last):
+  for zero_init in (True, False):
+    block = jit_build(lambda: block_cls(8, 4, 2, zero_init_residual=zero_init,
+                                        dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    scale = np.asarray(getattr(block, last).bn.scale[...])
+    assert (np.abs(scale).sum() == 0.0) == zero_init
+    assert np.all(np.asarray(block.conv1.bn.scale[...]) == 1.0)
+
+
+@pytest.mark.parametrize("head", ["mrl", "mrle", "ff=8"])
+def test_gradients_reach_every_head_and_the_encoder_from_one_forward(head):
+  config = load_config(f"configs/digits_resnet_mrl.py:{head},runlocal")
+  model = jit_build(lambda: models.create_model(config, nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  labels = jnp.asarray([0, 1, 2, 3])
+  calls = []
+  original = type(model.encoder).__call__
+
+  def counting_call(self, *a, **k):
+    calls.append(1)
+    return original(self, *a, **k)
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+  def loss_fn(params, rest):
+    z, logits = nnx.merge(graphdef, params, rest)(x)
+    return sum(-jax.nn.log_softmax(l)[jnp.arange(4), labels].mean() for l in logits.values())
+
+  type(model.encoder).__call__ = counting_call
+  try:
+    grads = jax.jit(jax.grad(loss_fn))(params, rest)
+  finally:
+    type(model.encoder).__call__ = original
+  assert len(calls) == 1  # one encoder pass (traced once) for all sizes
+  flat = dict(grads.flat_state())
+  head_grads = {k: v for k, v in flat.items() if k[0] == "heads"}
+  assert head_grads
+  for path, g in head_grads.items():
+    assert float(jnp.abs(g).sum()) > 0, path
+  stem = flat[("encoder", "stem", "conv", "kernel")]
+  assert float(jnp.abs(stem).sum()) > 0
+
+
+@pytest.mark.parametrize("model_name", ["resnet", "vit"])
+def test_remat_gives_the_same_outputs_and_gradients(model_name):
+  if model_name == "resnet":
+    build = lambda r: resnet.ResNet(18, width=4, stem="small", in_channels=1, remat=r,
+                                    rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  else:
+    build = lambda r: vit.ViT("Ti/16", image_size=32, remat=r, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  key = "r18w4" if model_name == "resnet" else "vit-ti-cls"
+
+  def grads(remat):
+    graphdef, params, rest = nnx.split(jit_build(lambda: build(remat), key), nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    # A random projection of z: its gradients are far from zero (sum(z**2) after the final
+    # LayerNorm is nearly constant, so its gradients would be rounding noise).
+
+    def loss(p):
+      z = nnx.merge(graphdef, p, rest)(x)[0]
+      proj = jax.random.normal(jax.random.key(1), z.shape)
+      return jnp.sum(z * proj)
+
+    return jax.jit(jax.grad(loss))(params)
+
+  g_plain, g_remat = grads(False), grads(True)
+  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+    a, b = np.asarray(a), np.asarray(b)  # f32 summation order differs: tolerance by scale
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
