@@ -73,6 +73,12 @@ class Checkpointer:
                          "restored; move the directory away to start from scratch")
     return None
 
+  def read(self, step: int) -> tuple[dict, dict]:
+    """(state as nested dicts of numpy arrays, meta) of `step`, without a target structure."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

