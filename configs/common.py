@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=256,  # global batch
       eval_batch_size=config_dict.placeholder(int),  # default: batch_size
       shuffle_buffer=16_384,  # tf_data reader only (grain shuffles globally)
-      num_workers=0,  # grain worker processes / tf.data parallel calls (0 = autotune)
+      num_workers=0,  # input threads (grain read threads / tf.data thread pool; 0 = default)
       prefetch=2,  # batches prefetched to device
       image_size=224,
       pp_train=ml_collections.ConfigDict(dict(

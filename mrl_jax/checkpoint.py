@@ -39,14 +39,21 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
-  def restore_latest(self, abstract_state, expected_signature: dict | None = None):
-    """(state, meta, step) of the newest checkpoint that restores, or None if there is none.
+  def restore(self, abstract_state, expected_signature: dict | None = None,
+              step: int | None = None):
+    """(state, meta, step) of `step`, or of the newest checkpoint that restores; None if there
+    is no checkpoint at all.
 
     `expected_signature` is compared with the saved model signature first; a difference is a
     ConfigError naming the field (restoring would otherwise fail with a shape error or, worse,
     succeed on a different model).
     """
     steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise ConfigError(f"no checkpoint at step {step} in {self.directory}; available: "
+                          f"{steps}")
+      steps = [step]
     for step in reversed(steps):
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

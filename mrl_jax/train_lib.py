@@ -46,7 +46,7 @@ class TrainState:
   rng: jax.Array  # uint32 key data
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: keys jit caches
 class Model:
   """The static halves of the split model and what the config resolves to."""
   train_graphdef: Any
@@ -63,6 +63,10 @@ class Model:
     if train:
       return z, logits, nnx.as_pure(nnx.state(module, nnx.BatchStat))
     return z, logits
+
+  def head_logits(self, params, batch_stats, z):
+    """{m: logits_m} of the heads alone, from stored features z [B, d] (eval mode)."""
+    return nnx.merge(self.eval_graphdef, params, batch_stats).heads(z)
 
 
 def _split(module):
@@ -126,21 +130,51 @@ def dry_run(config, workdir: str) -> dict:
   return summary
 
 
-def create_train_state(config, model: Model, tx: optax.GradientTransformation, mesh):
-  """(initial TrainState placed by the partition rules, its sharding tree)."""
-
+def _init_fn(config, tx: optax.GradientTransformation):
   def init():
     module = models.create_model(config, nnx.Rngs(config.seed))
     _, params, batch_stats = _split(module)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+  return init
 
-  abstract = jax.eval_shape(init)
+
+def abstract_train_state(config, tx: optax.GradientTransformation, mesh):
+  """(TrainState of ShapeDtypeStructs carrying their shardings, the sharding tree)."""
+  abstract = jax.eval_shape(_init_fn(config, tx))
   state_sharding = sharding.state_sharding(abstract, mesh, config.sharding)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sharding)
+  return abstract, state_sharding
+
+
+def create_train_state(config, tx: optax.GradientTransformation, mesh):
+  """(initial TrainState placed by the partition rules, its sharding tree)."""
+  _, state_sharding = abstract_train_state(config, tx, mesh)
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = jax.jit(_init_fn(config, tx), out_shardings=state_sharding)()
   return state, state_sharding
+
+
+def restore_for_eval(config, workdir: str, mesh, step: int | None = None):
+  """(Model, params, batch_stats, step) from the workdir's checkpoint (latest by default).
+
+  The optimizer is rebuilt only for its state's structure (which does not depend on the
+  schedule's values), so that the checkpoint restores against a typed, sharded target.
+  """
+  model, abstract_params, _ = build_model(config)
+  tx = optim.make_optimizer(config, abstract_params, optax.constant_schedule(0.0))
+  abstract, _ = abstract_train_state(config, tx, mesh)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
+                                     keep=config.keep_checkpoints)
+  restored = ckpt.restore(abstract, expected_signature=model.signature, step=step)
+  ckpt.close()
+  if restored is None:
+    raise ConfigError(f"no checkpoint in {ckpt.directory}; train first (python train.py "
+                      f"--config=... --workdir={workdir})")
+  state, _, step = restored
+  return model, state.params, state.batch_stats, step
 
 
 def make_train_step(config, model: Model, tx: optax.GradientTransformation,
@@ -303,19 +337,18 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   model, abstract_params, _ = build_model(config)
   schedule = optim.make_schedule(config, info.steps_per_epoch, info.total_steps)
   tx = optim.make_optimizer(config, abstract_params, schedule)
-  state, state_sharding = create_train_state(config, model, tx, mesh)
-
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      every_steps=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-  restored = ckpt.restore_latest(abstract_state, expected_signature=model.signature)
+  abstract_state, state_sharding = abstract_train_state(config, tx, mesh)
+  restored = ckpt.restore(abstract_state, expected_signature=model.signature)
   start_step = 0
   if restored is not None:
-    state, meta, start_step = restored
+    state, _, start_step = restored
     logging.info("resumed from step %d (%s)", start_step, ckpt.directory)
     print(f"Resuming from checkpoint step {start_step} in {ckpt.directory}", flush=True)
+  else:
+    state, _ = create_train_state(config, tx, mesh)
   meta = {"signature": model.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}
 

@@ -71,3 +71,22 @@ def jit_call(module, *args):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(module)
   return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, *args)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(data_dir, tmp_path_factory):
+  """(config, workdir) of a small MRL run on digits (24 steps, d = 64), trained once."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  config.input.data_dir = data_dir
+  config.model.width = 8
+  config.eval.extra_sizes = "3,6,12,24,48"
+  config.input.batch_size = 64
+  config.total_steps = 24
+  config.schedule.update(base_lr=0.2, warmup_steps=2)
+  config.checkpoint_every_steps = 12
+  config.log_every_steps = 12
+  workdir = str(tmp_path_factory.mktemp("trained_digits"))
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return config, workdir

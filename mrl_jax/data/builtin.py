@@ -129,13 +129,18 @@ def prepare(name: str, data_dir: str | None = None) -> str:
   if name not in BUILTIN:
     raise ConfigError(f"unknown built-in dataset {name!r}; allowed: {sorted(BUILTIN)}")
   data_dir = data_dir or default_data_dir()
-  with _file_lock(os.path.join(data_dir, f".{name}.lock")):
-    _prepare_locked(name, data_dir)
+  prepare_both_formats(BUILTIN[name], data_dir)
   return data_dir
 
 
-def _prepare_locked(name: str, data_dir: str) -> None:
-  builder = BUILTIN[name](data_dir=data_dir, file_format="array_record")
+def prepare_both_formats(builder_cls, data_dir: str) -> None:
+  """Prepares any generator-based builder as ArrayRecord + TFRecord in one dataset directory."""
+  with _file_lock(os.path.join(data_dir, f".{builder_cls.name}.lock")):
+    _prepare_locked(builder_cls, data_dir)
+
+
+def _prepare_locked(builder_cls, data_dir: str) -> None:
+  builder = builder_cls(data_dir=data_dir, file_format="array_record")
   info_file = os.path.join(builder.data_dir, "dataset_info.json")
   if os.path.exists(info_file) and "tfrecord" in builder.info.as_proto.alternative_file_formats:
     return
@@ -143,13 +148,14 @@ def _prepare_locked(name: str, data_dir: str) -> None:
     builder.download_and_prepare()
   # TFRecord copy for the tf.data reader: generate into a scratch dir, move the shards next to
   # the ArrayRecord ones, and record the alternative format (what `tfds convert_format` does).
-  scratch = tempfile.mkdtemp(prefix=f"{name}_tfrecord_")
+  scratch = tempfile.mkdtemp(prefix=f"{builder_cls.name}_tfrecord_")
   try:
-    tf_builder = BUILTIN[name](data_dir=scratch, file_format="tfrecord")
+    tf_builder = builder_cls(data_dir=scratch, file_format="tfrecord")
     tf_builder.download_and_prepare()
     for split, info in builder.info.splits.items():
       if info.shard_lengths != tf_builder.info.splits[split].shard_lengths:
-        raise RuntimeError(f"{name}: tfrecord and array_record shards differ for split {split}")
+        raise RuntimeError(f"{builder_cls.name}: tfrecord and array_record shards differ for "
+                           f"split {split}")
     for f in os.listdir(tf_builder.data_dir):
       if ".tfrecord-" in f:
         shutil.move(os.path.join(tf_builder.data_dir, f), os.path.join(builder.data_dir, f))

@@ -186,11 +186,11 @@ class GrainReader(Reader):
                             decoders={self.source.image_key: tfds.decode.SkipDecoding()})
 
   def _iterate(self, ds: grain.MapDataset) -> Iterator[Batch]:
-    options = grain.ReadOptions(num_threads=max(self.num_workers, 1), prefetch_buffer_size=2)
-    it = ds.to_iter_dataset(options)
-    if self.num_workers > 1:
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
-    return iter(it)
+    # Threads, not worker processes: the preprocessing is TF ops, which release the GIL, and
+    # TF parallelises within a batch (map_fn) on its own thread pool.
+    threads = self.num_workers or 4
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1)
+    return iter(ds.to_iter_dataset(options))
 
   def train_batches(self, split, *, local_batch, start_batch, seed, train_preprocess,
                     process_index, process_count, shuffle_buffer):

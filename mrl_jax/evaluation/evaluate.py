@@ -1,0 +1,262 @@
+"""eval.py's work: per-size linear, k-NN and retrieval metrics of a checkpoint or of saved features.
+
+Checkpoint mode (DESIGN.md §4): extract the database (train split) and query (eval split)
+features once at full dimension, then for every size m (the nesting sizes plus
+config.eval.extra_sizes, which were not trained): the head's top-1/top-5 (sizes with a head),
+1-NN / k-NN accuracy and retrieval metrics on z[:, :m] truncated then L2-normalised. Robustness
+datasets (config.eval.splits, e.g. imagenet_v2, imagenet_a) are queried against the same
+database and the same ImageNet-1K heads, with the 200-class logit masks for -A and -R.
+
+Embeddings-only mode: the same neighbour metrics on saved `.npy` features of any model.
+Outputs per query dataset: `<out>/results.json`, `results.csv`, `accuracy_vs_dim.png`.
+"""
+
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from mrl_jax import models
+from mrl_jax import sharding
+from mrl_jax import utils
+from mrl_jax import validation
+from mrl_jax.data import pipeline
+from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import class_subsets
+from mrl_jax.evaluation import extract as extract_lib
+from mrl_jax.evaluation import knn
+from mrl_jax.evaluation import linear
+from mrl_jax.evaluation import metrics as metrics_lib
+from mrl_jax.evaluation import report
+
+EMBEDDING_FILES = ("database_X.npy", "database_y.npy", "queries_X.npy", "queries_y.npy")
+
+
+def eval_sizes(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(all sizes to evaluate, the trained ones): nesting sizes + config.eval.extra_sizes."""
+  trained = models.head_sizes(config) if config.mrl.head == "ff" else models.nesting_sizes(config)
+  extra = validation.parse_ints(config.eval.extra_sizes, "config.eval.extra_sizes")
+  d = models.feature_dim(config)
+  sizes = sorted(set(models.nesting_sizes(config)) | set(extra) | set(trained))
+  return tuple(m for m in sizes if m <= d), tuple(trained)
+
+
+def neighbor_metrics_by_size(database_z, database_y, query_sets: dict[str, tuple], sizes, *,
+                             knn_ks: Sequence[int], retrieval_ks: Sequence[int],
+                             search: knn.ExactSearch, num_classes: int | None = None,
+                             ) -> dict[str, dict[int, dict[str, float]]]:
+  """{query set: {size: knn<k>_top1 and retrieval metrics}}; query_sets = {name: (z, y)}.
+
+  The database is truncated, normalised and put on device once per size, then searched by every
+  query set (the expensive part is the database, not the queries).
+  """
+  out = {name: {m: {} for m in sizes} for name in query_sets}
+  if not knn_ks and not retrieval_ks:
+    return out
+  k = min(max([*knn_ks, *retrieval_ks]), len(database_y))
+  knn_ks = [kk for kk in knn_ks if kk <= k]
+  retrieval_ks = [kk for kk in retrieval_ks if kk <= k]
+  counts = np.bincount(database_y, minlength=num_classes or 0)
+  total = sum(len(y) for _, y in query_sets.values()) * len(sizes)
+  bar = tqdm(total=total, unit="query", desc="search", disable=not utils.is_main_process(),
+             mininterval=2.0)
+  for m in sizes:
+    database = database_z if search.chunk_rows else search.prepare(database_z, m)
+    for name, (queries_z, queries_y) in query_sets.items():
+      _, index = search.search(queries_z, database, m, k, progress=bar.update)
+      out[name][m] = metrics_lib.neighbor_metrics(database_y[index], queries_y, counts, knn_ks,
+                                                  retrieval_ks)
+    del database
+  bar.close()
+  return out
+
+
+def linear_metrics_by_size(model, params, batch_stats, queries: extract_lib.Features, mesh,
+                           class_mask: np.ndarray | None = None,
+                           block: int = 4096) -> dict[int, dict[str, float]]:
+  """linear_top1 / linear_top5 of each head from stored features (flip TTA: logits summed)."""
+
+  @jax.jit
+  def sums(params, batch_stats, z, z_flipped, labels, mask):
+    logits = model.head_logits(params, batch_stats, z)
+    if z_flipped is not None:
+      flipped = model.head_logits(params, batch_stats, z_flipped)
+      logits = {m: logits[m] + flipped[m] for m in logits}
+    return linear.accuracy_sums(logits, labels, mask,
+                                None if class_mask is None else jnp.asarray(class_mask))
+
+  def blocks():
+    n = len(queries.labels)
+    for i in range(0, n, block):
+      z = queries.z[i:i + block].astype(np.float32)
+      pad = block - len(z)
+      pad_rows = lambda x: np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      zf = (None if queries.z_flipped is None else
+            pad_rows(queries.z_flipped[i:i + block].astype(np.float32)))
+      yield sums(params, batch_stats, pad_rows(z), zf, pad_rows(queries.labels[i:i + block]),
+                 pad_rows(np.ones(len(z), np.float32)))
+
+  with jax.set_mesh(mesh):
+    fractions = linear.head_accuracy(lambda s: s, blocks())
+  by_size = {}
+  for key, value in fractions.items():
+    name, m = key.split("@")
+    by_size.setdefault(int(m), {})[f"linear_{name}"] = value
+  return by_size
+
+
+def _query_datasets(config) -> list[tuple[str, str]]:
+  """(dataset, split) pairs to query: the eval split, then config.eval.splits ('name[:split]')."""
+  out = [(config.input.dataset, config.eval.get("query_split") or config.input.eval_split)]
+  for item in filter(None, (s.strip() for s in config.eval.splits.split(","))):
+    name, _, split = item.partition(":")
+    out.append((name, split or "test"))
+  return out
+
+
+def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = None,
+                        devices=None) -> dict[str, dict]:
+  """Evaluates a trained workdir; returns {dataset: results} and writes the reports."""
+  from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top  (train_lib imports us)
+  devices = list(devices) if devices is not None else jax.devices()
+  validation.validate_config(config, len(devices), jax.process_count())
+  ev = config.eval
+  knn_ks = validation.parse_ints(ev.knn_k, "config.eval.knn_k") if ev.knn else ()
+  retrieval_ks = validation.parse_ints(ev.retrieval_k, "config.eval.retrieval_k") if ev.knn else ()
+  sizes, trained = eval_sizes(config)
+  dtype = extract_lib.feature_dtype(ev.feature_dtype)
+  query_sets = _query_datasets(config)
+  sources = {name: pipeline.open_source(config.input, dataset=name) for name, _ in query_sets}
+  for name, split in query_sets:  # Unknown splits fail here, before any compilation.
+    sources[name].num_examples(split)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model, params, batch_stats, step = train_lib.restore_for_eval(config, workdir, mesh,
+                                                                checkpoint_step)
+  search = knn.ExactSearch(mesh, query_block=ev.query_block, database_block=ev.database_block)
+  main_source = sources[config.input.dataset]
+  main_reader = pipeline.make_reader(config.input, main_source)
+  database = None
+  if knn_ks or retrieval_ks:
+    database = extract_lib.extract(
+        model, params, batch_stats, source=main_source, reader=main_reader,
+        split=ev.database_split, input_cfg=config.input, mesh=mesh, dtype=dtype,
+        max_examples=ev.get("max_database"), description=f"database {ev.database_split}")
+  queries, per_size = {}, {}
+  for name, split in query_sets:
+    source = sources[name]
+    reader = main_reader if name == config.input.dataset else pipeline.make_reader(
+        config.input, source)
+    queries[name] = extract_lib.extract(
+        model, params, batch_stats, source=source, reader=reader, split=split,
+        input_cfg=config.input, mesh=mesh, dtype=dtype, flip=ev.flip_tta,
+        description=f"queries {name}:{split}")
+    if ev.save_features:
+      outdir = os.path.join(workdir, "eval", name)
+      queries[name].save(outdir, split)
+      if database is not None and name == config.input.dataset:
+        database.save(outdir, ev.database_split)
+    per_size[name] = {m: {} for m in sizes}
+    if ev.linear:
+      mask = class_subsets.class_mask(name, config.num_classes)
+      for m, values in linear_metrics_by_size(model, params, batch_stats, queries[name], mesh,
+                                              mask).items():
+        per_size[name][m].update(values)
+  if database is not None:
+    neighbors = neighbor_metrics_by_size(
+        database.z, database.labels, {n: (q.z, q.labels) for n, q in queries.items()}, sizes,
+        knn_ks=knn_ks, retrieval_ks=retrieval_ks, search=search, num_classes=config.num_classes)
+    for name, by_size in neighbors.items():
+      for m, values in by_size.items():
+        per_size[name][m].update(values)
+  all_results = {}
+  for name, split in query_sets:
+    results = {
+        "model": model.signature, "checkpoint_step": step, "dataset": name, "split": split,
+        "database_split": ev.database_split if database is not None else None,
+        "num_queries": int(len(queries[name].labels)),
+        "num_database": int(len(database.labels)) if database is not None else 0,
+        "flip_tta": bool(ev.flip_tta), "trained_sizes": list(trained),
+        "class_subset": None if class_subsets.class_indices(name) is None else 200,
+        "sizes": {str(m): per_size[name][m] for m in sizes},
+        "adaptive_retrieval": [], "adaptive_classification": [],
+    }
+    outdir = os.path.join(workdir, "eval", name)
+    report.write(outdir, results)
+    logging.info("eval %s:%s -> %s", name, split, outdir)
+    all_results[name] = results
+  return all_results
+
+
+def load_embeddings(directory: str) -> dict[str, np.ndarray]:
+  """The four .npy files of embeddings-only mode, validated (one-line errors)."""
+  arrays = {}
+  for name in EMBEDDING_FILES:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+      raise ConfigError(f"missing {path}; embeddings-only mode needs "
+                        f"{', '.join(EMBEDDING_FILES)} in --embeddings")
+    try:
+      arrays[name[:-4]] = np.load(path, allow_pickle=False)
+    except ValueError as e:
+      raise ConfigError(f"{path} is not a plain numeric .npy array ({e})") from None
+  for part in ("database", "queries"):
+    x, y = arrays[f"{part}_X"], arrays[f"{part}_y"]
+    if x.ndim != 2:
+      raise ConfigError(f"{part}_X.npy has shape {x.shape}; allowed: [N, d]")
+    if y.ndim != 1:
+      raise ConfigError(f"{part}_y.npy has shape {y.shape}; allowed: [N] integer labels")
+    if len(x) != len(y):
+      raise ConfigError(f"{part}_X.npy has {len(x)} rows but {part}_y.npy has {len(y)} labels; "
+                        "they must match")
+    if not np.issubdtype(y.dtype, np.integer):
+      raise ConfigError(f"{part}_y.npy has dtype {y.dtype}; labels must be integers (save them "
+                        "with y.astype(np.int64))")
+    if len(y) and y.min() < 0:
+      raise ConfigError(f"{part}_y.npy has a negative label {int(y.min())}; allowed: >= 0")
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ConfigError(f"{part}_X.npy has dtype {x.dtype}; features must be floating point")
+    finite = np.isfinite(x)
+    if not finite.all():
+      row = int(np.argwhere(~finite)[0][0])
+      raise ConfigError(f"{part}_X.npy has a NaN/inf value (first in row {row}); features must "
+                        "be finite")
+  d_db, d_q = arrays["database_X"].shape[1], arrays["queries_X"].shape[1]
+  if d_db != d_q:
+    raise ConfigError(f"database_X.npy has d={d_db} but queries_X.npy has d={d_q}; they must "
+                      "match")
+  return arrays
+
+
+def evaluate_embeddings(directory: str, sizes: Sequence[int], out: str, *,
+                        knn_ks: Sequence[int] = (1,), retrieval_ks: Sequence[int] = (10,),
+                        query_block: int = 1024, database_block: int = 65536,
+                        devices=None) -> dict:
+  """Neighbour metrics of saved features (no model): writes the reports to `out`."""
+  arrays = load_embeddings(directory)
+  d = arrays["database_X"].shape[1]
+  for m in sizes:
+    if not 1 <= m <= d:
+      raise ConfigError(f"size {m} is outside [1, {d}] (--sizes; d of the saved features)")
+  if len(set(sizes)) != len(sizes):
+    raise ConfigError(f"--sizes={list(sizes)} has a duplicate")
+  devices = list(devices) if devices is not None else jax.devices()
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices)
+  search = knn.ExactSearch(mesh, query_block=query_block, database_block=database_block)
+  per_size = neighbor_metrics_by_size(
+      arrays["database_X"], arrays["database_y"],
+      {"queries": (arrays["queries_X"], arrays["queries_y"])}, sorted(sizes), knn_ks=knn_ks,
+      retrieval_ks=retrieval_ks, search=search)["queries"]
+  results = {
+      "model": None, "checkpoint_step": None, "dataset": os.path.abspath(directory),
+      "split": "queries", "database_split": "database",
+      "num_queries": int(len(arrays["queries_y"])), "num_database": int(len(arrays["database_y"])),
+      "flip_tta": False, "trained_sizes": sorted(sizes),
+      "sizes": {str(m): per_size[m] for m in sorted(sizes)},
+      "adaptive_retrieval": [], "adaptive_classification": [],
+  }
+  report.write(out, results)
+  return results
