@@ -74,4 +74,4 @@ def _print(results):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=__import__("mrl_jax.cli").cli.parse_flags))

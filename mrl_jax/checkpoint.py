@@ -23,6 +23,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, every_steps: int, keep: int,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._report_incomplete()
     policies = [ocp.checkpoint_managers.FixedIntervalPolicy(max(every_steps, 1))]
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -30,6 +31,18 @@ class Checkpointer:
             save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
             preservation_policy=ocp.checkpoint_managers.LatestN(max(keep, 1)),
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
+
+  def _report_incomplete(self) -> None:
+    """A save cut short (preemption, kill) leaves `<step>.orbax-checkpoint-tmp-*`; orbax never
+    lists it as a step and deletes it on start-up (cleanup_tmp_directories). Say so."""
+    if not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if ".orbax-checkpoint-tmp" in name:
+        message = (f"incomplete checkpoint {name} in {self.directory} (a save was interrupted);"
+                   " it is ignored and removed")
+        logging.warning(message)
+        print(f"WARNING: {message}", flush=True)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -5,6 +5,7 @@ User mistakes (ConfigError) print one line and exit with code 2, with no traceba
 """
 
 import os
+import re
 import sys
 import traceback
 
@@ -16,7 +17,15 @@ EXIT_NONFINITE = 3
 
 
 def run(fn, *, verbose: bool = False) -> int:
-  """Runs fn() and maps known failures to one line and an exit code."""
+  """Runs fn() and maps known failures to one line and an exit code.
+
+  The console shows our progress lines and warnings; absl INFO logs (jax backend probing, clu's
+  per-step records) only with --verbosity=0 (the records are in TensorBoard and metrics.jsonl).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   from mrl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from mrl_jax.train_lib import NonFiniteError  # pylint: disable=g-import-not-at-top
   try:
@@ -29,3 +38,37 @@ def run(fn, *, verbose: bool = False) -> int:
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_NONFINITE
+
+
+def _one_line(error: BaseException) -> str:
+  """The informative last line of an error whose text may embed a traceback."""
+  text = str(error).replace("\\n", "\n")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = lines[-1:]
+  return " ".join(" ".join(lines).split())
+
+
+def parse_flags(argv):
+  """absl flags parser for app.run: a bad flag, config file, config arg or override (e.g. a
+  typo under lock_config) is one line and exit code 2, not a usage dump or a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()  # a config file that failed to load raises only when used
+    return remaining
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    message = _one_line(e)
+    if isinstance(e, (AttributeError, KeyError)):
+      overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+      suggestion = re.search(r'Did you mean "([^"]+)"', message)
+      message = (f"unknown config field in {', '.join(overrides) or 'an override'}"
+                 + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else "")
+                 + "; only fields that exist in the config can be set")
+    elif isinstance(e, OSError) and "No such file" in message:
+      path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")),
+                  "?")
+      message = f"config file {path} not found (--config)"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_ERROR)

@@ -275,20 +275,38 @@ def run_info(config, source: pipeline.Source) -> RunInfo:
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag checked after every step (save, then exit cleanly)."""
+  """SIGTERM / SIGINT -> save a checkpoint at the current step and exit cleanly.
+
+  One process: a Python handler sets a flag that is checked after every step. Several processes
+  (jax.distributed): JAX's preemption service catches SIGTERM on any host and agrees on a step at
+  which `reached_preemption_sync_point` is True on every host, as orbax's preemption policy and
+  MaxText use it; a SIGINT (Ctrl-C) on one host is shared at log steps with an all-gather.
+  """
 
   def __init__(self):
     self.received = None
     self._previous = {}
+    self.distributed = jax.process_count() > 1
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self.distributed else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+
+  def stop_reason(self, step: int, log_step: bool) -> str | None:
+    if not self.distributed:
+      return self.received
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if multihost_utils.reached_preemption_sync_point(step):
+      return "a preemption notice (SIGTERM)"
+    if log_step and utils.multihost_any(self.received is not None):
+      return self.received or "SIGINT on another process"
+    return None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -331,7 +349,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   if source.num_classes and source.num_classes != config.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset {source.name!r} has "
                       f"{source.num_classes} classes")
-  workdir_lib.claim(workdir, config, overwrite=overwrite)
+  workdir_lib.check(workdir, config, overwrite=overwrite)
   info = run_info(config, source)
   mesh = sharding.make_mesh(config.mesh, devices)
   model, abstract_params, _ = build_model(config)
@@ -349,6 +367,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     print(f"Resuming from checkpoint step {start_step} in {ckpt.directory}", flush=True)
   else:
     state, _ = create_train_state(config, tx, mesh)
+  workdir_lib.record(workdir, config)
   meta = {"signature": model.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}
 
@@ -356,7 +375,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   if start_step == 0:
     writer.write_hparams({k: v for k, v in utils.flatten_config(config).items()
                           if isinstance(v, (int, float, str, bool))})
-    logging.info("parameters:\n%s", utils.parameter_table(state.params))
+    if utils.is_main_process():
+      with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+        f.write(utils.parameter_table(state.params) + "\n")
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   progress = utils.report_progress(info.total_steps, writer, config.log_every_steps)
 
@@ -375,6 +396,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
       sharding.batch_sharding(mesh), config.input.prefetch)
 
   def save(step, force):
+    if step in ckpt.all_steps():  # e.g. a forced save right after an interval save
+      return False
     saved = ckpt.save(step, state, dict(meta, step=step, data_position=step), force=force)
     if saved:
       logging.info("checkpoint saved at step %d", step)
@@ -383,45 +406,50 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   step = start_step
   last_metrics, pending = {}, None
   train_seconds, train_steps_timed = 0.0, 0
-  log_time, log_step = time.perf_counter(), step
+  log_time, last_log_step = time.perf_counter(), step
   stopped_by = None
-  with _StopSignal() as stop, jax.set_mesh(mesh):
-    while step < info.total_steps:
-      batch = next(train_batches)
-      state, metrics = train_step(state, batch)
-      step += 1
-      if pending is not None:  # Checked one step late, so the device never waits for the host.
+  try:
+    with _StopSignal() as stop, jax.set_mesh(mesh):
+      while step < info.total_steps:
+        batch = next(train_batches)
+        state, metrics = train_step(state, batch)
+        step += 1
+        if pending is not None:  # Checked one step late, so the device never waits for the host.
+          _check_finite(config, *pending)
+        pending = (step, metrics)
+        progress(step)
+        is_log_step = (step % config.log_every_steps == 0 or step == info.total_steps
+                       or step == start_step + 1)
+        if is_log_step:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(config, step, values)
+          elapsed = time.perf_counter() - log_time
+          steps_done = step - last_log_step
+          if step > start_step + 1:  # Exclude the compiling first step from throughput.
+            train_seconds += elapsed
+            train_steps_timed += steps_done
+          values["images_per_second"] = steps_done * config.input.batch_size / max(elapsed, 1e-9)
+          values["step_time"] = elapsed / max(steps_done, 1)
+          last_metrics = values
+          writer.write_scalars(step, {f"train/{k}": v for k, v in values.items() if k != "finite"})
+          utils.append_jsonl(metrics_file, {"step": step, **{f"train/{k}": v for k, v in
+                                                               values.items()}})
+          _print_train_line(step, info.total_steps, values, model.nesting)
+          log_time, last_log_step = time.perf_counter(), step
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and (
+            step < info.total_steps):
+          _log_eval(step, evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh),
+                    writer, metrics_file)
+          log_time = time.perf_counter()
+        save(step, force=step == info.total_steps)
+        stopped_by = stop.stop_reason(step, is_log_step)
+        if stopped_by:
+          break
+      if pending is not None:
         _check_finite(config, *pending)
-      pending = (step, metrics)
-      progress(step)
-      if step % config.log_every_steps == 0 or step == info.total_steps or step == start_step + 1:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(config, step, values)
-        elapsed = time.perf_counter() - log_time
-        steps_done = step - log_step
-        if step > start_step + 1:  # Exclude the compiling first step from throughput.
-          train_seconds += elapsed
-          train_steps_timed += steps_done
-        values["images_per_second"] = steps_done * config.input.batch_size / max(elapsed, 1e-9)
-        values["step_time"] = elapsed / max(steps_done, 1)
-        last_metrics = values
-        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items() if k != "finite"})
-        utils.append_jsonl(metrics_file, {"step": step, **{f"train/{k}": v for k, v in
-                                                             values.items()}})
-        _print_train_line(step, info.total_steps, values, model.nesting)
-        log_time, log_step = time.perf_counter(), step
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and (
-          step < info.total_steps):
-        _log_eval(step, evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh),
-                  writer, metrics_file)
-        log_time = time.perf_counter()
-      save(step, force=step == info.total_steps)
-      if utils.multihost_any(stop.received is not None):
-        stopped_by = stop.received or "a signal on another process"
-        break
-    if pending is not None:
-      _check_finite(config, *pending)
 
+  finally:
+    ckpt.wait()  # a raised error still leaves complete checkpoints behind
   if stopped_by is not None:
     save(step, force=True)
     ckpt.close()

@@ -1,6 +1,7 @@
 """Workdir safety: a run directory belongs to one config; nothing is overwritten silently.
 
-The resolved config is saved as `<workdir>/config.json` at the start of a run. A later run in the
+The resolved config is saved as `<workdir>/config.json` once a run is sure to start (its
+config and any checkpoint in the workdir checked). A later run in the
 same workdir must have the same config, except for fields that only change how long or how
 verbosely it runs (ALLOWED_CHANGES), which is what resuming with more steps needs. Anything else
 is refused with the first differing field, unless `--overwrite` is given; then (and only then)
@@ -22,7 +23,8 @@ ALLOWED_CHANGES = (
     "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite", "input.data_dir",
     "input.num_workers", "input.prefetch", "input.eval_batch_size", "eval.*", "mesh.*",
 )
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "config.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "config.json", "parameters.txt",
+               "model_summary.json", "eval")
 
 
 def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
@@ -36,10 +38,10 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]
   return diffs
 
 
-def claim(workdir: str, config, *, overwrite: bool = False) -> None:
-  """Checks the workdir against the config, then records the config there."""
+def check(workdir: str, config, *, overwrite: bool = False) -> None:
+  """Refuses a workdir whose saved config differs (unless overwrite: then deletes that run)."""
   path = os.path.join(workdir, "config.json")
-  new = json.loads(json.dumps(utils.flatten_config(config)))  # Same types as a reloaded file.
+  new = _as_saved(config)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
@@ -52,17 +54,29 @@ def claim(workdir: str, config, *, overwrite: bool = False) -> None:
           f"{more}; use another --workdir, or pass --overwrite to delete that run and start "
           "from scratch")
     if diffs and overwrite and utils.is_main_process():
-      for name in RUN_OUTPUTS:
-        target = os.path.join(workdir, name)
-        if os.path.isdir(target):
-          shutil.rmtree(target)
-        elif os.path.exists(target):
-          os.remove(target)
-      for name in os.listdir(workdir):
-        if name.startswith("events.out.tfevents"):
-          os.remove(os.path.join(workdir, name))
+      _delete_run(workdir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("mrl_jax.workdir.claim")
+    multihost_utils.sync_global_devices("mrl_jax.workdir.check")
+
+
+def record(workdir: str, config) -> None:
+  """Saves the resolved config as <workdir>/config.json (once the run is sure to start)."""
   os.makedirs(workdir, exist_ok=True)
-  utils.write_json(path, new)
+  utils.write_json(os.path.join(workdir, "config.json"), _as_saved(config))
+
+
+def _as_saved(config) -> dict:
+  return json.loads(json.dumps(utils.flatten_config(config)))  # the types a reloaded file has
+
+
+def _delete_run(workdir: str) -> None:
+  for name in RUN_OUTPUTS:
+    target = os.path.join(workdir, name)
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    elif os.path.exists(target):
+      os.remove(target)
+  for name in os.listdir(workdir):
+    if name.startswith("events.out.tfevents"):
+      os.remove(os.path.join(workdir, name))
