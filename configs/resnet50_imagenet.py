@@ -62,7 +62,10 @@ def get_config(arg=None):
   c.eval.update(database_split="train", knn_k="1", retrieval_k="10,25,50,100",
                 extra_sizes="12,24,48,96,192,384,768,1536", feature_dtype="float32",
                 query_block=1024, database_block=65536)
-  if arg.runlocal:  # shapes of the real thing, tiny sizes: dry runs and mock-data tests.
+  if arg.runlocal:  # the real architecture at width 8 and 64px: mock-data tests on CPU.
+    c.model.width = 8
+    c.mrl.nesting = "halving:8"
+    c.eval.extra_sizes = "12,24,48,96,192"
     c.input.batch_size = 8
     c.input.image_size = 64
     c.input.pp_eval.resize_size = 72

@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.eval.update(database_split="train", knn_k="1", retrieval_k="10",
                 extra_sizes="16,32,64,128,256,512")
   if arg.runlocal:
-    c.model.update(variant="Ti/16", image_size=32, dropout_rate=0.0)
+    c.model.update(variant="Ti/16", image_size=32, dropout_rate=0.0, num_layers=2)
     c.eval.extra_sizes = "16,32,64,128"
     c.num_classes = 10
     c.input.update(batch_size=8, image_size=32)

@@ -11,6 +11,7 @@ shardings, so a checkpoint restores onto any mesh.
 
 import os
 
+import jax
 from absl import logging
 import orbax.checkpoint as ocp
 
@@ -27,6 +28,9 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.FixedIntervalPolicy(max(every_steps, 1))]
     self.manager = ocp.CheckpointManager(
         self.directory,
+        # Known up front, so that metadata (and `read`) work before any save or restore.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
             preservation_policy=ocp.checkpoint_managers.LatestN(max(keep, 1)),
@@ -94,10 +98,18 @@ class Checkpointer:
     return None
 
   def read(self, step: int) -> tuple[dict, dict]:
-    """(state as nested dicts of numpy arrays, meta) of `step`, without a target structure."""
+    """(state as nested dicts of numpy arrays, meta) of `step`, whatever mesh wrote it.
+
+    No model or config needed: the target is built from the checkpoint's own metadata and placed
+    on one local device (for inspection, export and tests; training restores sharded).
+    """
+    metadata = self.manager.metadata(step).item_metadata["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return jax.device_get(restored["state"]), dict(restored["meta"])
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

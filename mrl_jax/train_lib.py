@@ -84,7 +84,8 @@ def model_signature(config) -> dict:
                f"in_channels={m.get('in_channels', 3)})")
   else:
     encoder = (f"vit-{m.variant}(image_size={m.image_size},pool={m.get('pool', 'cls')},"
-               f"in_channels={m.get('in_channels', 3)})")
+               f"in_channels={m.get('in_channels', 3)}"
+               + (f",num_layers={m.num_layers}" if m.get("num_layers") else "") + ")")
   return {"encoder": encoder, "head": config.mrl.head, "nesting": list(models.head_sizes(config)),
           "num_classes": int(config.num_classes), "feature_dim": models.feature_dim(config)}
 
@@ -364,7 +365,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   if restored is not None:
     state, _, start_step = restored
     logging.info("resumed from step %d (%s)", start_step, ckpt.directory)
-    print(f"Resuming from checkpoint step {start_step} in {ckpt.directory}", flush=True)
+    utils.console(f"Resuming from checkpoint step {start_step} in {ckpt.directory}")
   else:
     state, _ = create_train_state(config, tx, mesh)
   workdir_lib.record(workdir, config)
@@ -454,8 +455,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     save(step, force=True)
     ckpt.close()
     writer.flush()
-    print(f"Received {stopped_by}: saved a checkpoint at step {step} in {ckpt.directory}. "
-          "Rerun the same command to resume.", flush=True)
+    utils.console(f"Received {stopped_by}: saved a checkpoint at step {step} in "
+                  f"{ckpt.directory}. Rerun the same command to resume.")
     return {"final_step": step, "preempted": True}
 
   final_eval = evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh)
@@ -500,12 +501,12 @@ def _check_finite(config, step: int, metrics) -> None:
 def _print_train_line(step, total, values, nesting) -> None:
   sizes = [nesting[0], nesting[-1]] if len(nesting) > 1 else list(nesting)
   parts = " ".join(f"top1@{m}={values[f'top1@{m}']:.3f}" for m in sizes)
-  print(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
-        f"{values['images_per_second']:.0f} img/s", flush=True)
+  utils.console(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
+                f"{values['images_per_second']:.0f} img/s")
 
 
 def _log_eval(step, results, writer, metrics_file) -> None:
   writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
   utils.append_jsonl(metrics_file, {"step": step, **{f"val/{k}": v for k, v in results.items()}})
-  top1 = {k: v for k, v in results.items() if k.startswith("top1@")}
-  print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in top1.items()), flush=True)
+  top1 = sorted((int(k.split("@")[1]), v) for k, v in results.items() if k.startswith("top1@"))
+  utils.console(f"eval step {step}: " + " ".join(f"top1@{m}={v:.4f}" for m, v in top1))

@@ -19,6 +19,12 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def console(message: str) -> None:
+  """A progress line on the console of process 0 (every process logs warnings itself)."""
+  if is_main_process():
+    print(message, flush=True)
+
+
 def metric_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + log writer on process 0, a logging-only writer elsewhere."""
   return metric_writers.create_default_writer(workdir, just_logging=not is_main_process(),

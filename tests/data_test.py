@@ -184,19 +184,58 @@ def test_both_readers_give_identical_eval_batches(data_dir):
   assert mask.sum() == 1000 and np.all(mask[:1000] == 1) and np.all(mask[1000:] == 0)
 
 
-@pytest.mark.parametrize("reader", READERS)
-def test_process_parts_are_disjoint_and_cover_the_split(data_dir, reader):
-  cfg = _input_cfg(data_dir, reader, "configs/digits_resnet_mrl.py")
+def _records(batch):
+  """Identities of the examples of a batch whose preprocessing is deterministic (resize)."""
+  return [(img.tobytes(), int(l)) for img, l in zip(batch["image"], batch["label"])]
+
+
+def test_grain_processes_read_disjoint_rows_of_one_global_stream(data_dir):
+  """Process p reads rows [p*B/P, (p+1)*B/P) of each global batch: the 2-process global batch is
+  exactly the 1-process batch, and one epoch covers the split once."""
+  cfg = _input_cfg(data_dir, "grain", "configs/digits_resnet_mrl.py")
+  cfg.pp_train.update(name="resize", flip=False)
+  source = pipeline.open_source(cfg)
+  r = pipeline.make_reader(cfg, source)
+  tp = preprocess.train_from_config(cfg, channels=1, steps_per_epoch=14)
+
+  def stream(p, count, local_batch):
+    return r.train_batches("train", local_batch=local_batch, start_batch=0, seed=3,
+                           train_preprocess=tp, process_index=p, process_count=count,
+                           shuffle_buffer=0)
+
+  single = [_records(b) for _, b in zip(range(14), stream(0, 1, 100))]  # 14 x 100 of 1,438
+  halves = [[_records(b) for _, b in zip(range(14), stream(p, 2, 50))] for p in range(2)]
+  for step in range(14):
+    assert halves[0][step] + halves[1][step] == single[step]
+    assert not set(halves[0][step]) & set(halves[1][step])
+  seen = [x for batch in single for x in batch]
+  assert len(set(seen)) == len(seen) == 1400  # one epoch: no example twice
+
+
+def test_grain_eval_parts_cover_the_split_once_across_processes(data_dir):
+  cfg = _input_cfg(data_dir, "grain", "configs/digits_resnet_mrl.py")
+  source = pipeline.open_source(cfg)
+  r = pipeline.make_reader(cfg, source)
+  n_batches = pipeline.num_eval_batches(359, 64, 2)
+  parts = [list(r.eval_batches("test", local_batch=64, num_batches=n_batches,
+                               preprocess=_eval_pp(cfg), process_index=p, process_count=2))
+           for p in range(2)]
+  single = list(r.eval_batches("test", local_batch=128, num_batches=n_batches,
+                               preprocess=_eval_pp(cfg), process_index=0, process_count=1))
+  for b0, b1, both in zip(parts[0], parts[1], single):  # global batch = the processes' rows
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(np.concatenate([b0[key], b1[key]]), both[key])
+  assert sum(float(b["mask"].sum()) for part in parts for b in part) == 359
+
+
+def test_tf_data_process_parts_are_disjoint_and_cover_the_split(data_dir):
+  cfg = _input_cfg(data_dir, "tf_data", "configs/digits_resnet_mrl.py")
   source = pipeline.open_source(cfg)
   r = pipeline.make_reader(cfg, source)
   parts = []
   for p in range(2):
-    if reader == "grain":
-      records = r._data_source("test", p, 2)  # pylint: disable=protected-access
-      parts.append({(bytes(x["image"]), int(x["label"])) for x in records})
-    else:
-      ds = r._dataset("test", p, 2, shuffle=False, seed=0)  # pylint: disable=protected-access
-      parts.append({(bytes(i), int(l)) for i, l in ds.as_numpy_iterator()})
+    ds = r._dataset("test", p, 2, shuffle=False, seed=0)  # pylint: disable=protected-access
+    parts.append({(bytes(i), int(l)) for i, l in ds.as_numpy_iterator()})
   full = tfds.builder("sklearn_digits", data_dir=data_dir).as_data_source(
       split="test", decoders={"image": tfds.decode.SkipDecoding()})
   everything = {(bytes(x["image"]), int(x["label"])) for x in full}

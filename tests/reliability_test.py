@@ -61,7 +61,7 @@ def _run_cli(fn):
 def _subprocess_env(tmp_path):
   """1 CPU device and a compilation cache shared by the test's training processes."""
   env = dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   return env
 
 
@@ -228,15 +228,18 @@ def test_vit_image_size_not_divisible_by_patch(data_dir, tmp_path):
   del data_dir
 
 
-def test_verbose_shows_the_traceback(tmp_path):
-  args = [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py",
-          f"--workdir={tmp_path}", "--dry_run", "--config.mrl.nesting=3,2"]
+def test_train_py_config_error_is_one_line_exit_2_traceback_only_with_verbose(tmp_path):
+  args = [sys.executable, "train.py", "--config=configs/resnet50_imagenet.py:mrl",
+          f"--workdir={tmp_path}", "--dry_run", "--config.mrl.nesting=8,4096"]
   quiet = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   loud = subprocess.run(args + ["--verbose"], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert quiet.returncode == loud.returncode == 2
-  assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
-  assert quiet.stderr.strip().splitlines()[-1] == loud.stderr.strip().splitlines()[-1]
+  assert quiet.stderr.strip() == ("error: nesting size 4096 exceeds feature_dim 2048 "
+                                  "(config.mrl.nesting); allowed: 1 <= m <= 2048")
+  assert "Traceback" in loud.stderr
+  assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+  assert not os.path.exists(tmp_path / "model_summary.json")
 
 
 def test_override_typo_is_one_line_exit_2(tmp_path):

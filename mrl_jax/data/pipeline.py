@@ -2,14 +2,19 @@
 
 Readers (config.input.reader):
 - `grain` (default): `tfds.data_source` over ArrayRecord files + grain `MapDataset`. Random access
-  gives a true global shuffle per epoch, and the stream is a pure function of (seed, position), so
-  resuming at step s just starts at batch s: exact, no skipped or repeated examples, no cost.
+  gives one global stream, a fresh global shuffle per epoch, that is a pure function of (seed,
+  position). Global batch b is positions [b*B, (b+1)*B) of it and process p reads only its rows
+  of each global batch, so the examples, their order and their augmentations are the same for
+  any number of processes (a 2-process run equals a 1-process run), and resuming at step s
+  starts at batch s: exact, nothing skipped or repeated, at no cost.
 - `tf_data`: `tfds.load`-style `builder.as_dataset` over TFRecord files (how most ImageNet copies
-  are prepared) with file shuffling + a shuffle buffer. Deterministic for a fixed seed, so
-  resuming skips the already consumed records before decoding (exact; costs reading them once).
+  are prepared) with file shuffling + a shuffle buffer. Each process reads its own
+  `tfds.even_splits` part (file-level sharding, the efficient choice for TFRecords), so the
+  example order depends on the process count. Deterministic for a fixed seed, so resuming skips
+  the already consumed records before decoding (exact; costs reading them once).
 
-Both readers call the same `preprocess.Preprocess` (TF ops) with the same per-example seeds. Each
-process reads only its own `tfds.even_splits` part of the split. Training batches have
+Both readers call the same `preprocess.Preprocess` (TF ops) with per-example seeds derived from
+the example's position in the global stream. Training batches have
 `image`/`label`; eval batches also have `mask` (0 for the padding that makes every process yield
 the same number of batches). `global_batches` turns process-local numpy batches into global
 `jax.Array`s sharded over the mesh's batch axes, prefetched on a background thread.
@@ -151,17 +156,13 @@ class _GrainBatch:
   """Module-level (picklable for grain workers): raw records of one batch -> numpy batch."""
   source: Source
   seed: int
-  process_index: int
-  process_count: int
-  local_batch: int
   train_preprocess: preprocess_lib.TrainPreprocess | None = None
   preprocess: preprocess_lib.Preprocess | None = None
 
   def __call__(self, batch_index: int, records) -> Batch:
-    positions = np.asarray([p for p, _ in records], np.int64)
+    positions = np.asarray([p for p, _ in records], np.int64)  # global stream positions
     pp = self.preprocess or self.train_preprocess.for_step(batch_index)
-    counters = preprocess_lib.example_counter(positions, self.process_index, self.process_count)
-    seeds = np.stack([np.full_like(counters, self.seed), counters], 1)
+    seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
     images = np.asarray([_as_bytes(r[self.source.image_key]) for _, r in records], object)
     out = {"image": _batch_fn(pp)(images, seeds).numpy(),
            "label": np.asarray([r[self.source.label_key] for _, r in records], np.int32)}
@@ -177,12 +178,18 @@ def _as_bytes(image):
   return tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
 
 
-class GrainReader(Reader):
-  """tfds.data_source (ArrayRecord) + grain MapDataset."""
+def _process_rows(i, local_batch: int, process_index: int, process_count: int):
+  """Global stream position of this process's i-th example: its rows of each global batch."""
+  return (i // local_batch) * local_batch * process_count + process_index * local_batch + (
+      i % local_batch)
 
-  def _data_source(self, split, process_index, process_count):
+
+class GrainReader(Reader):
+  """tfds.data_source (ArrayRecord) + grain MapDataset over one global stream."""
+
+  def _data_source(self, split):
     b = self.source.builder(FILE_FORMAT["grain"])
-    return b.as_data_source(split=process_split(split, process_index, process_count),
+    return b.as_data_source(split=split,
                             decoders={self.source.image_key: tfds.decode.SkipDecoding()})
 
   def _iterate(self, ds: grain.MapDataset) -> Iterator[Batch]:
@@ -195,32 +202,35 @@ class GrainReader(Reader):
   def train_batches(self, split, *, local_batch, start_batch, seed, train_preprocess,
                     process_index, process_count, shuffle_buffer):
     del shuffle_buffer  # grain shuffles the whole split (random access).
-    src = self._data_source(split, process_index, process_count)
-    ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat(None)
-    ds = ds.map_with_index(lambda i, r: (i, r))
+    stream = grain.MapDataset.source(self._data_source(split)).seed(seed).shuffle().repeat(None)
+
+    def record(i):
+      position = _process_rows(i, local_batch, process_index, process_count)
+      return position, stream[position]
+
+    ds = grain.MapDataset.range(2**62).map(record)
     ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
-    ds = ds.map_with_index(_GrainBatch(self.source, seed, process_index, process_count,
-                                       local_batch, train_preprocess=train_preprocess))
+    ds = ds.map_with_index(_GrainBatch(self.source, seed, train_preprocess=train_preprocess))
     return self._iterate(ds[start_batch:])
 
   def eval_batches(self, split, *, local_batch, num_batches, preprocess, process_index,
                    process_count):
-    src = self._data_source(split, process_index, process_count)
+    src = self._data_source(split)
     n = len(src)
     padding = None
 
     def record(i):
       nonlocal padding
-      if i < n:
-        return i, src[i]
+      position = _process_rows(i, local_batch, process_index, process_count)
+      if position < n:
+        return position, src[position]
       if padding is None:  # A real record with position -1: masked out, same shapes.
         padding = src[0]
       return -1, padding
 
     ds = grain.MapDataset.range(num_batches * local_batch).map(record)
     ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
-    ds = ds.map_with_index(_GrainBatch(self.source, 0, process_index, process_count, local_batch,
-                                       preprocess=preprocess))
+    ds = ds.map_with_index(_GrainBatch(self.source, 0, preprocess=preprocess))
     return self._iterate(ds)
 
 
@@ -242,8 +252,8 @@ class TfDataReader(Reader):
         lambda r: (r[self.source.image_key], tf.cast(r[self.source.label_key], tf.int32)))
 
   def _seeds(self, positions, seed, process_index, process_count):
-    counter = preprocess_lib.example_counter(tf.cast(positions, tf.int64), process_index,
-                                             process_count)
+    # This process's i-th record stands at i * P + p of the interleaved global stream.
+    counter = tf.cast(positions, tf.int64) * process_count + process_index
     return tf.stack([tf.constant(seed, tf.int64), counter])
 
   def train_batches(self, split, *, local_batch, start_batch, seed, train_preprocess,

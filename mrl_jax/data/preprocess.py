@@ -3,8 +3,8 @@
 Written once with TensorFlow image ops: tf.data runs it inside its graph; the grain reader calls
 the same function (compiled once with `tf.function`) on each record. Every random choice uses
 stateless ops seeded by (config seed, position of the example in this process's stream), so
-the same record at the same position gives bit-identical pixels under either reader, and a
-resumed run draws the same augmentations as an uninterrupted one.
+the same record at the same position gives the same pixels under either reader, and a resumed
+run draws the same augmentations as an uninterrupted one.
 
 Presets (config.input.pp_train / pp_eval `name`):
 - `inception_crop`: random area/aspect crop (area in [area_min, area_max], aspect in
@@ -144,13 +144,6 @@ def from_config(input_cfg, *, train: bool, channels: int, image_size: int | None
 
 def _floats(values: Sequence[float]) -> tuple[float, ...]:
   return tuple(float(v) for v in np.atleast_1d(values))
-
-
-def example_counter(position, process_index: int, process_count: int):
-  """The second half of the stateless seed [config.seed, counter] of the example at `position`
-  of this process's stream. Unique across processes: process p gets p, p + P, p + 2P, ...
-  Works on numpy arrays and tf tensors alike."""
-  return position * process_count + process_index
 
 
 @dataclasses.dataclass(frozen=True)

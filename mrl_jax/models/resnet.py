@@ -89,7 +89,7 @@ class BottleneckBlock(nnx.Module):
 
 
 class ResNet(nnx.Module):
-  """ResNet v1.5 encoder: images [B, H, W, C] -> (z [B, feature_dim], aux).
+  """ResNet v1.5 encoder: images [B, H, W, C] -> (z [B, feature_dim] float32, aux).
 
   Args:
     depth: 18, 34, 50, 101 or 152.
@@ -140,7 +140,9 @@ class ResNet(nnx.Module):
       x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = nnx.remat(block.__class__.__call__)(block, x) if self.remat else block(x)
-    z = jnp.mean(x, axis=(1, 2))  # [B, feature_dim]
+    # The pooled feature is float32 whatever the compute dtype: a bf16 z leaves the small
+    # prefixes (z[:2], z[:4]) too coarse to train (README "Mixed precision").
+    z = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, feature_dim]
     return z, {"pre_pool": x}
 
 

@@ -88,7 +88,7 @@ class EncoderBlock(nnx.Module):
 
 
 class ViT(nnx.Module):
-  """ViT encoder: images [B, H, W, C] -> (z [B, width], aux).
+  """ViT encoder: images [B, H, W, C] -> (z [B, width] float32, aux).
 
   Args:
     variant: "<Ti|S|B|L|H>/<8|14|16|32>", e.g. "B/16".
@@ -97,11 +97,12 @@ class ViT(nnx.Module):
     pool: "cls" (CLS token, the original ViT) or "gap" (mean of patch tokens, no CLS token).
     dropout_rate: dropout after attention and in the MLP (the original ViT used 0.1 on 21k).
     remat: recompute each block's activations in the backward pass (saves memory).
+    num_layers: override the variant's depth (0 = the variant's; small values for debugging).
   """
 
   def __init__(self, variant: str = "B/16", *, image_size: int = 224, pool: str = "cls",
                in_channels: int = 3, dropout_rate: float = 0.0, remat: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               num_layers: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
     name, patch = parse_variant(variant)
     if pool not in POOLS:
       raise ConfigError(f"ViT pool {pool!r} is not supported (config.model.pool); "
@@ -110,6 +111,10 @@ class ViT(nnx.Module):
       raise ConfigError(f"image size {image_size} is not divisible by the ViT patch size {patch} "
                         f"(config.model.image_size, variant {variant!r})")
     width, depth, mlp_dim, num_heads = VARIANTS[name]
+    if num_layers < 0:
+      raise ConfigError(f"config.model.num_layers={num_layers}; allowed: >= 0 (0 = the "
+                        f"variant's {depth})")
+    depth = num_layers or depth
     self.patch = patch
     self.pool = pool
     self.remat = remat
@@ -125,7 +130,8 @@ class ViT(nnx.Module):
         EncoderBlock(width, mlp_dim, num_heads, dropout_rate, dtype=dtype, rngs=rngs)
         for _ in range(depth)
     ])
-    self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    # Final LayerNorm and pooling in float32: z is float32 whatever the compute dtype.
+    self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
@@ -140,7 +146,7 @@ class ViT(nnx.Module):
     x = self.dropout(x + self.pos_embedding[...].astype(x.dtype), rngs=rngs)
     for block in self.blocks:
       x = nnx.remat(EncoderBlock.__call__)(block, x, rngs) if self.remat else block(x, rngs)
-    x = self.encoder_norm(x)
+    x = self.encoder_norm(x.astype(jnp.float32))
     z = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)  # [B, width]
     return z, {"tokens": x}
 

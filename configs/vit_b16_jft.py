@@ -1,0 +1,41 @@
+r"""ViT-B/16 MRL on a JFT-style private dataset: only a TFDS builder name and its class count.
+
+  python train.py --config=configs/vit_b16_jft.py:dataset=my_jft,num_classes=18291 \
+      --workdir=gs://.../vit_b16_jft_mrl
+
+Any TFDS builder the user registers and prepares works (`tfds build` with a custom builder, in
+ArrayRecord for the default grain reader or TFRecord with `reader=tf_data`); it needs an image
+feature and an integer class label (names via `image_key=`, `label_key=`). Recipe: the original
+ViT JFT-300M pretraining (Dosovitskiy et al. 2021, App. B.1) for B/16: 7 epochs at 224px,
+batch 4096, Adam(0.9, 0.999), lr 8e-4, decoupled weight decay 0.1, 10k warmup steps then linear
+decay, gradient clip 1.0, no dropout; softmax cross-entropy on one label per image. Nesting
+12, 24, ..., 768 (the paper's ViT sizes). The paper reports ImageNet-1K 1-NN of its JFT MRL
+ViT-B/16 from 53.6 @12 to 71.9 @768 (../shared/reference, table 8).
+Args: `mrl` | `mrle`, `dataset=`, `num_classes=`, `variant=`, `reader=`, `image_key=`,
+`label_key=`, `epochs=`, `batch_size=`, `runlocal`.
+"""
+
+from configs import common
+from configs import vit_b16_imagenet21k
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, dataset="", num_classes=0, variant="B/16", reader="grain",
+                         image_key="image", label_key="label", epochs=7.0, batch_size=4096,
+                         runlocal=False)
+  if not arg.runlocal and (not arg.dataset or arg.num_classes < 1):
+    raise ValueError("configs/vit_b16_jft.py needs dataset=<TFDS builder> and "
+                     "num_classes=<C>, e.g. :dataset=my_jft,num_classes=18291")
+  head = "ff=" + str(arg.ff) if arg.head == "ff" else arg.head
+  c = vit_b16_imagenet21k.get_config(
+      f"{head},variant={arg.variant},reader={arg.reader},batch_size={arg.batch_size},"
+      f"epochs={arg.epochs}" + (",runlocal" if arg.runlocal else
+                               f",dataset={arg.dataset},num_classes={arg.num_classes}"))
+  c.input.update(image_key=arg.image_key, label_key=arg.label_key)
+  if arg.runlocal:
+    c.input.dataset = arg.dataset or c.input.dataset
+    return c
+  c.model.dropout_rate = 0.0
+  c.optim.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.1, clip_grad_norm=1.0)
+  c.schedule.update(name="linear", base_lr=8e-4, lr_batch_size=4096, warmup_steps=10_000)
+  return c

@@ -1,0 +1,82 @@
+"""Multi-host on one machine: two jax.distributed processes (CPU collectives over gloo)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import train_lib
+from tests.conftest import REPO
+from tests.conftest import load_config
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _cmd(data_dir, workdir, *extra):
+  return [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
+          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
+          "--config.total_steps=8", "--config.checkpoint_every_steps=4",
+          "--config.log_every_steps=1", "--config.schedule.warmup_epochs=0.1", *extra]
+
+
+def _env(tmp_path, devices):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # as in this process (conftest)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l)["train/loss"] for l in f if "train/loss" in l]
+
+
+def _state(workdir, step):
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
+  try:
+    return ckpt.read(step)[0]
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp_path):
+  """Same global batch (32) and devices (2): 1 process x 2 devices (this one) vs 2 processes x 1
+  device."""
+  one = str(tmp_path / "one")
+  config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  config.input.data_dir = data_dir
+  config.update(total_steps=8, checkpoint_every_steps=4, log_every_steps=1)
+  config.schedule.warmup_epochs = 0.1
+  train_lib.train_and_evaluate(config, one, devices=jax.devices()[:2])
+
+  two = str(tmp_path / "two")
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd(data_dir, two, f"--coordinator_address=127.0.0.1:{port}",
+                                 "--num_processes=2", f"--process_id={i}"),
+                            cwd=REPO, env=_env(tmp_path, 1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "step 8/8" in outs[0][0] and "step 8/8" not in outs[1][0]  # console: process 0 only
+
+  summary = json.load(open(os.path.join(two, "summary.json")))
+  assert summary["num_processes"] == 2 and summary["num_devices"] == 2
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  a, b = _state(one, 8), _state(two, 8)
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  # Both processes wrote their part of the checkpoint (orbax OCDBT, one folder per process).
+  state_dir = os.path.join(two, "checkpoints", "8", "state")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
