@@ -61,11 +61,18 @@ def get_config(arg=None):
   c.keep_checkpoints = 3
   c.eval.update(database_split="train", knn_k="1", retrieval_k="10,25,50,100",
                 extra_sizes="12,24,48,96,192,384,768,1536", feature_dtype="float32",
-                query_block=1024, database_block=65536)
+                query_block=1024, database_block=65536,
+                # The paper's adaptive retrieval (K=200 -> 2048) and funnels, and cascades.
+                adaptive_retrieval=True, shortlist_sizes="8,16,32", rerank_sizes="512,2048",
+                shortlist_k="200",
+                funnels=("8:16,32,64,128,2048:800,400,200,50,10;"
+                         "16:32,64,128,2048:800,400,200,50;32:64,128,2048:800,400,200"),
+                adaptive_classification=True, ac_seeds=30)
   if arg.runlocal:  # the real architecture at width 8 and 64px: mock-data tests on CPU.
     c.model.width = 8
     c.mrl.nesting = "halving:8"
-    c.eval.extra_sizes = "12,24,48,96,192"
+    c.eval.update(extra_sizes="12,24,48,96,192", rerank_sizes="256",
+                  funnels="8:16,32,256:16,8,4", shortlist_k="16")
     c.input.batch_size = 8
     c.input.image_size = 64
     c.input.pp_eval.resize_size = 72

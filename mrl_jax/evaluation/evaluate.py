@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from mrl_jax import models
 from mrl_jax import sharding
@@ -27,10 +26,11 @@ from mrl_jax import validation
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import class_subsets
+from mrl_jax.evaluation import deployment
 from mrl_jax.evaluation import extract as extract_lib
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation import linear
-from mrl_jax.evaluation import metrics as metrics_lib
+from mrl_jax.evaluation import neighbors
 from mrl_jax.evaluation import report
 
 EMBEDDING_FILES = ("database_X.npy", "database_y.npy", "queries_X.npy", "queries_y.npy")
@@ -43,36 +43,6 @@ def eval_sizes(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
   d = models.feature_dim(config)
   sizes = sorted(set(models.nesting_sizes(config)) | set(extra) | set(trained))
   return tuple(m for m in sizes if m <= d), tuple(trained)
-
-
-def neighbor_metrics_by_size(database_z, database_y, query_sets: dict[str, tuple], sizes, *,
-                             knn_ks: Sequence[int], retrieval_ks: Sequence[int],
-                             search: knn.ExactSearch, num_classes: int | None = None,
-                             ) -> dict[str, dict[int, dict[str, float]]]:
-  """{query set: {size: knn<k>_top1 and retrieval metrics}}; query_sets = {name: (z, y)}.
-
-  The database is truncated, normalised and put on device once per size, then searched by every
-  query set (the expensive part is the database, not the queries).
-  """
-  out = {name: {m: {} for m in sizes} for name in query_sets}
-  if not knn_ks and not retrieval_ks:
-    return out
-  k = min(max([*knn_ks, *retrieval_ks]), len(database_y))
-  knn_ks = [kk for kk in knn_ks if kk <= k]
-  retrieval_ks = [kk for kk in retrieval_ks if kk <= k]
-  counts = np.bincount(database_y, minlength=num_classes or 0)
-  total = sum(len(y) for _, y in query_sets.values()) * len(sizes)
-  bar = tqdm(total=total, unit="query", desc="search", disable=not utils.is_main_process(),
-             mininterval=2.0)
-  for m in sizes:
-    database = database_z if search.chunk_rows else search.prepare(database_z, m)
-    for name, (queries_z, queries_y) in query_sets.items():
-      _, index = search.search(queries_z, database, m, k, progress=bar.update)
-      out[name][m] = metrics_lib.neighbor_metrics(database_y[index], queries_y, counts, knn_ks,
-                                                  retrieval_ks)
-    del database
-  bar.close()
-  return out
 
 
 def linear_metrics_by_size(model, params, batch_stats, queries: extract_lib.Features, mesh,
@@ -165,13 +135,18 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
       for m, values in linear_metrics_by_size(model, params, batch_stats, queries[name], mesh,
                                               mask).items():
         per_size[name][m].update(values)
+  extras = {}
   if database is not None:
-    neighbors = neighbor_metrics_by_size(
+    by_query_set = neighbors.metrics_by_size(
         database.z, database.labels, {n: (q.z, q.labels) for n, q in queries.items()}, sizes,
         knn_ks=knn_ks, retrieval_ks=retrieval_ks, search=search, num_classes=config.num_classes)
-    for name, by_size in neighbors.items():
+    for name, by_size in by_query_set.items():
       for m, values in by_size.items():
         per_size[name][m].update(values)
+    # Adaptive retrieval/classification, baselines, few-shot: on the main query set.
+    extras = deployment.run(config, model, params, batch_stats, database,
+                            queries[config.input.dataset], sizes=sizes, trained=trained,
+                            search=search, knn_ks=knn_ks, retrieval_ks=retrieval_ks)
   all_results = {}
   for name, split in query_sets:
     results = {
@@ -184,6 +159,8 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
         "sizes": {str(m): per_size[name][m] for m in sizes},
         "adaptive_retrieval": [], "adaptive_classification": [],
     }
+    if name == config.input.dataset:
+      results.update(extras)
     outdir = os.path.join(workdir, "eval", name)
     report.write(outdir, results)
     logging.info("eval %s:%s -> %s", name, split, outdir)
@@ -246,7 +223,7 @@ def evaluate_embeddings(directory: str, sizes: Sequence[int], out: str, *,
   devices = list(devices) if devices is not None else jax.devices()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices)
   search = knn.ExactSearch(mesh, query_block=query_block, database_block=database_block)
-  per_size = neighbor_metrics_by_size(
+  per_size = neighbors.metrics_by_size(
       arrays["database_X"], arrays["database_y"],
       {"queries": (arrays["queries_X"], arrays["queries_y"])}, sorted(sizes), knn_ks=knn_ks,
       retrieval_ks=retrieval_ks, search=search)["queries"]

@@ -35,10 +35,43 @@ def write(outdir: str, results: dict) -> None:
       w.writerow([size, int(size in trained),
                   *[_fmt(sizes[size].get(c)) for c in columns]])
   plot_accuracy_vs_dim(os.path.join(outdir, "accuracy_vs_dim.png"), results)
+  if results.get("adaptive_retrieval"):
+    rows = results["adaptive_retrieval"]
+    _write_rows(os.path.join(outdir, "adaptive_retrieval.csv"), rows,
+                ["name", "kind", "shortlist_size", "mflops", "ms_per_query_block", "map@10",
+                 "map@10_standard", "precision@10", "top1", "mflops_speedup_vs_exact",
+                 "wallclock_speedup_vs_exact"])
+    plot_retrieval_vs_mflops(os.path.join(outdir, "retrieval_vs_mflops.png"), rows)
+  if results.get("adaptive_classification"):
+    ac = results["adaptive_classification"]
+    _write_rows(os.path.join(outdir, "adaptive_classification.csv"), ac["cascades"],
+                ["cap", "accuracy", "accuracy_std", "expected_size", "fixed_size_accuracy"])
+    plot_adaptive_classification(os.path.join(outdir, "adaptive_classification.png"), results)
+  if results.get("baselines"):
+    rows = [dict(baseline=kind, size=int(size), **metrics)
+            for kind, by_size in results["baselines"].items()
+            for size, metrics in by_size.items()]
+    _write_rows(os.path.join(outdir, "baselines.csv"), rows,
+                ["baseline", "size", *sorted({k for r in rows for k in r} - {"baseline",
+                                                                             "size"})])
+  if results.get("fewshot"):
+    rows = results["fewshot"]
+    _write_rows(os.path.join(outdir, "fewshot.csv"), rows,
+                sorted({k for r in rows for k in r}, key=lambda k: (k not in ("size", "shots"),
+                                                                      k)))
+
+
+def _write_rows(path: str, rows: list[dict], columns: list[str]) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(columns)
+    for r in rows:
+      w.writerow([_fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c, "")
+                  for c in columns])
 
 
 def _fmt(value):
-  return "" if value is None else f"{value:.6f}"
+  return "" if value is None else f"{value:.6g}" if abs(value) >= 1e3 else f"{value:.6f}"
 
 
 def plot_accuracy_vs_dim(path: str, results: dict) -> None:
@@ -63,6 +96,57 @@ def plot_accuracy_vs_dim(path: str, results: dict) -> None:
   ax.set_title(title or "accuracy vs size")
   ax.grid(True, alpha=0.3)
   ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_retrieval_vs_mflops(path: str, rows: list[dict]) -> None:
+  """mAP@10 against MFLOPs per query (log axis): exact single-shot sizes vs adaptive/funnels."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  styles = {"single_shot": ("o", "C0", "exact search at one size"),
+            "adaptive": ("s", "C1", "shortlist -> rerank"),
+            "funnel": ("^", "C2", "funnel")}
+  for kind, (marker, color, label) in styles.items():
+    points = [(r["mflops"], 100 * r["map@10"], r["name"]) for r in rows if r["kind"] == kind]
+    if not points:
+      continue
+    xs, ys, names = zip(*sorted(points))
+    ax.plot(xs, ys, marker, color=color, label=label, linestyle="-" if kind == "single_shot"
+            else "none")
+    for x, y, name in zip(xs, ys, names):
+      ax.annotate(name.split(" (")[0], (x, y), fontsize=6, xytext=(3, 3),
+                  textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("MFLOPs per query (N_db * Ds + sum K_j * Dr_j) / 1e6")
+  ax.set_ylabel("mAP@10 (%)")
+  ax.set_title("adaptive retrieval")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_adaptive_classification(path: str, results: dict) -> None:
+  """Cascade accuracy against expected size, next to each fixed-size head and the oracle."""
+  ac = results["adaptive_classification"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  fixed = sorted((int(s), 100 * m["linear_top1"]) for s, m in results["sizes"].items()
+                 if m.get("linear_top1") is not None)
+  if fixed:
+    ax.plot(*zip(*fixed), "o-", color="C0", label="fixed size (head)")
+  cascades = sorted((c["expected_size"], 100 * c["accuracy"]) for c in ac["cascades"])
+  ax.plot(*zip(*cascades), "s-", color="C1", label="adaptive (cascade)")
+  o = ac["oracle"]
+  ax.plot([o["expected_size"]], [100 * o["accuracy"]], "*", color="C3", markersize=10,
+          label="oracle")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("(expected) representation size")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_title("adaptive classification")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -1,0 +1,167 @@
+"""Adaptive retrieval (paper Sec. 5.2): shortlist at a small size Ds, rerank at larger sizes.
+
+As the official `retrieval/` code: exact search of the top-K at Ds (truncated, L2-normalised),
+then the first K of that order are re-sorted by cosine similarity at Dr (truncated and
+L2-normalised again). A funnel chains stages (Dr_1, K_1), (Dr_2, K_2), ...: each re-sorts the
+first K_j of the previous order; two-stage retrieval is the one-stage funnel. Metrics are the
+neighbour metrics of metrics.py at k <= the last K_j.
+
+Cost per query, in millions of multiply-adds (the paper's MFLOPs; it reproduces the official
+CSVs exactly, e.g. 1,281,167 x 16 + 200 x 2048 = 20.91 for Ds=16 -> Dr=2048 on ImageNet-1K):
+MFLOPs = (N_db * Ds + sum_j K_j * Dr_j) / 1e6. Wall-clock is measured too, next to exact search
+at the largest size, since on accelerators exact search is bound by the top-k selection rather
+than by FLOPs (../shared/reference: 8-d is only ~3.6x faster than 2048-d on GPU).
+"""
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import knn
+from mrl_jax.evaluation import metrics as metrics_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Funnel:
+  """Shortlist the top shortlist_k at shortlist_size, then re-sort by each (size, k) stage."""
+  shortlist_size: int
+  stages: tuple[tuple[int, int], ...]  # (rerank size Dr_j, number of candidates K_j)
+
+  @property
+  def shortlist_k(self) -> int:
+    return self.stages[0][1]
+
+  def mflops(self, num_database: int) -> float:
+    return (num_database * self.shortlist_size + sum(k * d for d, k in self.stages)) / 1e6
+
+  def name(self) -> str:
+    if len(self.stages) == 1:
+      (dr, k), = self.stages
+      return f"{self.shortlist_size}->{dr} (K={k})"
+    return (f"funnel {self.shortlist_size}->" + "->".join(str(d) for d, _ in self.stages)
+            + " (K=" + ",".join(str(k) for _, k in self.stages) + ")")
+
+
+def parse_funnels(shortlist_sizes, rerank_sizes, shortlist_k, funnels: str,
+                  feature_dim: int) -> list[Funnel]:
+  """Every (Ds, Dr, K) of the config lists, plus funnels 'Ds:Dr1,Dr2,..:K1,K2,..;...'."""
+  from mrl_jax import validation  # pylint: disable=g-import-not-at-top
+  out = []
+  ds_list = validation.parse_ints(shortlist_sizes, "config.eval.shortlist_sizes")
+  dr_list = validation.parse_ints(rerank_sizes, "config.eval.rerank_sizes") or (feature_dim,)
+  k_list = validation.parse_ints(shortlist_k, "config.eval.shortlist_k")
+  for ds in ds_list:
+    for dr in dr_list:
+      for k in k_list:
+        out.append(Funnel(ds, ((dr, k),)))
+  for spec in filter(None, (f.strip() for f in (funnels or "").split(";"))):
+    try:
+      ds, drs, ks = spec.split(":")
+      drs = [int(x) for x in drs.split(",")]
+      ks = [int(x) for x in ks.split(",")]
+    except ValueError:
+      raise ConfigError(f"config.eval.funnels entry {spec!r} is not 'Ds:Dr1,Dr2,...:K1,K2,...'"
+                        ) from None
+    if len(drs) != len(ks) or any(b > a for a, b in zip(ks, ks[1:])):
+      raise ConfigError(f"config.eval.funnels entry {spec!r}: one K per stage, non-increasing")
+    out.append(Funnel(int(ds), tuple(zip(drs, ks))))
+  for f in out:
+    for size in (f.shortlist_size, *(d for d, _ in f.stages)):
+      if not 1 <= size <= feature_dim:
+        raise ConfigError(f"adaptive retrieval size {size} is outside [1, {feature_dim}] "
+                          "(config.eval.shortlist_sizes / rerank_sizes / funnels)")
+  return out
+
+
+@functools.cache
+def _rerank_fn(size: int):
+  """jit: (queries [qb, d], candidate rows [qb, K, d], candidate ids [qb, K]) -> re-sorted ids."""
+
+  @jax.jit
+  def rerank(queries, rows, ids):
+    q = knn.normalize_prefix(queries, size)
+    x = rows[..., :size].astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    scores = jnp.einsum("qd,qkd->qk", q, x)
+    order = jnp.argsort(-scores, axis=-1, stable=True)  # ties keep the shortlist order
+    return jnp.take_along_axis(ids, order, axis=-1)
+
+  return rerank
+
+
+def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, stages,
+           block: int = 256) -> np.ndarray:
+  """Applies the funnel stages to candidate lists [Q, K0]; returns [Q, K_last] database ids."""
+  order = candidates
+  for size, k in stages:
+    top = order[:, :k]
+    out = np.empty_like(top)
+    for q0 in range(0, len(top), block):
+      ids = top[q0:q0 + block]
+      rows = database[ids, :size]  # [qb, k, size]
+      out[q0:q0 + block] = np.asarray(_rerank_fn(size)(
+          np.asarray(queries[q0:q0 + block, :size]), rows, ids))
+    order = out
+  return order
+
+
+def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queries_y, *,
+             search: knn.ExactSearch, num_classes: int | None = None,
+             retrieval_ks: Sequence[int] = (10,)) -> list[dict]:
+  """One row per funnel plus one exact single-shot row per size used, with metrics, MFLOPs
+  and wall-clock (shortlist search + reranking) per query block."""
+  counts = np.bincount(database_y, minlength=num_classes or 0)
+  n_db, n_q = len(database_y), len(queries_y)
+  n_blocks = -(-n_q // search.query_block)
+  prepared = {}
+
+  def prepared_at(size):
+    if size not in prepared:
+      prepared[size] = search.prepare(database_z, size)
+    return prepared[size]
+
+  def timed_search(size, k):
+    db = prepared_at(size)
+    search.search(queries_z[:search.query_block], db, size, k)  # compile outside the timer
+    t0 = time.perf_counter()
+    _, ids = search.search(queries_z, db, size, k)
+    return ids, time.perf_counter() - t0
+
+  rows = []
+  single_sizes = sorted({d for f in funnels for d in (f.shortlist_size, f.stages[-1][0])})
+  max_k = max(retrieval_ks)
+  for size in single_sizes:  # exact search at one size: the reference points
+    ids, seconds = timed_search(size, max_k)
+    rows.append(_row(f"{size} (single-shot)", "single_shot", size, (), n_db * size / 1e6,
+                     seconds, n_blocks, database_y[ids], queries_y, counts, retrieval_ks))
+  for f in funnels:
+    ids, seconds = timed_search(f.shortlist_size, f.shortlist_k)
+    rerank(queries_z[:search.query_block], database_z, ids[:search.query_block], f.stages)
+    t0 = time.perf_counter()
+    final = rerank(queries_z, database_z, ids, f.stages)
+    seconds += time.perf_counter() - t0
+    ks = [k for k in retrieval_ks if k <= f.stages[-1][1]]
+    rows.append(_row(f.name(), "funnel" if len(f.stages) > 1 else "adaptive",
+                     f.shortlist_size, f.stages, f.mflops(n_db), seconds, n_blocks,
+                     database_y[final], queries_y, counts, ks))
+  exact = {r["shortlist_size"]: r for r in rows if r["kind"] == "single_shot"}
+  largest = max(exact)
+  for r in rows:  # speed-up against exact search at the largest size, both ways
+    r["mflops_speedup_vs_exact"] = exact[largest]["mflops"] / r["mflops"]
+    r["wallclock_speedup_vs_exact"] = exact[largest]["seconds"] / r["seconds"]
+  return rows
+
+
+def _row(name, kind, shortlist_size, stages, mflops, seconds, n_blocks, neighbor_labels,
+         query_labels, counts, ks) -> dict:
+  metric = metrics_lib.retrieval_metrics(neighbor_labels, query_labels, counts, ks)
+  return {"name": name, "kind": kind, "shortlist_size": shortlist_size,
+          "stages": [list(s) for s in stages], "mflops": mflops, "seconds": seconds,
+          "ms_per_query_block": 1e3 * seconds / n_blocks,
+          "top1": float(np.mean(neighbor_labels[:, 0] == query_labels)), **metric}
