@@ -100,12 +100,14 @@ def make_config(setup: Setup, run: Run):
                 log_every_steps=10**9)
   ev = config.eval
   sizes = nesting_sizes(setup)
-  # Shortlist at the 2-3 smallest sizes, rerank at d; one funnel through every larger size.
-  stages = sizes[2:]
+  # Shortlist at the (up to 3) smallest sizes, rerank at d; one funnel of >= 2 stages through
+  # every larger size, from the second-smallest size when there are enough sizes.
+  start = 1 if len(sizes) >= 4 else 0
+  stages = sizes[start + 1:]
   ev.update(adaptive_retrieval=run.method == "mrl", adaptive_classification=run.method == "mrl",
-            shortlist_sizes=",".join(map(str, sizes[:3])), rerank_sizes=str(sizes[-1]),
-            shortlist_k="50",
-            funnels=f"{sizes[1]}:" + ",".join(map(str, stages)) + ":" + ",".join(
+            shortlist_sizes=",".join(str(m) for m in sizes[:3] if m < sizes[-1]),
+            rerank_sizes=str(sizes[-1]), shortlist_k="50",
+            funnels=f"{sizes[start]}:" + ",".join(map(str, stages)) + ":" + ",".join(
                 str(max(10, 400 >> j)) for j in range(len(stages))),
             baselines="", fewshot_shots="", probe_steps=setup.probe_steps,
             ac_seeds=setup.ac_seeds, knn_k="1", retrieval_k="10")
