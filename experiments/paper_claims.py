@@ -120,8 +120,8 @@ def make_config(setup: Setup, run: Run):
   return config
 
 
-def train_and_evaluate(setup: Setup, run: Run, workdir: str) -> dict:
-  """results.json of the run's evaluation (reused when present for the same config)."""
+def train_and_evaluate(setup: Setup, run: Run, workdir: str) -> tuple[dict, bool]:
+  """(results.json of the run's evaluation, reused?): reused when present for the same config."""
   from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
   from mrl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from mrl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
@@ -130,11 +130,11 @@ def train_and_evaluate(setup: Setup, run: Run, workdir: str) -> dict:
   path = os.path.join(workdir, "eval", config.input.dataset, "results.json")
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      return json.load(f), True
   summary = train_lib.train_and_evaluate(config, workdir)
   if summary.get("preempted"):
     raise SystemExit(f"interrupted during {run.name}; rerun the same command to resume")
-  return evaluate.evaluate_checkpoint(config, workdir)[config.input.dataset]
+  return evaluate.evaluate_checkpoint(config, workdir)[config.input.dataset], False
 
 
 # ---- aggregation --------------------------------------------------------------------------
@@ -190,9 +190,11 @@ def adaptive_classification_rows(results: dict[Run, dict]) -> list[dict]:
     ac = res.get("adaptive_classification")
     if not ac:
       continue
-    oracle.append(ac["oracle"])
-    for row in ac["cascades"]:
-      by_cap.setdefault(row["cap"], []).append(row)
+    for row in ac:
+      if row["kind"] == "oracle":
+        oracle.append(row)
+      else:
+        by_cap.setdefault(row["cap"], []).append(row)
   out = [{"name": f"cascade, cap {cap}", "cap": cap,
           **_stat("accuracy", [100 * r["accuracy"] for r in rows]),
           **_stat("expected_size", [r["expected_size"] for r in rows]),
@@ -421,6 +423,15 @@ def plot(path, setup, table, retrieval, classification) -> None:
 
 # ---- main ---------------------------------------------------------------------------------
 
+def _earlier_seconds(out: str) -> dict[str, float]:
+  """Per-run seconds of a previous summary.json in `out` (for runs this invocation reuses)."""
+  try:
+    with open(os.path.join(out, "summary.json")) as f:
+      return json.load(f).get("seconds_per_run", {})
+  except FileNotFoundError:
+    return {}
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
@@ -456,22 +467,29 @@ def main(argv=None) -> dict:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
   todo = runs(setup)
-  results, seconds = {}, {}
+  results, seconds, reused = {}, {}, []
+  earlier = _earlier_seconds(out)
   start = time.perf_counter()
   for i, run in enumerate(todo):
     t0 = time.perf_counter()
-    results[run] = train_and_evaluate(setup, run, os.path.join(workdir, run.name))
-    seconds[run.name] = time.perf_counter() - t0
-    print(f"[{i + 1}/{len(todo)}] {run.name}: {seconds[run.name]:.0f} s "
-          f"(total {time.perf_counter() - start:.0f} s)", flush=True)
+    results[run], was_reused = train_and_evaluate(setup, run, os.path.join(workdir, run.name))
+    if was_reused:
+      reused.append(run.name)
+      if run.name in earlier:  # keep the time measured when the run was made
+        seconds[run.name] = earlier[run.name]
+    else:
+      seconds[run.name] = time.perf_counter() - t0
+    print(f"[{i + 1}/{len(todo)}] {run.name}: "
+          + ("reused" if was_reused else f"{seconds[run.name]:.0f} s")
+          + f" (total {time.perf_counter() - start:.0f} s)", flush=True)
   table = per_size_values(setup, results)
   retrieval = adaptive_retrieval_rows(results)
   classification = adaptive_classification_rows(results)
   claim_rows = claims(setup, table, retrieval, classification)
   command = "python experiments/paper_claims.py " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
-  meta = {"command": command.strip(), "seconds_per_run": seconds,
-          "total_seconds": time.perf_counter() - start, "workdir": workdir,
+  meta = {"command": command.strip(), "seconds_per_run": seconds, "reused_runs": reused,
+          "total_seconds": sum(seconds.values()), "workdir": workdir,
           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
           "cpu_count": os.cpu_count()}
   write_outputs(setup, out, table, retrieval, classification, claim_rows, meta)

@@ -143,8 +143,9 @@ def test_cascades_average_over_seeds_and_cover_every_cap():
   conf = rng.uniform(0.3, 1.0, (3, 500))
   pred = np.where(rng.uniform(size=(3, 500)) < [[0.6], [0.8], [0.95]], labels, (labels + 1) % 3)
   out = ac.evaluate(conf, pred, labels, [4, 8, 16], seeds=4)
-  assert [c["cap"] for c in out["cascades"]] == [8, 16]
-  for c in out["cascades"]:
+  assert [(c["kind"], c["cap"]) for c in out] == [("cascade", 8), ("cascade", 16),
+                                                   ("oracle", 16)]
+  for c in out:
     assert 4 <= c["expected_size"] <= c["cap"] and 0 <= c["accuracy"] <= 1
 
 
@@ -238,8 +239,9 @@ def test_eval_writes_adaptive_retrieval_classification_baselines_and_fewshot(tra
   assert json.load(open(os.path.join(out, "results.json")))["adaptive_retrieval"]
   kinds = {row["kind"] for row in r["adaptive_retrieval"]}
   assert kinds == {"single_shot", "adaptive", "funnel"}
-  caps = [c["cap"] for c in r["adaptive_classification"]["cascades"]]
+  caps = [c["cap"] for c in r["adaptive_classification"] if c["kind"] == "cascade"]
   assert caps == [4, 8, 16, 32, 64]
+  assert r["adaptive_classification"][-1]["kind"] == "oracle"
   assert set(r["baselines"]) == {"svd", "pca", "random_projection", "random_subset"}
   assert set(r["baselines"]["pca"]) == {"2", "4", "8", "16", "32", "64"}
   assert all(0 <= m["linear_top1"] <= 1 and 0 <= m["knn1_top1"] <= 1

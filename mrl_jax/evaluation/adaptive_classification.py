@@ -54,8 +54,9 @@ def oracle(pred: np.ndarray, labels: np.ndarray, sizes: Sequence[int]) -> dict:
 
 
 def evaluate(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, sizes: Sequence[int], *,
-             holdout: float = 0.2, seeds: int = 30, caps: Sequence[int] = ()) -> dict:
-  """Cascades for each cap size (default: every size but the smallest), mean over seeds."""
+             holdout: float = 0.2, seeds: int = 30, caps: Sequence[int] = ()) -> list[dict]:
+  """Rows for results.json (a list, DESIGN.md §4): one `kind: cascade` row per cap size
+  (default: every size but the smallest), mean over seeds, then one `kind: oracle` row."""
   sizes = list(sizes)
   n = len(labels)
   cap_indices = [sizes.index(c) for c in caps] if caps else list(range(1, len(sizes)))
@@ -73,10 +74,10 @@ def evaluate(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, sizes: Sequ
       per_cap[c]["thresholds"].append(thresholds[:c])
   rows = []
   for c, r in per_cap.items():
-    rows.append({"cap": sizes[c], "accuracy": float(np.mean(r["accuracy"])),
+    rows.append({"kind": "cascade", "cap": sizes[c], "accuracy": float(np.mean(r["accuracy"])),
                  "accuracy_std": float(np.std(r["accuracy"])),
                  "expected_size": float(np.mean(r["expected_size"])),
                  "mean_thresholds": np.mean(r["thresholds"], axis=0).tolist(),
-                 "fixed_size_accuracy": float(np.mean(pred[c] == labels))})
-  return {"cascades": rows, "oracle": oracle(pred, labels, sizes), "seeds": seeds,
-          "holdout": holdout, "sizes": sizes}
+                 "fixed_size_accuracy": float(np.mean(pred[c] == labels)),
+                 "seeds": seeds, "holdout": holdout})
+  return rows + [{"kind": "oracle", "cap": sizes[-1], **oracle(pred, labels, sizes)}]

@@ -43,9 +43,10 @@ def write(outdir: str, results: dict) -> None:
                  "wallclock_speedup_vs_exact"])
     plot_retrieval_vs_mflops(os.path.join(outdir, "retrieval_vs_mflops.png"), rows)
   if results.get("adaptive_classification"):
-    ac = results["adaptive_classification"]
-    _write_rows(os.path.join(outdir, "adaptive_classification.csv"), ac["cascades"],
-                ["cap", "accuracy", "accuracy_std", "expected_size", "fixed_size_accuracy"])
+    _write_rows(os.path.join(outdir, "adaptive_classification.csv"),
+                results["adaptive_classification"],
+                ["kind", "cap", "accuracy", "accuracy_std", "expected_size",
+                 "fixed_size_accuracy"])
     plot_adaptive_classification(os.path.join(outdir, "adaptive_classification.png"), results)
   if results.get("baselines"):
     rows = [dict(baseline=kind, size=int(size), **metrics)
@@ -136,9 +137,10 @@ def plot_adaptive_classification(path: str, results: dict) -> None:
                  if m.get("linear_top1") is not None)
   if fixed:
     ax.plot(*zip(*fixed), "o-", color="C0", label="fixed size (head)")
-  cascades = sorted((c["expected_size"], 100 * c["accuracy"]) for c in ac["cascades"])
+  cascades = sorted((c["expected_size"], 100 * c["accuracy"]) for c in ac
+                    if c["kind"] == "cascade")
   ax.plot(*zip(*cascades), "s-", color="C1", label="adaptive (cascade)")
-  o = ac["oracle"]
+  o = next(c for c in ac if c["kind"] == "oracle")
   ax.plot([o["expected_size"]], [100 * o["accuracy"]], "*", color="C3", markersize=10,
           label="oracle")
   ax.set_xscale("log", base=2)
