@@ -44,6 +44,22 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def digits_config(data_dir: str, steps: int, arg: str = "runlocal", **overrides):
+  """The built-in digits config for `steps` steps, logging every step, with dotted overrides
+  ({"model.width": 8})."""
+  config = load_config(f"configs/digits_resnet_mrl.py:{arg}")
+  config.input.data_dir = data_dir
+  config.total_steps = steps
+  config.log_every_steps = 1
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
 _BUILT_STATES = {}
 
 

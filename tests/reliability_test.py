@@ -22,21 +22,8 @@ from mrl_jax import cli
 from mrl_jax import train_lib
 from mrl_jax.errors import ConfigError
 from tests.conftest import REPO
+from tests.conftest import digits_config
 from tests.conftest import load_config
-
-
-def _config(data_dir, steps, **overrides):
-  config = load_config("configs/digits_resnet_mrl.py:runlocal")
-  config.input.data_dir = data_dir
-  config.total_steps = steps
-  config.log_every_steps = 1
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
 
 
 def _final_state(workdir, step):
@@ -113,8 +100,8 @@ def test_sigterm_saves_exits_0_and_resume_equals_uninterrupted(data_dir, tmp_pat
 @pytest.mark.slow
 def test_corrupted_latest_and_half_written_checkpoints(data_dir, tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  train_lib.train_and_evaluate(_config(data_dir, 12, checkpoint_every_steps=4,
-                                       keep_checkpoints=3), workdir, devices=jax.devices()[:1])
+  config = digits_config(data_dir, 12, checkpoint_every_steps=4, keep_checkpoints=3)
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert sorted(os.listdir(ckpt_dir)) == ["12", "4", "8"]
   # A save cut short: orbax's temporary directory with part of a checkpoint in it.
@@ -127,9 +114,8 @@ def test_corrupted_latest_and_half_written_checkpoints(data_dir, tmp_path, capsy
       with open(path, "r+b") as fh:
         fh.write(os.urandom(max(os.path.getsize(path), 16)))
   capsys.readouterr()
-  summary = train_lib.train_and_evaluate(_config(data_dir, 14, checkpoint_every_steps=4,
-                                                 keep_checkpoints=3), workdir,
-                                         devices=jax.devices()[:1])
+  config = digits_config(data_dir, 14, checkpoint_every_steps=4, keep_checkpoints=3)
+  summary = train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   out = capsys.readouterr().out
   assert "incomplete checkpoint 16.orbax-checkpoint-tmp-17" in out
   assert "checkpoint step 12" in out and "corrupted" in out
@@ -140,18 +126,18 @@ def test_corrupted_latest_and_half_written_checkpoints(data_dir, tmp_path, capsy
 
 def test_checkpoint_of_another_model_is_refused_naming_the_difference(data_dir, tmp_path):
   source = str(tmp_path / "source")
-  train_lib.train_and_evaluate(_config(data_dir, 2, checkpoint_every_steps=2), source,
+  train_lib.train_and_evaluate(digits_config(data_dir, 2, checkpoint_every_steps=2), source,
                                devices=jax.devices()[:1])
   target = str(tmp_path / "target")  # checkpoints only: the config.json check cannot catch it
   shutil.copytree(os.path.join(source, "checkpoints"), os.path.join(target, "checkpoints"))
-  config = _config(data_dir, 4, checkpoint_every_steps=2, **{"mrl.nesting": "4,8,32"})
+  config = digits_config(data_dir, 4, checkpoint_every_steps=2, **{"mrl.nesting": "4,8,32"})
   with pytest.raises(ConfigError, match=r"checkpoint step 2 in .* was written for "
                      r"nesting=\[2, 4, 8, 16, 32\] but the config has nesting=\[4, 8, 32\]"):
     train_lib.train_and_evaluate(config, target, devices=jax.devices()[:1])
   assert os.listdir(target) == ["checkpoints"]  # the refused config was not recorded
   with pytest.raises(ConfigError, match=r"was written for head='mrl' but the config has "
                      r"head='mrle'"):
-    train_lib.train_and_evaluate(_config(data_dir, 4, **{"mrl.head": "mrle"}), target,
+    train_lib.train_and_evaluate(digits_config(data_dir, 4, **{"mrl.head": "mrle"}), target,
                                  devices=jax.devices()[:1])
 
 
@@ -159,11 +145,11 @@ def test_checkpoint_of_another_model_is_refused_naming_the_difference(data_dir, 
 
 def test_different_config_in_a_used_workdir_is_refused_unless_overwrite(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  train_lib.train_and_evaluate(_config(data_dir, 2, checkpoint_every_steps=2), workdir,
+  train_lib.train_and_evaluate(digits_config(data_dir, 2, checkpoint_every_steps=2), workdir,
                                devices=jax.devices()[:1])
   before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)}
   saved_config = open(os.path.join(workdir, "config.json")).read()
-  other = _config(data_dir, 2, **{"model.width": 8})
+  other = digits_config(data_dir, 2, **{"model.width": 8})
   code, _, err = _run_cli(lambda: train_lib.train_and_evaluate(other, workdir,
                                                                devices=jax.devices()[:1]))
   assert code == 2
@@ -203,7 +189,7 @@ BAD_CONFIGS = [
 def test_bad_config_is_one_line_exit_2_before_compiling(data_dir, tmp_path, monkeypatch,
                                                         overrides, message):
   overrides = {k: (str(tmp_path / "empty") if v == "EMPTY" else v) for k, v in overrides.items()}
-  config = _config(data_dir, 2, **overrides)
+  config = digits_config(data_dir, 2, **overrides)
 
   def must_not_compile(*a, **k):
     raise AssertionError("compiled before validating")
@@ -255,9 +241,9 @@ def test_override_typo_is_one_line_exit_2(tmp_path):
 # --- 5. non-finite loss -----------------------------------------------------------------------
 
 def _exploding(data_dir, steps, policy):
-  return _config(data_dir, steps, on_nonfinite=policy, checkpoint_every_steps=1,
-                 **{"schedule.name": "constant", "schedule.base_lr": 1e30,
-                    "schedule.warmup_epochs": 0.0})
+  return digits_config(data_dir, steps, on_nonfinite=policy, checkpoint_every_steps=1,
+                       **{"schedule.name": "constant", "schedule.base_lr": 1e30,
+                          "schedule.warmup_epochs": 0.0})
 
 
 def test_nonfinite_loss_stops_with_step_and_per_size_losses_keeping_good_checkpoints(

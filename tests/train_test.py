@@ -8,22 +8,11 @@ import numpy as np
 import pytest
 
 from mrl_jax import train_lib
-from tests.conftest import load_config
+from tests.conftest import digits_config
 
 
 def _config(data_dir, steps, arg="runlocal", **overrides):
-  config = load_config(f"configs/digits_resnet_mrl.py:{arg}")
-  config.input.data_dir = data_dir
-  config.total_steps = steps
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 10
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
+  return digits_config(data_dir, steps, arg, **{"checkpoint_every_steps": 10, **overrides})
 
 
 def _train_losses(workdir):
