@@ -95,11 +95,7 @@ def plot_accuracy_vs_dim(path: str, results: dict) -> None:
   ax.set_ylabel("top-1 accuracy (%)")
   title = f"{results.get('dataset', '')} {results.get('split', '')}".strip()
   ax.set_title(title or "accuracy vs size")
-  ax.grid(True, alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(fig, ax, path)
 
 
 def plot_retrieval_vs_mflops(path: str, rows: list[dict]) -> None:
@@ -122,11 +118,7 @@ def plot_retrieval_vs_mflops(path: str, rows: list[dict]) -> None:
   ax.set_xlabel("MFLOPs per query (N_db * Ds + sum K_j * Dr_j) / 1e6")
   ax.set_ylabel("mAP@10 (%)")
   ax.set_title("adaptive retrieval")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(fig, ax, path, legend_fontsize=8)
 
 
 def plot_adaptive_classification(path: str, results: dict) -> None:
@@ -147,8 +139,13 @@ def plot_adaptive_classification(path: str, results: dict) -> None:
   ax.set_xlabel("(expected) representation size")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_title("adaptive classification")
+  _finish(fig, ax, path, legend_fontsize=8)
+
+
+def _finish(fig, ax, path: str, legend_fontsize=None) -> None:
+  """Grid, legend, tight layout, save and close: the end of every plot here."""
   ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=legend_fontsize)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
