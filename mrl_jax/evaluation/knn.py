@@ -2,18 +2,25 @@
 
 As the official MRL evaluation: truncate to the first m dimensions, L2-normalise database and
 queries, and rank by L2 distance, which on unit vectors is ranking by cosine similarity (we
-return the cosine, higher = nearer). Database rows stay on device as stored (float32 or
-bfloat16) with their inverse norms; each block's scores are (q / |q|) . x * (1 / |x|), computed
-in float32, so no normalised copy of the database is ever written. The search is exact and
-never materialises the Q x N score matrix:
+return the cosine, higher = nearer). Database rows stay on device as stored (float32, bfloat16
+or float16) with their inverse norms; each block's scores are (q / |q|) . x * (1 / |x|),
+computed in float32, so no normalised copy of the database is ever written. The search is exact
+and never materialises the Q x N score matrix:
 - the database is split by rows over every device of the mesh; each device scans its rows in
-  blocks of `database_block`, keeping a running top-k ([query_block, k]) per query;
-- the per-device top-k lists are merged into the global top-k;
-- queries go through in blocks of `query_block`; a database larger than device memory streams
-  from host in chunks of `chunk_rows`, merged the same way.
-Equal scores keep the lower database index first (the merge order is the index order), like a
-stable sort; duplicate rows may still differ in the last bit of their score, because XLA can
-round a dot product differently by its position in a block.
+  blocks of `block` rows, keeping a running top-k ([query_block, k]) per query;
+- selection within a block prunes before any top-k: the block's scores are cut into sub-blocks
+  of `sub_block` rows, and only the k sub-blocks with the largest maxima can hold the block's
+  top k (any other element is beaten by k sub-block maxima), so the top-k runs over k x
+  sub_block candidates instead of the whole block -- exact, ties included (below);
+- the per-device top-k lists are merged into the global top-k; queries go through in blocks of
+  `query_block`; a database larger than device memory streams from host in chunks of
+  `chunk_rows` rows, merged the same way.
+Order and ties: results are sorted by score, equal scores by lower database index, as a stable
+full sort would (candidates are always kept in index order and `lax.top_k` is stable). Every
+score is computed by the same [query_block, m] x [m, block] product whatever the device count or
+chunking (XLA rounds a product differently for different shapes), and `block` depends only on
+the database size, so duplicate rows score bitwise-equally and results do not depend on the
+layout.
 """
 
 import dataclasses
@@ -52,44 +59,64 @@ class ExactSearch:
   """Blocked, sharded exact top-k by cosine similarity of L2-normalised prefixes."""
 
   def __init__(self, mesh: jax.sharding.Mesh, *, query_block: int = 1024,
-               database_block: int = 65536, chunk_rows: int | None = None):
+               database_block: int = 65536, chunk_rows: int | None = None,
+               sub_block: int = 128):
     self.mesh = mesh
     self.query_block = query_block
     self.database_block = database_block
     self.chunk_rows = chunk_rows
+    self.sub_block = sub_block
     self.num_shards = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     self.rows_sharding = NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None))
     self.replicated = NamedSharding(mesh, P())
 
-  def _layout(self, rows: int) -> tuple[int, int]:
-    """(block, rows per device): rows are padded only to a multiple of the device count; the
-    last block of each device overlaps the one before (rows seen twice are masked out)."""
-    per_device = math.ceil(rows / self.num_shards)
-    return max(1, min(self.database_block, per_device)), per_device
+  def block_rows(self, num_database: int) -> int:
+    """Rows per block: a function of the database size only (not of devices or chunks), a
+    multiple of the sub-block once it exceeds one."""
+    block = max(1, min(self.database_block, 1 << max(num_database - 1, 0).bit_length()))
+    if block > self.sub_block:
+      block = -(-block // self.sub_block) * self.sub_block
+    return block
+
+  def _per_device(self, rows: int, block: int) -> int:
+    """Rows each device holds: its share, padded to whole blocks (padding scores -inf)."""
+    return -(-math.ceil(rows / self.num_shards) // block) * block
 
   @functools.cache
   def _chunk_topk_fn(self, block: int, per_device: int, k: int) -> Callable:
-    """jit: (queries [qb, m], rows [D*per_device, m], offset, valid, running) -> running."""
+    """jit: (queries [qb, m], rows [D*per_device, m], inv_norms, offset, valid, running top-k)
+    -> running top-k merged with this chunk's."""
     axes = sharding_lib.BATCH_AXES
-    num_blocks = math.ceil(per_device / block)
+    num_blocks = per_device // block
+    sub = min(self.sub_block, block)
+    num_sub = block // sub
+    kk = min(k, block)
+    kk_sub = min(k, num_sub)
+    prune = kk_sub * sub < block  # else the whole block is no larger than the candidates
+
+    def block_topk(scores, index):
+      """Top-kk of one block, [qb, block] -> ([qb, kk], [qb, kk]), ties by lower index."""
+      if not prune:
+        return _topk(scores, jnp.broadcast_to(index, scores.shape), kk)
+      qb = scores.shape[0]
+      grouped = scores.reshape(qb, num_sub, sub)
+      _, best_subs = jax.lax.top_k(grouped.max(-1), kk_sub)
+      best_subs = jnp.sort(best_subs, axis=-1)  # index order: ties stay with the lower index
+      candidates = jnp.take_along_axis(grouped, best_subs[:, :, None], axis=1).reshape(qb, -1)
+      positions = (best_subs[:, :, None] * sub + jnp.arange(sub)).reshape(qb, -1)
+      return _topk(candidates, index[positions], kk)
 
     def local(queries, rows, inv_norms, offset, valid):
-      device = jax.lax.axis_index(axes)
-      base = offset + device * per_device
-      kk = min(k, block)
+      base = offset + jax.lax.axis_index(axes) * per_device
 
       def body(carry, j):
-        best_scores, best_index = carry
-        start = jnp.minimum(j * block, per_device - block)  # the last block overlaps
+        start = j * block
         rows_block = jax.lax.dynamic_slice_in_dim(rows, start, block)
         inv_norm = jax.lax.dynamic_slice_in_dim(inv_norms, start, block)
+        index = base + start + jnp.arange(block, dtype=jnp.int32)
         scores = (queries @ rows_block.astype(jnp.float32).T) * inv_norm  # [qb, block]
-        local_index = start + jnp.arange(block, dtype=jnp.int32)
-        index = base + local_index
-        keep = (local_index >= j * block) & (index < offset + valid)
-        scores = jnp.where(keep, scores, -jnp.inf)
-        top, pos = jax.lax.top_k(scores, kk)
-        return _merge(best_scores, best_index, top, index[pos], k), None
+        scores = jnp.where(index < offset + valid, scores, -jnp.inf)
+        return _merge(*carry, *block_topk(scores, index), k), None
 
       # The carry differs per device ("varying" over the mesh axes), as the scores do.
       init = jax.lax.pcast((jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
@@ -124,8 +151,8 @@ class ExactSearch:
     return jax.jit(inv_norm, out_shardings=NamedSharding(self.mesh, P(sharding_lib.BATCH_AXES)))
 
   def _put_rows(self, rows_np: np.ndarray, total_rows: int) -> jax.Array:
-    """rows_np [valid, m] -> [total_rows, m] split by rows over the devices; only the last
-    device's part is padded (zeros), so the host never copies the whole database."""
+    """rows_np [valid, m] -> [total_rows, m] split by rows over the devices; only the padding
+    is zeros, so the host never copies the whole database."""
     valid, size = rows_np.shape
     if valid == total_rows and self.num_shards == 1:
       return jax.device_put(np.ascontiguousarray(rows_np), self.rows_sharding)
@@ -141,21 +168,26 @@ class ExactSearch:
 
     return jax.make_array_from_callback((total_rows, size), self.rows_sharding, part)
 
+  def _chunks(self, database: np.ndarray, size: int):
+    """(offset, rows) of the database in chunks of chunk_rows (one chunk if unset)."""
+    n = database.shape[0]
+    step = self.chunk_rows or n
+    return ((c0, database[c0:c0 + step, :size]) for c0 in range(0, n, step))
+
   def prepare(self, database: np.ndarray, size: int) -> "PreparedDatabase":
     """Truncated, device-resident chunks of the database (and their norms) for one size.
 
     Holds all chunks on device: use it when the database fits (chunk_rows unset); `search`
     streams chunks from host otherwise.
     """
-    chunks = []
-    chunk_rows = self.chunk_rows or database.shape[0]
-    for c0 in range(0, database.shape[0], chunk_rows):
-      chunks.append(self._prepare_chunk(database[c0:c0 + chunk_rows, :size], c0))
+    block = self.block_rows(database.shape[0])
+    chunks = [self._prepare_chunk(rows, offset, block)
+              for offset, rows in self._chunks(database, size)]
     return PreparedDatabase(size=size, num_rows=database.shape[0], chunks=chunks)
 
-  def _prepare_chunk(self, rows_np, offset):
-    valid, size = rows_np.shape
-    block, per_device = self._layout(valid)
+  def _prepare_chunk(self, rows_np, offset, block):
+    valid = rows_np.shape[0]
+    per_device = self._per_device(valid, block)
     with jax.set_mesh(self.mesh):
       rows = self._put_rows(rows_np, per_device * self.num_shards)
       inv_norms = self._inv_norm_fn()(rows)
@@ -175,31 +207,35 @@ class ExactSearch:
       num_database, chunks = database.num_rows, iter(database.chunks)
     else:
       num_database = database.shape[0]
-      chunk_rows = self.chunk_rows or num_database
-      chunks = (self._prepare_chunk(database[c0:c0 + chunk_rows, :size], c0)
-                for c0 in range(0, num_database, chunk_rows))
+      block = self.block_rows(num_database)
+      chunks = (self._prepare_chunk(rows, offset, block)
+                for offset, rows in self._chunks(database, size))
     if not 1 <= k <= num_database:
       raise ValueError(f"k={k} must be in [1, {num_database}] (the database size)")
-    starts = list(range(0, queries.shape[0], self.query_block))
+    num_queries = queries.shape[0]
+    starts = list(range(0, num_queries, self.query_block))
     running = [None] * len(starts)
     with jax.set_mesh(self.mesh):
       for chunk in chunks:
         fn = self._chunk_topk_fn(chunk.block, chunk.per_device, k)
         last = chunk.offset + chunk.valid >= num_database
         for b, q0 in enumerate(starts):
-          q = self._normalize_fn(size, self.replicated)(jax.device_put(
-              np.asarray(queries[q0:q0 + self.query_block, :size]), self.replicated))
+          q_np = np.asarray(queries[q0:q0 + self.query_block, :size], np.float32)
+          n = len(q_np)  # the last block is padded: one compiled shape
+          q_np = np.pad(q_np, [(0, self.query_block - n), (0, 0)])
+          q = self._normalize_fn(size, self.replicated)(jax.device_put(q_np, self.replicated))
           if running[b] is None:
             running[b] = jax.device_put(
-                (np.full((q.shape[0], k), -np.inf, np.float32),
-                 np.zeros((q.shape[0], k), np.int32)), self.replicated)
+                (np.full((self.query_block, k), -np.inf, np.float32),
+                 np.zeros((self.query_block, k), np.int32)), self.replicated)
           running[b] = fn(q, chunk.rows, chunk.inv_norms, np.int32(chunk.offset),
                           np.int32(chunk.valid), *running[b])
           if progress is not None and last:
-            progress(q.shape[0])
-    scores = np.concatenate([np.asarray(s) for s, _ in running])
-    index = np.concatenate([np.asarray(i) for _, i in running]).astype(np.int64)
-    return scores, index
+            progress(n)
+    sizes = [min(self.query_block, num_queries - q0) for q0 in starts]
+    scores = np.concatenate([np.asarray(s)[:n] for (s, _), n in zip(running, sizes)])
+    index = np.concatenate([np.asarray(i)[:n] for (_, i), n in zip(running, sizes)])
+    return scores, index.astype(np.int64)
 
 
 @dataclasses.dataclass
