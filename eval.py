@@ -8,7 +8,6 @@ Writes results.json, results.csv and accuracy_vs_dim.png to <workdir>/eval/<data
 --out). Metric definitions: README "Evaluation" and mrl_jax/evaluation/metrics.py.
 """
 
-import os
 import sys
 
 from absl import app
@@ -27,10 +26,14 @@ flags.DEFINE_string("knn_k", "1,10", "Embeddings-only mode: k of the k-NN accura
 flags.DEFINE_string("retrieval_k", "10,25,50,100", "Embeddings-only mode: k of mAP@k etc.")
 flags.DEFINE_integer("query_block", 1024, "Embeddings-only mode: queries per search block.")
 flags.DEFINE_integer("database_block", 65536, "Embeddings-only mode: database rows per block.")
+flags.DEFINE_integer("database_chunk_rows", None, "Embeddings-only mode: database rows held on "
+                     "the devices at once (default: all); smaller streams a large database.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.DEFINE_string("local_device_ids", None, "Multi-host: comma-separated local GPU ids this "
+                    "process drives (default: decided from the launcher, README 'Scaling').")
 
 
 def main(argv):
@@ -40,7 +43,7 @@ def main(argv):
 
 
 def _evaluate():
-  from mrl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mrl_jax import distributed  # pylint: disable=g-import-not-at-top
   from mrl_jax import validation  # pylint: disable=g-import-not-at-top
   from mrl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from mrl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
@@ -51,15 +54,16 @@ def _evaluate():
         FLAGS.embeddings, validation.parse_ints(FLAGS.sizes, "--sizes"), FLAGS.out,
         knn_ks=validation.parse_ints(FLAGS.knn_k, "--knn_k"),
         retrieval_ks=validation.parse_ints(FLAGS.retrieval_k, "--retrieval_k"),
-        query_block=FLAGS.query_block, database_block=FLAGS.database_block)
+        query_block=FLAGS.query_block, database_block=FLAGS.database_block,
+        database_chunk_rows=FLAGS.database_chunk_rows)
     _print(results)
     return 0
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ConfigError("give --config and --workdir (checkpoint mode) or --embeddings, --sizes "
                       "and --out (embeddings-only mode)")
-  sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
-  for results in evaluate.evaluate_checkpoint(FLAGS.config, os.path.abspath(FLAGS.workdir),
+  distributed.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                    FLAGS.local_device_ids)
+  for results in evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
                                               checkpoint_step=FLAGS.checkpoint_step).values():
     _print(results)
   return 0

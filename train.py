@@ -8,7 +8,6 @@ Every host of a TPU pod / GPU cluster runs the same command (see README "Scaling
 command resumes from the workdir's latest checkpoint. Config errors exit with code 2 and one line.
 """
 
-import os
 import sys
 
 from absl import app
@@ -26,6 +25,8 @@ flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.DEFINE_string("local_device_ids", None, "Multi-host: comma-separated local GPU ids this "
+                    "process drives (default: decided from the launcher, README 'Scaling').")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,14 +38,14 @@ def main(argv):
 
 
 def _train(config):
-  from mrl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mrl_jax import distributed  # pylint: disable=g-import-not-at-top
   from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
   if FLAGS.dry_run:
     train_lib.dry_run(config, FLAGS.workdir)
     return 0
-  sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
-  summary = train_lib.train_and_evaluate(config, os.path.abspath(FLAGS.workdir),
+  distributed.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                    FLAGS.local_device_ids)
+  summary = train_lib.train_and_evaluate(config, FLAGS.workdir,
                                          overwrite=FLAGS.overwrite)
   logging.info("summary: %s", summary)
   return 0

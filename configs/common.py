@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
       linear=True, knn=True, knn_k="1,10", retrieval_k="10,25,50,100",
       flip_tta=False, feature_dtype="float32", save_features=False,
       query_block=1024, database_block=65536, max_database=config_dict.placeholder(int),
+      # Rows of the database held on the devices at once (None: all of it); a database larger
+      # than device memory streams from host in chunks of this many rows.
+      database_chunk_rows=config_dict.placeholder(int),
       # Adaptive retrieval: every (Ds, Dr, K) of the lists, plus funnels
       # 'Ds:Dr1,Dr2,..:K1,K2,..;...'; rerank_sizes '' = the feature dim.
       adaptive_retrieval=False, shortlist_sizes="8,16", rerank_sizes="", shortlist_k="200",

@@ -7,8 +7,12 @@ Original ViT 21k pretraining recipe (Dosovitskiy et al. 2021, big_vision `vit_i2
 epochs at 224px, AdamW b1=0.9 b2=0.999, lr 1e-3 at batch 4096, weight decay 0.03 (decoupled,
 not on norms/biases), 10k warmup steps then linear decay, gradient clip 1.0, dropout 0.1,
 Inception crop + flip. Data: TFDS `imagenet21k` (a TFDS builder the user registers/prepares;
-21,843 classes). Args: `mrl` | `mrle`, `variant=<Ti|S|B|L|H>/<patch>`, `reader=tf_data`,
-`dataset=<tfds name>` (e.g. a JFT-style private builder), `num_classes=<C>`, `runlocal`.
+21,843 classes). ImageNet-21k has no official train/validation split: its TFDS builder has one
+split, `full`, and big_vision (`configs/vit_i21k.py`, `bit_i21k.py`) trains on `full[51200:]` and
+evaluates on `full[:25600]` (test) / `full[25600:51200]` (val); so do we (the k-NN database is
+the training slice). Args: `mrl` | `mrle`, `variant=<Ti|S|B|L|H>/<patch>`, `reader=tf_data`,
+`dataset=<tfds name>` (e.g. a JFT-style private builder), `num_classes=<C>`,
+`train_split=` / `eval_split=` (TFDS split strings), `runlocal`.
 The paper reports ImageNet-1K 1-NN for JFT-pretrained MRL ViT-B/16: 53.6 @12 ... 71.9 @768.
 """
 
@@ -18,7 +22,10 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="B/16", reader="grain", dataset="imagenet21k",
                          num_classes=21843, dtype="bfloat16", batch_size=4096, epochs=90.0,
-                         runlocal=False)
+                         train_split="", eval_split="", runlocal=False)
+  # big_vision's slices of `full` (runlocal: 16 examples held out, as its runlocal evals).
+  train_split = arg.train_split or ("full[16:]" if arg.runlocal else "full[51200:]")
+  eval_split = arg.eval_split or ("full[:16]" if arg.runlocal else "full[:25600]")
   c = common.base_config()
   common.set_head(c, arg)
   c.num_classes = arg.num_classes
@@ -27,8 +34,8 @@ def get_config(arg=None):
   c.model.update(variant=arg.variant, image_size=224, pool="cls", dropout_rate=0.1)
   c.mrl.nesting = "halving:12"  # B/16: 12, 24, ..., 768 (the paper's); Ti/S/L/H likewise
 
-  c.input.update(dataset=arg.dataset, reader=arg.reader, train_split="train",
-                 eval_split="validation", batch_size=arg.batch_size, image_size=224,
+  c.input.update(dataset=arg.dataset, reader=arg.reader, train_split=train_split,
+                 eval_split=eval_split, batch_size=arg.batch_size, image_size=224,
                  mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5))
   c.input.pp_train.update(name="inception_crop", flip=True, area_min=0.05)
   c.input.pp_eval.update(name="resize_center_crop", resize_size=256)
@@ -40,7 +47,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_steps = 10_000
   c.checkpoint_every_steps = 2500
-  c.eval.update(database_split="train", knn_k="1", retrieval_k="10",
+  c.eval.update(database_split=train_split, knn_k="1", retrieval_k="10",
                 extra_sizes="16,32,64,128,256,512")
   if arg.runlocal:
     c.model.update(variant="Ti/16", image_size=32, dropout_rate=0.0, num_layers=2)

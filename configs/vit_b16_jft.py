@@ -12,7 +12,8 @@ decay, gradient clip 1.0, no dropout; softmax cross-entropy on one label per ima
 12, 24, ..., 768 (the paper's ViT sizes). The paper reports ImageNet-1K 1-NN of its JFT MRL
 ViT-B/16 from 53.6 @12 to 71.9 @768 (../shared/reference, table 8).
 Args: `mrl` | `mrle`, `dataset=`, `num_classes=`, `variant=`, `reader=`, `image_key=`,
-`label_key=`, `epochs=`, `batch_size=`, `runlocal`.
+`label_key=`, `epochs=`, `batch_size=`, `train_split=`, `eval_split=` (default train /
+validation), `runlocal`.
 """
 
 from configs import common
@@ -22,14 +23,15 @@ from configs import vit_b16_imagenet21k
 def get_config(arg=None):
   arg = common.parse_arg(arg, dataset="", num_classes=0, variant="B/16", reader="grain",
                          image_key="image", label_key="label", epochs=7.0, batch_size=4096,
-                         runlocal=False)
+                         train_split="train", eval_split="validation", runlocal=False)
   if not arg.runlocal and (not arg.dataset or arg.num_classes < 1):
     raise ValueError("configs/vit_b16_jft.py needs dataset=<TFDS builder> and "
                      "num_classes=<C>, e.g. :dataset=my_jft,num_classes=18291")
   head = "ff=" + str(arg.ff) if arg.head == "ff" else arg.head
   c = vit_b16_imagenet21k.get_config(
       f"{head},variant={arg.variant},reader={arg.reader},batch_size={arg.batch_size},"
-      f"epochs={arg.epochs}" + (",runlocal" if arg.runlocal else
+      f"epochs={arg.epochs},train_split={arg.train_split},eval_split={arg.eval_split}"
+      + (",runlocal" if arg.runlocal else
                                f",dataset={arg.dataset},num_classes={arg.num_classes}"))
   c.input.update(image_key=arg.image_key, label_key=arg.label_key)
   if arg.runlocal:

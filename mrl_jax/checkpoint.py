@@ -9,21 +9,20 @@ files) is reported and the previous one is tried. Restores target the abstract s
 shardings, so a checkpoint restores onto any mesh.
 """
 
-import os
-
 import jax
 from absl import logging
 import orbax.checkpoint as ocp
 
+from mrl_jax import paths
 from mrl_jax.errors import ConfigError
 
 
 class Checkpointer:
   """Save every `every_steps` (and when forced), keep the last `keep`, restore the newest good."""
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int,
+  def __init__(self, directory: paths.PathLike, *, every_steps: int, keep: int,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.path(directory)  # local (absolute) or remote (gs://...)
     self._report_incomplete()
     policies = [ocp.checkpoint_managers.FixedIntervalPolicy(max(every_steps, 1))]
     self.manager = ocp.CheckpointManager(
@@ -39,9 +38,9 @@ class Checkpointer:
   def _report_incomplete(self) -> None:
     """A save cut short (preemption, kill) leaves `<step>.orbax-checkpoint-tmp-*`; orbax never
     lists it as a step and deletes it on start-up (cleanup_tmp_directories). Say so."""
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(p.name for p in self.directory.iterdir()):
       if ".orbax-checkpoint-tmp" in name:
         message = (f"incomplete checkpoint {name} in {self.directory} (a save was interrupted);"
                    " it is ignored and removed")

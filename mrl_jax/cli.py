@@ -11,6 +11,9 @@ import traceback
 
 # Quieter TF/XLA start-up logs; must be set before tensorflow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TF only preprocesses images here; its oneDNN custom ops would make pixel values depend on the
+# host CPU's instruction set (and print an INFO line that TF_CPP_MIN_LOG_LEVEL does not hide).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3

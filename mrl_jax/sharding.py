@@ -1,4 +1,4 @@
-"""The device mesh, the partition rules, and multi-host initialisation: one place for each.
+"""The device mesh and the partition rules: one place for each (multi-host start: distributed.py).
 
 Mesh axes are ('data', 'fsdp'). The batch is split over both (every device sees a different part
 of the batch); parameters and optimizer state are replicated, or, with strategy 'fsdp', each
@@ -6,8 +6,6 @@ array of at least `fsdp_min_size_mb` is split over 'fsdp' along its largest divi
 (ZeRO-3 style, as big_vision's `fsdp` rule); XLA inserts the all-gathers and reduce-scatters.
 Model files never name mesh axes.
 """
-
-import os
 
 import jax
 import numpy as np
@@ -94,27 +92,3 @@ def state_sharding(abstract_tree, mesh: Mesh, sharding_cfg):
                                           sharding_cfg.fsdp_min_size_mb))
 
   return jax.tree.map(leaf, abstract_tree)
-
-
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
-  """Calls jax.distributed.initialize() when running as one of several processes.
-
-  Explicit flags win; otherwise JAX's own cluster detection (Cloud TPU pods, SLURM, Open MPI,
-  Kubernetes/GKE) runs when the environment looks like a cluster or `MRL_JAX_DISTRIBUTED=1`.
-  Returns whether initialisation happened.
-  """
-  if coordinator_address or (num_processes and num_processes > 1):
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-    return True
-  in_cluster = (os.environ.get("MRL_JAX_DISTRIBUTED") == "1"
-                or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-                or "TPU_WORKER_HOSTNAMES" in os.environ
-                or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
-  if in_cluster:
-    jax.distributed.initialize()
-    return True
-  return False

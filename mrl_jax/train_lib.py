@@ -10,7 +10,6 @@ random numbers as an uninterrupted one.
 
 import dataclasses
 import functools
-import os
 import signal
 import time
 from typing import Any
@@ -24,9 +23,11 @@ from absl import logging
 from flax import nnx
 
 from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import distributed
 from mrl_jax import losses
 from mrl_jax import models
 from mrl_jax import optim
+from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax import utils
 from mrl_jax import validation
@@ -123,8 +124,7 @@ def dry_run(config, workdir: str) -> dict:
       "dtype": config.dtype,
   }
   summary["num_params_total"] = summary["num_params_encoder"] + summary["num_params_heads"]
-  os.makedirs(workdir, exist_ok=True)
-  utils.write_json(os.path.join(workdir, "model_summary.json"), summary)
+  utils.write_json(paths.join(workdir, "model_summary.json"), summary)
   print(f"encoder {summary['encoder']}: {summary['num_params_encoder']:,} params, feature_dim "
         f"{summary['feature_dim']}; heads {summary['head']} at {summary['head_sizes']}: "
         f"{summary['num_params_heads']:,} params")
@@ -167,7 +167,7 @@ def restore_for_eval(config, workdir: str, mesh, step: int | None = None):
   model, abstract_params, _ = build_model(config)
   tx = optim.make_optimizer(config, abstract_params, optax.constant_schedule(0.0))
   abstract, _ = abstract_train_state(config, tx, mesh)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
+  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"), every_steps=1,
                                      keep=config.keep_checkpoints)
   restored = ckpt.restore(abstract, expected_signature=model.signature, step=step)
   ckpt.close()
@@ -343,6 +343,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
 
   `devices` (default: all) lets a caller run on a subset, e.g. 1 of 8 simulated CPU devices.
   """
+  workdir = paths.path(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   num_devices = len(devices)
   validation.validate_config(config, num_devices, jax.process_count())
@@ -356,7 +357,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   model, abstract_params, _ = build_model(config)
   schedule = optim.make_schedule(config, info.steps_per_epoch, info.total_steps)
   tx = optim.make_optimizer(config, abstract_params, schedule)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                      every_steps=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)
   abstract_state, state_sharding = abstract_train_state(config, tx, mesh)
@@ -372,14 +373,13 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   meta = {"signature": model.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}
 
-  writer = utils.metric_writer(workdir)
+  writer = utils.metric_writer(workdir, resume_step=start_step or None)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in utils.flatten_config(config).items()
                           if isinstance(v, (int, float, str, bool))})
     if utils.is_main_process():
-      with open(os.path.join(workdir, "parameters.txt"), "w") as f:
-        f.write(utils.parameter_table(state.params) + "\n")
-  metrics_file = os.path.join(workdir, "metrics.jsonl")
+      paths.write_text(paths.join(workdir, "parameters.txt"),
+                       utils.parameter_table(state.params) + "\n")
   progress = utils.report_progress(info.total_steps, writer, config.log_every_steps)
 
   train_step = make_train_step(config, model, tx, schedule, mesh, state_sharding)
@@ -408,6 +408,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   last_metrics, pending = {}, None
   train_seconds, train_steps_timed = 0.0, 0
   log_time, last_log_step = time.perf_counter(), step
+  first_step_done = None
   stopped_by = None
   try:
     with _StopSignal() as stop, jax.set_mesh(mesh):
@@ -433,14 +434,18 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
           values["step_time"] = elapsed / max(steps_done, 1)
           last_metrics = values
           writer.write_scalars(step, {f"train/{k}": v for k, v in values.items() if k != "finite"})
-          utils.append_jsonl(metrics_file, {"step": step, **{f"train/{k}": v for k, v in
-                                                               values.items()}})
-          _print_train_line(step, info.total_steps, values, model.nesting)
+          if first_step_done is None:
+            first_step_done = time.perf_counter()
+            eta = None
+          else:  # wall-clock per step since the (compiling) first step: evals and saves count
+            eta = ((time.perf_counter() - first_step_done) / (step - start_step - 1)
+                   * (info.total_steps - step))
+          _print_train_line(step, info.total_steps, values, model.nesting, eta)
           log_time, last_log_step = time.perf_counter(), step
         if config.eval_every_steps and step % config.eval_every_steps == 0 and (
             step < info.total_steps):
           _log_eval(step, evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh),
-                    writer, metrics_file)
+                    writer)
           log_time = time.perf_counter()
         save(step, force=step == info.total_steps)
         stopped_by = stop.stop_reason(step, is_log_step)
@@ -460,7 +465,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     return {"final_step": step, "preempted": True}
 
   final_eval = evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh)
-  _log_eval(step, final_eval, writer, metrics_file)
+  _log_eval(step, final_eval, writer)
   ckpt.close()
   writer.flush()
   summary = {
@@ -472,12 +477,13 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
                             if train_seconds else last_metrics.get("images_per_second")),
       "num_devices": num_devices,
       "num_processes": jax.process_count(),
+      "processes": list(distributed.process_table()),
       "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
       "dataset": source.name,
       "eval_split": config.input.eval_split,
       "model": model.signature,
   }
-  utils.write_json(os.path.join(workdir, "summary.json"), summary)
+  utils.write_json(paths.join(workdir, "summary.json"), summary)
   return summary
 
 
@@ -498,15 +504,26 @@ def _check_finite(config, step: int, metrics) -> None:
                        "checkpoint is kept.")
 
 
-def _print_train_line(step, total, values, nesting) -> None:
+def _print_train_line(step, total, values, nesting, eta_seconds) -> None:
   sizes = [nesting[0], nesting[-1]] if len(nesting) > 1 else list(nesting)
   parts = " ".join(f"top1@{m}={values[f'top1@{m}']:.3f}" for m in sizes)
   utils.console(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
-                f"{values['images_per_second']:.0f} img/s")
+                f"{values['images_per_second']:.0f} img/s eta {format_duration(eta_seconds)}")
 
 
-def _log_eval(step, results, writer, metrics_file) -> None:
+def format_duration(seconds: float | None) -> str:
+  """'1h02m', '3m05s', '12s'; '--' when unknown (before the first timed step)."""
+  if seconds is None:
+    return "--"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _log_eval(step, results, writer) -> None:
   writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
-  utils.append_jsonl(metrics_file, {"step": step, **{f"val/{k}": v for k, v in results.items()}})
   top1 = sorted((int(k.split("@")[1]), v) for k, v in results.items() if k.startswith("top1@"))
   utils.console(f"eval step {step}: " + " ".join(f"top1@{m}={v:.4f}" for m, v in top1))

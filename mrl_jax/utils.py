@@ -1,18 +1,18 @@
-"""Side-effect helpers at the edges: clu writers and progress, JSON files, host agreement.
+"""Side-effect helpers at the edges: metric writers and progress, JSON files, host agreement.
 
-All clu use goes through here (STYLE.md §7), so the clu release can be swapped in one place.
-Only process 0 writes summaries and files.
+clu use goes through here and `writers.py`, so the clu release can be swapped in one place.
+Only process 0 writes summaries and files; every file goes through `paths.py`.
 """
 
-import json
-import os
 from collections.abc import Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
+
+from mrl_jax import paths
+from mrl_jax import writers
 
 
 def is_main_process() -> bool:
@@ -25,10 +25,9 @@ def console(message: str) -> None:
     print(message, flush=True)
 
 
-def metric_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + log writer on process 0, a logging-only writer elsewhere."""
-  return metric_writers.create_default_writer(workdir, just_logging=not is_main_process(),
-                                              asynchronous=True)
+def metric_writer(workdir, resume_step: int | None = None):
+  """TensorBoard + metrics.jsonl + log writer on process 0, a logging-only writer elsewhere."""
+  return writers.create(workdir, main_process=is_main_process(), resume_step=resume_step)
 
 
 def report_progress(total_steps: int, writer, every_steps: int):
@@ -60,23 +59,10 @@ def to_python(value):
   return value
 
 
-def write_json(path: str, data, *, all_processes: bool = False) -> None:
-  """Writes JSON atomically (tmp file + rename), from process 0 only unless asked."""
-  if not (all_processes or is_main_process()):
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(to_python(data), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def append_jsonl(path: str, record: Mapping) -> None:
-  if not is_main_process():
-    return
-  with open(path, "a") as f:
-    f.write(json.dumps(to_python(record), sort_keys=True) + "\n")
+def write_json(path, data, *, all_processes: bool = False) -> None:
+  """Writes JSON atomically (paths.write_json), from process 0 only unless asked."""
+  if all_processes or is_main_process():
+    paths.write_json(path, to_python(data))
 
 
 def multihost_any(flag: bool) -> bool:

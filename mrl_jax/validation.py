@@ -106,5 +106,9 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     if m > d:
       raise ConfigError(f"eval size {m} exceeds feature_dim {d} (config.eval.extra_sizes); "
                         f"allowed: 1 <= m <= {d}")
+  chunk = config.eval.get("database_chunk_rows")
+  if chunk is not None and chunk < 1:
+    raise ConfigError(f"config.eval.database_chunk_rows={chunk}; allowed: >= 1, or None for "
+                      "the whole database on the devices")
   parse_ints(config.eval.knn_k, "config.eval.knn_k")
   parse_ints(config.eval.retrieval_k, "config.eval.retrieval_k")

@@ -10,11 +10,10 @@ the old checkpoints, metrics and summaries are deleted and the run starts from s
 
 import fnmatch
 import json
-import os
-import shutil
 
 import jax
 
+from mrl_jax import paths
 from mrl_jax import utils
 from mrl_jax.errors import ConfigError
 
@@ -38,13 +37,12 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]
   return diffs
 
 
-def check(workdir: str, config, *, overwrite: bool = False) -> None:
+def check(workdir, config, *, overwrite: bool = False) -> None:
   """Refuses a workdir whose saved config differs (unless overwrite: then deletes that run)."""
-  path = os.path.join(workdir, "config.json")
+  path = paths.join(workdir, "config.json")
   new = _as_saved(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if path.exists():
+    old = paths.read_json(path)
     diffs = config_differences(old, new)
     if diffs and not overwrite:
       key, was, now = diffs[0]
@@ -60,23 +58,18 @@ def check(workdir: str, config, *, overwrite: bool = False) -> None:
     multihost_utils.sync_global_devices("mrl_jax.workdir.check")
 
 
-def record(workdir: str, config) -> None:
+def record(workdir, config) -> None:
   """Saves the resolved config as <workdir>/config.json (once the run is sure to start)."""
-  os.makedirs(workdir, exist_ok=True)
-  utils.write_json(os.path.join(workdir, "config.json"), _as_saved(config))
+  utils.write_json(paths.join(workdir, "config.json"), _as_saved(config))
 
 
 def _as_saved(config) -> dict:
   return json.loads(json.dumps(utils.flatten_config(config)))  # the types a reloaded file has
 
 
-def _delete_run(workdir: str) -> None:
+def _delete_run(workdir) -> None:
   for name in RUN_OUTPUTS:
-    target = os.path.join(workdir, name)
-    if os.path.isdir(target):
-      shutil.rmtree(target)
-    elif os.path.exists(target):
-      os.remove(target)
-  for name in os.listdir(workdir):
-    if name.startswith("events.out.tfevents"):
-      os.remove(os.path.join(workdir, name))
+    paths.remove(paths.join(workdir, name))
+  for child in paths.path(workdir).iterdir():
+    if child.name.startswith("events.out.tfevents"):
+      paths.remove(child)

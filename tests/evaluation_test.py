@@ -303,3 +303,19 @@ def test_unknown_eval_dataset_is_an_error_not_a_fallback(trained_digits):
   config.eval.splits = "imagenet_vv2"
   with pytest.raises(ConfigError, match="unknown dataset 'imagenet_vv2'"):
     evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+
+
+@pytest.mark.slow
+def test_database_streamed_in_chunks_gives_the_results_of_one_chunk(trained_digits):
+  """eval.py's config.eval.database_chunk_rows: 1,438 database rows in chunks of 100 rows
+  (15 chunks, streamed from host over 8 devices) give exactly the one-chunk metrics."""
+  config, workdir = trained_digits
+  config = config.copy_and_resolve_references()
+  config.eval.update(linear=False, adaptive_retrieval=False, adaptive_classification=False,
+                     baselines="", fewshot_shots="", knn_k="1,5", retrieval_k="10,25")
+  whole = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:8])
+  config.eval.database_chunk_rows = 100
+  chunked = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:8])
+  a, b = whole["sklearn_digits"]["sizes"], chunked["sklearn_digits"]["sizes"]
+  assert a.keys() == b.keys() and all(a[m] == b[m] for m in a)
+  assert a["8"]["knn1_top1"] > 0.2  # 10 classes: chance is 0.1

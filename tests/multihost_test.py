@@ -16,7 +16,7 @@ from tests.conftest import REPO
 from tests.conftest import load_config
 
 
-def _free_port() -> int:
+def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -61,7 +61,7 @@ def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp
   train_lib.train_and_evaluate(config, one, devices=jax.devices()[:2])
 
   two = str(tmp_path / "two")
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(_cmd(data_dir, two, f"--coordinator_address=127.0.0.1:{port}",
                                  "--num_processes=2", f"--process_id={i}"),
                             cwd=REPO, env=_env(tmp_path, 1), stdout=subprocess.PIPE,

@@ -22,6 +22,7 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mrl_jax import paths
 from mrl_jax.errors import ConfigError
 
 _TEST_FRACTION = 0.2
@@ -114,7 +115,11 @@ def default_data_dir() -> str:
 
 @contextlib.contextmanager
 def _file_lock(path: str):
-  """Serialises preparation across processes sharing a data_dir (multi-process runs, tests)."""
+  """Serialises preparation across processes sharing a local data_dir (multi-process runs,
+  tests). A remote data_dir has no flock: prepare it once before launching many processes."""
+  if paths.is_remote(path):
+    yield
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -135,16 +140,16 @@ def prepare(name: str, data_dir: str | None = None) -> str:
 
 def prepare_both_formats(builder_cls, data_dir: str) -> None:
   """Prepares any generator-based builder as ArrayRecord + TFRecord in one dataset directory."""
-  with _file_lock(os.path.join(data_dir, f".{builder_cls.name}.lock")):
+  with _file_lock(str(paths.join(data_dir, f".{builder_cls.name}.lock"))):
     _prepare_locked(builder_cls, data_dir)
 
 
 def _prepare_locked(builder_cls, data_dir: str) -> None:
   builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  info_file = os.path.join(builder.data_dir, "dataset_info.json")
-  if os.path.exists(info_file) and "tfrecord" in builder.info.as_proto.alternative_file_formats:
+  info_file = paths.join(builder.data_dir, "dataset_info.json")
+  if info_file.exists() and "tfrecord" in builder.info.as_proto.alternative_file_formats:
     return
-  if not os.path.exists(info_file):
+  if not info_file.exists():
     builder.download_and_prepare()
   # TFRecord copy for the tf.data reader: generate into a scratch dir, move the shards next to
   # the ArrayRecord ones, and record the alternative format (what `tfds convert_format` does).
@@ -158,7 +163,7 @@ def _prepare_locked(builder_cls, data_dir: str) -> None:
                            f"split {split}")
     for f in os.listdir(tf_builder.data_dir):
       if ".tfrecord-" in f:
-        shutil.move(os.path.join(tf_builder.data_dir, f), os.path.join(builder.data_dir, f))
+        paths.path(os.path.join(tf_builder.data_dir, f)).copy(paths.join(builder.data_dir, f))
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   if "tfrecord" not in builder.info.as_proto.alternative_file_formats:

@@ -11,7 +11,6 @@ Embeddings-only mode: the same neighbour metrics on saved `.npy` features of any
 Outputs per query dataset: `<out>/results.json`, `results.csv`, `accuracy_vs_dim.png`.
 """
 
-import os
 from collections.abc import Sequence
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from mrl_jax import models
+from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax import utils
 from mrl_jax import validation
@@ -92,6 +92,7 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
                         devices=None) -> dict[str, dict]:
   """Evaluates a trained workdir; returns {dataset: results} and writes the reports."""
   from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top  (train_lib imports us)
+  workdir = paths.path(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   validation.validate_config(config, len(devices), jax.process_count())
   ev = config.eval
@@ -106,7 +107,8 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
   mesh = sharding.make_mesh(config.mesh, devices)
   model, params, batch_stats, step = train_lib.restore_for_eval(config, workdir, mesh,
                                                                 checkpoint_step)
-  search = knn.ExactSearch(mesh, query_block=ev.query_block, database_block=ev.database_block)
+  search = knn.ExactSearch(mesh, query_block=ev.query_block, database_block=ev.database_block,
+                           chunk_rows=ev.get("database_chunk_rows"))
   main_source = sources[config.input.dataset]
   main_reader = pipeline.make_reader(config.input, main_source)
   database = None
@@ -125,7 +127,7 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
         input_cfg=config.input, mesh=mesh, dtype=dtype, flip=ev.flip_tta,
         description=f"queries {name}:{split}")
     if ev.save_features:
-      outdir = os.path.join(workdir, "eval", name)
+      outdir = paths.join(workdir, "eval", name)
       queries[name].save(outdir, split)
       if database is not None and name == config.input.dataset:
         database.save(outdir, ev.database_split)
@@ -161,7 +163,7 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
     }
     if name == config.input.dataset:
       results.update(extras)
-    outdir = os.path.join(workdir, "eval", name)
+    outdir = paths.join(workdir, "eval", name)
     report.write(outdir, results)
     logging.info("eval %s:%s -> %s", name, split, outdir)
     all_results[name] = results
@@ -172,12 +174,12 @@ def load_embeddings(directory: str) -> dict[str, np.ndarray]:
   """The four .npy files of embeddings-only mode, validated (one-line errors)."""
   arrays = {}
   for name in EMBEDDING_FILES:
-    path = os.path.join(directory, name)
-    if not os.path.exists(path):
+    path = paths.join(directory, name)
+    if not path.exists():
       raise ConfigError(f"missing {path}; embeddings-only mode needs "
                         f"{', '.join(EMBEDDING_FILES)} in --embeddings")
     try:
-      arrays[name[:-4]] = np.load(path, allow_pickle=False)
+      arrays[name[:-4]] = paths.load_npy(path)
     except ValueError as e:
       raise ConfigError(f"{path} is not a plain numeric .npy array ({e})") from None
   for part in ("database", "queries"):
@@ -211,7 +213,7 @@ def load_embeddings(directory: str) -> dict[str, np.ndarray]:
 def evaluate_embeddings(directory: str, sizes: Sequence[int], out: str, *,
                         knn_ks: Sequence[int] = (1,), retrieval_ks: Sequence[int] = (10,),
                         query_block: int = 1024, database_block: int = 65536,
-                        devices=None) -> dict:
+                        database_chunk_rows: int | None = None, devices=None) -> dict:
   """Neighbour metrics of saved features (no model): writes the reports to `out`."""
   arrays = load_embeddings(directory)
   d = arrays["database_X"].shape[1]
@@ -222,13 +224,14 @@ def evaluate_embeddings(directory: str, sizes: Sequence[int], out: str, *,
     raise ConfigError(f"--sizes={list(sizes)} has a duplicate")
   devices = list(devices) if devices is not None else jax.devices()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices)
-  search = knn.ExactSearch(mesh, query_block=query_block, database_block=database_block)
+  search = knn.ExactSearch(mesh, query_block=query_block, database_block=database_block,
+                           chunk_rows=database_chunk_rows)
   per_size = neighbors.metrics_by_size(
       arrays["database_X"], arrays["database_y"],
       {"queries": (arrays["queries_X"], arrays["queries_y"])}, sorted(sizes), knn_ks=knn_ks,
       retrieval_ks=retrieval_ks, search=search)["queries"]
   results = {
-      "model": None, "checkpoint_step": None, "dataset": os.path.abspath(directory),
+      "model": None, "checkpoint_step": None, "dataset": str(paths.path(directory)),
       "split": "queries", "database_split": "database",
       "num_queries": int(len(arrays["queries_y"])), "num_database": int(len(arrays["database_y"])),
       "flip_tta": False, "trained_sizes": sorted(sizes),

@@ -8,13 +8,13 @@ or bfloat16 (config.eval.feature_dtype); labels are int64, never a float type.
 
 import dataclasses
 import functools
-import os
 
 import jax
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax import utils
 from mrl_jax.data import pipeline
@@ -31,13 +31,12 @@ class Features:
   labels: np.ndarray
   z_flipped: np.ndarray | None = None
 
-  def save(self, directory: str, prefix: str) -> None:
+  def save(self, directory, prefix: str) -> None:
     """`<prefix>_X.npy` [N, d] and `<prefix>_y.npy` int64 [N] (process 0 only)."""
     if not utils.is_main_process():
       return
-    os.makedirs(directory, exist_ok=True)
-    np.save(os.path.join(directory, f"{prefix}_X.npy"), self.z)
-    np.save(os.path.join(directory, f"{prefix}_y.npy"), self.labels.astype(np.int64))
+    paths.save_npy(paths.join(directory, f"{prefix}_X.npy"), self.z)
+    paths.save_npy(paths.join(directory, f"{prefix}_y.npy"), self.labels.astype(np.int64))
 
 
 def feature_dtype(name: str):

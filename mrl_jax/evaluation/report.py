@@ -1,13 +1,14 @@
 """results.json, results.csv (one row per size) and accuracy_vs_dim.png, in one output folder."""
 
 import csv
-import os
+import io
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from mrl_jax import paths  # pylint: disable=wrong-import-position
 from mrl_jax import utils  # pylint: disable=wrong-import-position
 
 # Column order of the CSV: the most read metrics first.
@@ -23,59 +24,60 @@ def write(outdir: str, results: dict) -> None:
   """Writes the three reports (process 0 only)."""
   if not utils.is_main_process():
     return
-  os.makedirs(outdir, exist_ok=True)
-  utils.write_json(os.path.join(outdir, "results.json"), results)
+  outdir = paths.makedirs(outdir)
+  utils.write_json(outdir / "results.json", results)
   sizes = results["sizes"]
   columns = _metric_columns(sizes)
   trained = set(map(str, results.get("trained_sizes", [])))
-  with open(os.path.join(outdir, "results.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["size", "trained", *columns])
-    for size in sorted(sizes, key=int):
-      w.writerow([size, int(size in trained),
-                  *[_fmt(sizes[size].get(c)) for c in columns]])
-  plot_accuracy_vs_dim(os.path.join(outdir, "accuracy_vs_dim.png"), results)
+  _write_csv(outdir / "results.csv", ["size", "trained", *columns],
+             [[size, int(size in trained), *[_fmt(sizes[size].get(c)) for c in columns]]
+              for size in sorted(sizes, key=int)])
+  plot_accuracy_vs_dim(outdir / "accuracy_vs_dim.png", results)
   if results.get("adaptive_retrieval"):
     rows = results["adaptive_retrieval"]
-    _write_rows(os.path.join(outdir, "adaptive_retrieval.csv"), rows,
+    _write_rows(outdir / "adaptive_retrieval.csv", rows,
                 ["name", "kind", "shortlist_size", "mflops", "ms_per_query_block", "map@10",
                  "map@10_standard", "precision@10", "top1", "mflops_speedup_vs_exact",
                  "wallclock_speedup_vs_exact"])
-    plot_retrieval_vs_mflops(os.path.join(outdir, "retrieval_vs_mflops.png"), rows)
+    plot_retrieval_vs_mflops(outdir / "retrieval_vs_mflops.png", rows)
   if results.get("adaptive_classification"):
-    _write_rows(os.path.join(outdir, "adaptive_classification.csv"),
+    _write_rows(outdir / "adaptive_classification.csv",
                 results["adaptive_classification"],
                 ["kind", "cap", "accuracy", "accuracy_std", "expected_size",
                  "fixed_size_accuracy"])
-    plot_adaptive_classification(os.path.join(outdir, "adaptive_classification.png"), results)
+    plot_adaptive_classification(outdir / "adaptive_classification.png", results)
   if results.get("baselines"):
     rows = [dict(baseline=kind, size=int(size), **metrics)
             for kind, by_size in results["baselines"].items()
             for size, metrics in by_size.items()]
-    _write_rows(os.path.join(outdir, "baselines.csv"), rows,
+    _write_rows(outdir / "baselines.csv", rows,
                 ["baseline", "size", *sorted({k for r in rows for k in r} - {"baseline",
                                                                              "size"})])
   if results.get("fewshot"):
     rows = results["fewshot"]
-    _write_rows(os.path.join(outdir, "fewshot.csv"), rows,
+    _write_rows(outdir / "fewshot.csv", rows,
                 sorted({k for r in rows for k in r}, key=lambda k: (k not in ("size", "shots"),
                                                                       k)))
 
 
-def _write_rows(path: str, rows: list[dict], columns: list[str]) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(columns)
-    for r in rows:
-      w.writerow([_fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c, "")
-                  for c in columns])
+def _write_rows(path, rows: list[dict], columns: list[str]) -> None:
+  _write_csv(path, columns, [[_fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c, "")
+                              for c in columns] for r in rows])
+
+
+def _write_csv(path, header: list, rows: list[list]) -> None:
+  text = io.StringIO(newline="")
+  w = csv.writer(text)
+  w.writerow(header)
+  w.writerows(rows)
+  paths.write_text(path, text.getvalue())
 
 
 def _fmt(value):
   return "" if value is None else f"{value:.6g}" if abs(value) >= 1e3 else f"{value:.6f}"
 
 
-def plot_accuracy_vs_dim(path: str, results: dict) -> None:
+def plot_accuracy_vs_dim(path, results: dict) -> None:
   """Linear and 1-NN accuracy against the size (log2 axis); untrained sizes hollow."""
   sizes = results["sizes"]
   trained = set(map(str, results.get("trained_sizes", sizes)))
@@ -98,7 +100,7 @@ def plot_accuracy_vs_dim(path: str, results: dict) -> None:
   _finish(fig, ax, path)
 
 
-def plot_retrieval_vs_mflops(path: str, rows: list[dict]) -> None:
+def plot_retrieval_vs_mflops(path, rows: list[dict]) -> None:
   """mAP@10 against MFLOPs per query (log axis): exact single-shot sizes vs adaptive/funnels."""
   fig, ax = plt.subplots(figsize=(6, 4))
   styles = {"single_shot": ("o", "C0", "exact search at one size"),
@@ -121,7 +123,7 @@ def plot_retrieval_vs_mflops(path: str, rows: list[dict]) -> None:
   _finish(fig, ax, path, legend_fontsize=8)
 
 
-def plot_adaptive_classification(path: str, results: dict) -> None:
+def plot_adaptive_classification(path, results: dict) -> None:
   """Cascade accuracy against expected size, next to each fixed-size head and the oracle."""
   ac = results["adaptive_classification"]
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -142,10 +144,12 @@ def plot_adaptive_classification(path: str, results: dict) -> None:
   _finish(fig, ax, path, legend_fontsize=8)
 
 
-def _finish(fig, ax, path: str, legend_fontsize=None) -> None:
+def _finish(fig, ax, path, legend_fontsize=None) -> None:
   """Grid, legend, tight layout, save and close: the end of every plot here."""
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=legend_fontsize)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
+  paths.write_bytes(path, png.getvalue())

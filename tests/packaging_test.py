@@ -1,0 +1,96 @@
+"""`pip install .` gives a package that imports; requirements.txt is a pinned set inside the
+declared ranges; README's GPU/TPU install lines resolve to the pinned JAX."""
+
+import ast
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.conftest import REPO
+
+
+def _declared() -> dict[str, Requirement]:
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  return {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"])}
+
+
+def _pinned() -> dict[str, str]:
+  pins = {}
+  for line in open(os.path.join(REPO, "requirements.txt")):
+    match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)", line)
+    if match:
+      pins[canonicalize_name(match.group(1))] = match.group(2)
+  return pins
+
+
+def _imported_modules() -> set[str]:
+  """Top-level modules imported anywhere in mrl_jax/ (function-level imports included)."""
+  names = set()
+  for root, _, files in os.walk(os.path.join(REPO, "mrl_jax")):
+    for f in files:
+      if f.endswith(".py"):
+        tree = ast.parse(open(os.path.join(root, f)).read())
+        for node in ast.walk(tree):
+          if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+          elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+  return names - set(sys.stdlib_module_names) - {"mrl_jax"}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+  distributions = importlib.metadata.packages_distributions()
+  declared = _declared()
+  missing = {}
+  for module in sorted(_imported_modules()):
+    dists = {canonicalize_name(d) for d in distributions.get(module, [module])}
+    if not dists & set(declared):
+      missing[module] = sorted(dists)
+  assert not missing, f"imported but not in pyproject dependencies: {missing}"
+  assert {"jax", "flax", "orbax-checkpoint", "tensorflow-datasets", "etils"} <= set(declared)
+
+
+def test_requirements_pins_are_inside_the_declared_ranges():
+  pins, declared = _pinned(), _declared()
+  outside = {name: (pins[name], str(req.specifier)) for name, req in declared.items()
+             if name in pins and not req.specifier.contains(pins[name], prereleases=True)}
+  assert not outside
+  unpinned = sorted(set(declared) - set(pins) - {"ml-dtypes", "numpy", "absl-py"})  # transitive
+  assert not unpinned, f"declared but not pinned in requirements.txt: {unpinned}"
+
+
+def _readme_install_lines() -> list[str]:
+  lines = [l.strip() for l in open(os.path.join(REPO, "README.md"))]
+  return [l for l in lines if l.startswith('pip install -r requirements.txt "jax[')]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, plugin", [("cuda12", "jax-cuda12-plugin"), ("tpu", "libtpu")])
+def test_readme_accelerator_install_lines_resolve_to_the_pinned_jax(tmp_path, extra, plugin):
+  """pip resolves README's line against the package index (metadata only, nothing installed)."""
+  (line,) = [l for l in _readme_install_lines() if f'"jax[{extra}]==' in l]
+  report = tmp_path / "report.json"
+  args = line.split()[2:]  # after "pip install"
+  done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+                         "--ignore-installed", "--report", str(report),
+                         *[a.strip('"') for a in args]],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  resolved = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+              for i in json.loads(report.read_text())["install"]}
+  pins = _pinned()
+  assert resolved["jax"] == resolved["jaxlib"] == pins["jax"] == pins["jaxlib"]
+  assert plugin in resolved
+  if extra == "cuda12":
+    assert resolved["jax-cuda12-plugin"] == pins["jax"]
+  for name in ("flax", "orbax-checkpoint", "tensorflow-cpu"):
+    assert resolved[name] == pins[name]
