@@ -3,6 +3,7 @@ r"""Evaluates a trained Matryoshka model, or saved features, at every nesting si
   python eval.py --config=configs/digits_resnet_mrl.py --workdir=runs/digits
   python eval.py --config=... --workdir=... --checkpoint_step=2500 --config.eval.flip_tta=True
   python eval.py --embeddings=DIR --sizes=8,16,32,2048 --out=OUTDIR   # features of any model
+  python eval.py --config=... --workdir=... --export_embeddings=DIR [--export_dtype=float16]
 
 Writes results.json, results.csv and accuracy_vs_dim.png to <workdir>/eval/<dataset>/ (or to
 --out). Metric definitions: README "Evaluation" and mrl_jax/evaluation/metrics.py.
@@ -28,6 +29,11 @@ flags.DEFINE_integer("query_block", 1024, "Embeddings-only mode: queries per sea
 flags.DEFINE_integer("database_block", 65536, "Embeddings-only mode: database rows per block.")
 flags.DEFINE_integer("database_chunk_rows", None, "Embeddings-only mode: database rows held on "
                      "the devices at once (default: all); smaller streams a large database.")
+flags.DEFINE_string("export_embeddings", None, "Checkpoint mode: write database_X.npy, "
+                    "database_y.npy, queries_X.npy, queries_y.npy (what --embeddings reads) to "
+                    "this folder instead of evaluating.")
+flags.DEFINE_integer("export_size", None, "With --export_embeddings: keep the first m dims.")
+flags.DEFINE_string("export_dtype", "float32", "With --export_embeddings: float32 or float16.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -63,6 +69,13 @@ def _evaluate():
                       "and --out (embeddings-only mode)")
   distributed.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                     FLAGS.local_device_ids)
+  if FLAGS.export_embeddings:
+    rows = evaluate.export_embeddings(FLAGS.config, FLAGS.workdir, FLAGS.export_embeddings,
+                                      size=FLAGS.export_size, dtype=FLAGS.export_dtype,
+                                      checkpoint_step=FLAGS.checkpoint_step)
+    print(f"wrote {', '.join(f'{k} ({n} rows)' for k, n in rows.items())} to "
+          f"{FLAGS.export_embeddings}")
+    return 0
   for results in evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
                                               checkpoint_step=FLAGS.checkpoint_step).values():
     _print(results)

@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model_name = "resnet"  # registry key in mrl_jax.models.MODELS: resnet | vit
   c.model = ml_collections.ConfigDict(dict(
-      depth=50, width=64, stem="imagenet", in_channels=3, zero_init_residual=True, remat=False,
+      depth=50, width=64, stem="imagenet", in_channels=3, zero_init_residual=True,
+      blurpool=False, remat=False,
       variant="B/16", image_size=224, pool="cls", dropout_rate=0.0,
       num_layers=0))  # ViT: 0 = the variant's depth
 
@@ -63,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
       ff_size=config_dict.placeholder(int),  # FF-m: the one size read by the head
       weights="",  # '' (all 1) or one weight per size: '1,1,1,...'
       sizes_per_step=0,  # 0 = all sizes every step; k = sample k sizes per step
-      keep_smallest=True, keep_largest=True))
+      keep_smallest=True, keep_largest=True,
+      head_init="lecun_normal",  # lecun_normal | torch_linear (PyTorch nn.Linear's init)
+      head_bias_init=config_dict.placeholder(float)))  # a constant bias (None: head_init's)
   c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0))
 
   c.input = ml_collections.ConfigDict(dict(
@@ -81,7 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
       pp_train=ml_collections.ConfigDict(dict(
           name="inception_crop", area_min=0.08, area_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3,
           flip=True, pad=4)),
-      pp_eval=ml_collections.ConfigDict(dict(name="resize_center_crop", resize_size=256)),
+      pp_eval=ml_collections.ConfigDict(dict(
+          name="resize_center_crop", resize_size=256, crop_ratio=224 / 256,
+          image_size=config_dict.placeholder(int))),  # None: input.image_size
       mean=IMAGENET_MEAN, std=IMAGENET_STD,  # in 0..255 pixel units
       progressive_resize=ml_collections.ConfigDict(dict(
           enabled=False, min_res=160, max_res=192, start_epoch=0.0, end_epoch=0.0,
@@ -91,15 +96,22 @@ def base_config() -> ml_collections.ConfigDict:
       name="sgd",  # sgd | adamw | lars
       momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-8, trust_coefficient=0.001,
       weight_decay=1e-4,
-      decay_norm_and_bias=False,  # False: no decay on BatchNorm/LayerNorm params and biases
+      # kernels: no decay on BatchNorm/LayerNorm params and biases; official: the official MRL
+      # rule (no decay where the PyTorch name has "bn"); all: every parameter.
+      weight_decay_rule="kernels",
       clip_grad_norm=0.0,  # 0 = off
       grad_accum_steps=1))
   c.schedule = ml_collections.ConfigDict(dict(
       name="cosine",  # cosine | linear | one_cycle | constant
       base_lr=0.1, lr_batch_size=256,  # lr = base_lr * batch_size / lr_batch_size
       warmup_epochs=0.0, warmup_steps=config_dict.placeholder(int),
-      peak_epoch=2.0,  # one_cycle: linear 0 -> lr at peak_epoch, linear to 0 at the end
-      end_lr_factor=0.0))
+      peak_epoch=2.0,  # one_cycle: start_lr_factor * lr -> lr at peak_epoch -> end at the end
+      start_lr_factor=0.0, end_lr_factor=0.0))
+
+  # Start from another run's or a converted PyTorch checkpoint (a workdir or checkpoints
+  # folder): the encoder, and the heads too when init_from_heads (same head/nesting/classes).
+  c.init_from = config_dict.placeholder(str)
+  c.init_from_heads = True
 
   c.total_epochs = 90.0
   c.total_steps = config_dict.placeholder(int)  # overrides total_epochs when set

@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.input.pp_train.update(name="inception_crop", flip=True, area_min=0.05)
   c.input.pp_eval.update(name="resize_center_crop", resize_size=256)
 
-  c.optim.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.03, decay_norm_and_bias=False,
+  c.optim.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.03, weight_decay_rule="kernels",
                  clip_grad_norm=1.0)
   c.schedule.update(name="linear", base_lr=1e-3, lr_batch_size=4096, warmup_steps=10_000)
   c.total_epochs = arg.epochs

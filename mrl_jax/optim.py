@@ -2,21 +2,26 @@
 
 - sgd: PyTorch-style SGD (weight decay added to the gradient before momentum), as the official
   MRL/FFCV ResNet-50 recipe. adamw: decoupled weight decay. lars: optax.lars.
-- Weight decay skips BatchNorm/LayerNorm parameters and biases (every parameter with fewer than
-  two dimensions) unless config.optim.decay_norm_and_bias.
+- Weight decay (config.optim.weight_decay_rule): `kernels` skips BatchNorm/LayerNorm parameters
+  and biases (every parameter with fewer than two dimensions); `official` is the official MRL /
+  FFCV rule, no decay for parameters whose PyTorch name contains "bn" (so the shortcut's
+  BatchNorm, `downsample.1`, and the heads' biases are decayed); `all` decays everything.
 - Schedules: `cosine` / `linear` decay after linear warmup, `constant`, and `one_cycle`: FFCV's
-  triangular schedule used by the official recipe (0 -> peak at peak_epoch -> 0 at the end,
-  linearly, per step).
+  cyclic schedule used by the official recipe, np.interp(epoch, [0, peak_epoch, epochs],
+  [start_lr_factor * lr, lr, end_lr_factor * lr]) with the epoch fractional within an epoch
+  (FFCV interpolates per iteration between epoch boundaries, which is the same line).
 - lr = base_lr * batch_size / lr_batch_size (linear scaling).
 """
 
 import jax
 import optax
 
+from mrl_jax import models
 from mrl_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
 SCHEDULES = ("cosine", "linear", "one_cycle", "constant")
+DECAY_RULES = ("kernels", "official", "all")
 
 
 def steps_from(config, name: str, steps_per_epoch: int, default=None) -> int | None:
@@ -41,7 +46,7 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
   if sched.name == "one_cycle":
     peak = max(1, min(int(round(sched.peak_epoch * steps_per_epoch)), total_steps - 1))
     return optax.join_schedules([
-        optax.linear_schedule(0.0, lr, peak),
+        optax.linear_schedule(lr * sched.get("start_lr_factor", 0.0), lr, peak),
         optax.linear_schedule(lr, lr * sched.end_lr_factor, max(total_steps - peak, 1)),
     ], [peak])
   warmup = steps_from(sched, "warmup", steps_per_epoch, default=0)
@@ -59,9 +64,19 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def decay_mask(params, decay_norm_and_bias: bool):
-  """True for parameters that get weight decay: kernels (ndim >= 2), or all if asked."""
-  return jax.tree.map(lambda p: decay_norm_and_bias or p.ndim >= 2, params)
+def decay_mask(config, params):
+  """True for the parameters that get weight decay, by config.optim.weight_decay_rule."""
+  rule = config.optim.weight_decay_rule
+  if rule not in DECAY_RULES:
+    raise ConfigError(f"unknown weight decay rule {rule!r} (config.optim.weight_decay_rule); "
+                      f"allowed: {list(DECAY_RULES)}")
+  if rule == "all":
+    return jax.tree.map(lambda p: True, params)
+  if rule == "kernels":
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+  names = models.torchvision_param_names(config)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: "bn" not in names[tuple(k.key for k in path)], params)
 
 
 def make_optimizer(config, params, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -69,7 +84,7 @@ def make_optimizer(config, params, schedule: optax.Schedule) -> optax.GradientTr
   if opt.name not in OPTIMIZERS:
     raise ConfigError(f"unknown optimizer {opt.name!r} (config.optim.name); "
                       f"allowed: {list(OPTIMIZERS)}")
-  mask = decay_mask(params, opt.decay_norm_and_bias)
+  mask = decay_mask(config, params)
   chain = []
   if opt.clip_grad_norm:
     chain.append(optax.clip_by_global_norm(opt.clip_grad_norm))

@@ -178,6 +178,60 @@ def restore_for_eval(config, workdir: str, mesh, step: int | None = None):
   return model, state.params, state.batch_stats, step
 
 
+def _flat_str(tree) -> dict[tuple[str, ...], Any]:
+  """{path of str keys: leaf} of a pytree of dicts / nnx.State (list indices become str)."""
+  out = {}
+  jax.tree_util.tree_map_with_path(
+      lambda path, x: out.__setitem__(tuple(str(getattr(k, "key", k)) for k in path), x), tree)
+  return out
+
+
+def init_from_checkpoint(config, state: TrainState, model: Model) -> TrainState:
+  """The state with its encoder (and, with config.init_from_heads, its heads) and BatchNorm
+  statistics taken from config.init_from: a workdir, its checkpoints folder, or a converted
+  PyTorch checkpoint (convert_torch.py). Fine-tuning and linear-probe runs start here; the
+  optimizer state, step and RNG stay fresh. The source must be the same encoder; heads only
+  when head type, nesting and classes match too."""
+  source = paths.path(config.init_from)
+  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+  ckpt = checkpoint_lib.Checkpointer(directory, every_steps=1, keep=1, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(f"no checkpoint in {directory} (config.init_from)")
+    saved, meta = ckpt.read(steps[-1])
+  finally:
+    ckpt.close()
+  signature = meta.get("signature", {})
+  keys = ["encoder", "feature_dim"] + (
+      ["head", "nesting", "num_classes"] if config.init_from_heads else [])
+  for key in keys:
+    if signature.get(key) != model.signature[key]:
+      raise ConfigError(
+          f"config.init_from={config.init_from} holds a model with {key}="
+          f"{signature.get(key)!r} but the config has {key}={model.signature[key]!r}"
+          + ("" if key in ("encoder", "feature_dim") else
+             "; set config.init_from_heads=False to take only the encoder"))
+  source_params = _flat_str(saved["params"])
+  source_stats = _flat_str(saved["batch_stats"])
+
+  def take(source_leaves, keep_heads):
+    def pick(path, leaf):
+      key = tuple(str(getattr(k, "key", k)) for k in path)
+      if key[0] == "heads" and not keep_heads:
+        return leaf
+      return jax.device_put(np.asarray(source_leaves[key], leaf.dtype), leaf.sharding)
+    return pick
+
+  utils.console(f"Initialising from {directory} step {steps[-1]} (encoder"
+                + (" and heads" if config.init_from_heads else "") + ")")
+  return state.replace(
+      params=jax.tree_util.tree_map_with_path(take(source_params, config.init_from_heads),
+                                              state.params),
+      batch_stats=jax.tree_util.tree_map_with_path(take(source_stats, True),
+                                                   state.batch_stats))
+
+
 def make_train_step(config, model: Model, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh, state_sharding):
   """The jitted `train_step(state, batch) -> (state, metrics)`; metrics are replicated."""
@@ -369,6 +423,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     utils.console(f"Resuming from checkpoint step {start_step} in {ckpt.directory}")
   else:
     state, _ = create_train_state(config, tx, mesh)
+    if config.get("init_from"):
+      state = init_from_checkpoint(config, state, model)
   workdir_lib.record(workdir, config)
   meta = {"signature": model.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}

@@ -51,6 +51,11 @@ def validate_model(config) -> None:
       if size % patch:
         raise ConfigError(f"{field}={size} is not divisible by the ViT patch size {patch} "
                           f"(config.model.variant={config.model.variant!r})")
+    eval_size = config.input.pp_eval.get("image_size")
+    if eval_size and eval_size != config.model.image_size:
+      raise ConfigError(f"config.input.pp_eval.image_size={eval_size} differs from "
+                        f"config.model.image_size={config.model.image_size}; a ViT evaluates "
+                        "at the resolution of its position embeddings")
     if config.model.image_size != config.input.image_size:
       raise ConfigError(f"config.model.image_size={config.model.image_size} differs from "
                         f"config.input.image_size={config.input.image_size}; the ViT position "
@@ -67,6 +72,12 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     if pp.name not in preprocess.PRESETS:
       raise ConfigError(f"unknown preprocessing {pp.name!r} (config.input.pp_*.name); "
                         f"allowed: {list(preprocess.PRESETS)}")
+  if config.optim.weight_decay_rule not in optim.DECAY_RULES:
+    raise ConfigError(f"unknown weight decay rule {config.optim.weight_decay_rule!r} "
+                      f"(config.optim.weight_decay_rule); allowed: {list(optim.DECAY_RULES)}")
+  if config.optim.weight_decay_rule == "official" and config.model_name != "resnet":
+    raise ConfigError("config.optim.weight_decay_rule='official' names parameters as the "
+                      "official PyTorch ResNet does; allowed for model_name='resnet' only")
   if config.optim.name not in optim.OPTIMIZERS:
     raise ConfigError(f"unknown optimizer {config.optim.name!r} (config.optim.name); "
                       f"allowed: {list(optim.OPTIMIZERS)}")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mrl_jax import models
@@ -68,3 +69,89 @@ def test_train_py_dry_run_with_cli_override(tmp_path):
   summary = json.loads((tmp_path / "model_summary.json").read_text())
   assert summary["num_classes"] == 100 and summary["nesting_sizes"] == [16, 64, 2048]
   assert summary["num_params_heads"] == 2048 * 100 + 100
+
+
+# The official ResNet-50 run, field by field. Sources (public):
+#   FFCV = libffcv/ffcv-imagenet rn50_configs/rn50_40_epochs.yaml (lr 1.7, batch_size 512 per
+#          GPU, world_size 8, epochs 40, label_smoothing 0.1, momentum 0.9, weight_decay 1e-4,
+#          use_blurpool 1, lr_schedule_type cyclic, min_res 160, max_res 192, start_ramp 29,
+#          end_ramp 34, validation resolution 256, lr_tta true)
+#   TRAIN = RAIVNLab/MRL train/train_imagenet.py (get_cyclic_lr: [0, lr_peak_epoch=2, epochs] ->
+#          [1e-4 lr, lr, 0] per iteration; get_resolution: round(interp / 32) * 32; wd skipped
+#          where 'bn' in the name; SGD momentum; torchvision resnet50(); apply_blurpool;
+#          Matryoshka_CE_Loss with label smoothing; nesting_list 2**3 .. 2**11)
+#   README = RAIVNLab/MRL README.md ("2 A100 GPUs ... linearly downscale the learning rate by 4",
+#          --lr.lr=0.425, --dist.world_size=2 with FFCV's 512 per GPU)
+#   INFER = RAIVNLab/MRL inference/pytorch_inference.py (Resize 256, CenterCrop 224, no --tta)
+#   MRLPY = RAIVNLab/MRL MRL.py (heads are nn.Linear: PyTorch's default init)
+OFFICIAL_RESNET50 = [
+    ("total_epochs", 40.0, "FFCV epochs: 40"),
+    ("input.batch_size", 1024, "README: 2 GPUs x FFCV batch_size 512"),
+    ("schedule.base_lr", 0.425, "README --lr.lr=0.425 (FFCV 1.7 / 4)"),
+    ("schedule.lr_batch_size", 1024, "README: 0.425 is for 2 x 512 images"),
+    ("schedule.name", "one_cycle", "FFCV lr_schedule_type: cyclic"),
+    ("schedule.peak_epoch", 2.0, "TRAIN lr_peak_epoch default 2"),
+    ("schedule.start_lr_factor", 1e-4, "TRAIN get_cyclic_lr ys[0] = 1e-4 * lr"),
+    ("schedule.end_lr_factor", 0.0, "TRAIN get_cyclic_lr ys[2] = 0"),
+    ("optim.name", "sgd", "FFCV optimizer: sgd"),
+    ("optim.momentum", 0.9, "FFCV momentum: 0.9"),
+    ("optim.nesterov", False, "TRAIN ch.optim.SGD(..., momentum=momentum)"),
+    ("optim.weight_decay", 1e-4, "FFCV weight_decay: 0.0001"),
+    ("optim.weight_decay_rule", "official", "TRAIN bn_params = ['bn' in k]"),
+    ("loss.label_smoothing", 0.1, "FFCV label_smoothing: 0.1"),
+    ("model.depth", 50, "FFCV arch: resnet50"),
+    ("model.width", 64, "torchvision resnet50"),
+    ("model.zero_init_residual", False, "torchvision resnet50(zero_init_residual=False)"),
+    ("model.blurpool", True, "FFCV use_blurpool: 1"),
+    ("mrl.head_init", "torch_linear", "MRLPY nn.Linear"),
+    ("mrl.nesting", "halving:8", "TRAIN nesting_list = 2**i for i in 3..11"),
+    ("input.progressive_resize.enabled", True, "FFCV min_res 160 / max_res 192"),
+    ("input.progressive_resize.min_res", 160, "FFCV min_res: 160"),
+    ("input.progressive_resize.max_res", 192, "FFCV max_res: 192"),
+    ("input.progressive_resize.start_epoch", 29.0, "FFCV start_ramp: 29"),
+    ("input.progressive_resize.end_epoch", 34.0, "FFCV end_ramp: 34"),
+    ("input.progressive_resize.multiple", 32, "TRAIN get_resolution rounds to 32"),
+    ("input.pp_train.name", "inception_crop", "TRAIN RandomResizedCropRGBImageDecoder"),
+    ("input.pp_train.flip", True, "TRAIN RandomHorizontalFlip"),
+    ("input.pp_eval.name", "resize_center_crop", "INFER Resize(256), CenterCrop(224)"),
+    ("input.pp_eval.resize_size", 256, "INFER IMG_SIZE = 256"),
+    ("input.image_size", 224, "INFER CENTER_CROP_SIZE = 224"),
+    ("eval.flip_tta", False, "INFER: --tta off for the paper's tables"),
+]
+
+
+@pytest.mark.parametrize("field, official, source", OFFICIAL_RESNET50,
+                         ids=[row[0] for row in OFFICIAL_RESNET50])
+def test_resnet50_paper_recipe_is_the_official_run(field, official, source):
+  config = load_config("configs/resnet50_imagenet.py:mrl")
+  value = config
+  for key in field.split("."):
+    value = value[key]
+  assert value == official, source
+
+
+def test_resnet50_ffcv_eval_option_is_ffcvs_validation():
+  """FFCV validation: resolution 256, CenterCropRGBImageDecoder(ratio=224/256), lr_tta."""
+  config = load_config("configs/resnet50_imagenet.py:mrl,eval=ffcv")
+  assert config.input.pp_eval.name == "center_crop_resize"
+  assert config.input.pp_eval.crop_ratio == 224 / 256 and config.input.pp_eval.image_size == 256
+  assert config.eval.flip_tta is True
+
+
+def test_resnet50_progressive_resolution_follows_ffcvs_get_resolution():
+  """TRAIN get_resolution per epoch: 160 through epoch 31, 192 from epoch 32 (round(x / 32))."""
+  from mrl_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  config = load_config("configs/resnet50_imagenet.py:mrl")
+  spe = 100
+  pp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=spe)
+
+  def ffcv(epoch, lo=160, hi=192, start=29, end=34):
+    if epoch <= start:
+      return lo
+    if epoch >= end:
+      return hi
+    return int(np.round(np.interp(epoch, [start, end], [lo, hi]) / 32)) * 32
+
+  for epoch in range(40):
+    assert pp.for_step(epoch * spe).image_size == ffcv(epoch), epoch
+    assert pp.for_step(epoch * spe + spe - 1).image_size == ffcv(epoch), epoch

@@ -153,13 +153,13 @@ def test_fused_jpeg_decode_and_crop_equals_decode_then_crop():
 
 
 def test_progressive_resizing_schedule_follows_ffcv():
-  config = load_config("configs/resnet50_imagenet.py:mrl,progressive")
+  config = load_config("configs/resnet50_imagenet.py:mrl")
   tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=100)
-  # res(epoch) = interp(epoch, [11, 34], [160, 192]) rounded to 32: 192 from epoch 23 on
-  # (11 + 23 * 16 / 32 = 22.5 is where the rounding flips).
-  assert tp.sizes == (160, 192) and tp.change_steps == (2300,)
-  assert tp.for_step(2299).image_size == 160 and tp.for_step(2300).image_size == 192
-  assert int(tp.size_for_step_tf(2299)) == 160 and int(tp.size_for_step_tf(2300)) == 192
+  # FFCV: res(epoch) = interp(epoch, [29, 34], [160, 192]) rounded to a multiple of 32:
+  # epoch 31 -> 172.8 -> 160, epoch 32 -> 179.2 -> 192.
+  assert tp.sizes == (160, 192) and tp.change_steps == (3200,)
+  assert tp.for_step(3199).image_size == 160 and tp.for_step(3200).image_size == 192
+  assert int(tp.size_for_step_tf(3199)) == 160 and int(tp.size_for_step_tf(3200)) == 192
 
 
 # --- readers ----------------------------------------------------------------------------------

@@ -319,3 +319,29 @@ def test_database_streamed_in_chunks_gives_the_results_of_one_chunk(trained_digi
   a, b = whole["sklearn_digits"]["sizes"], chunked["sklearn_digits"]["sizes"]
   assert a.keys() == b.keys() and all(a[m] == b[m] for m in a)
   assert a["8"]["knn1_top1"] > 0.2  # 10 classes: chance is 0.1
+
+
+@pytest.mark.slow
+def test_exported_embeddings_evaluate_like_the_checkpoint(trained_digits, tmp_path):
+  """eval.py --export_embeddings writes what embeddings-only mode reads, and the neighbour
+  metrics from it equal eval.py's on the checkpoint; float16 and a size cut keep the layout."""
+  config, workdir = trained_digits
+  config = config.copy_and_resolve_references()
+  config.eval.update(linear=False, adaptive_retrieval=False, adaptive_classification=False,
+                     baselines="", fewshot_shots="", extra_sizes="", knn_k="1,5",
+                     retrieval_k="10,25")
+  direct = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+  out = str(tmp_path / "emb")
+  rows = evaluate.export_embeddings(config, workdir, out, devices=jax.devices()[:1])
+  assert rows == {"database_X.npy": 1438, "queries_X.npy": 359}
+  sizes = [int(m) for m in direct["sklearn_digits"]["sizes"]]
+  exported = evaluate.evaluate_embeddings(out, sizes, str(tmp_path / "out"), knn_ks=[1, 5],
+                                          retrieval_ks=[10, 25], devices=jax.devices()[:1])
+  for m in sizes:
+    assert exported["sizes"][str(m)] == direct["sklearn_digits"]["sizes"][str(m)], m
+  half = str(tmp_path / "half")
+  evaluate.export_embeddings(config, workdir, half, size=16, dtype="float16",
+                             devices=jax.devices()[:1])
+  x = np.load(os.path.join(half, "queries_X.npy"))
+  assert x.shape == (359, 16) and x.dtype == np.float16
+  assert np.load(os.path.join(half, "queries_y.npy")).dtype == np.int64

@@ -12,6 +12,7 @@ from flax import nnx
 
 from mrl_jax import models
 from mrl_jax.errors import ConfigError
+from mrl_jax.models import heads as heads_lib
 from mrl_jax.models import resnet
 from mrl_jax.models import vit
 from tests.conftest import jit_build
@@ -196,3 +197,43 @@ def test_remat_gives_the_same_outputs_and_gradients(model_name):
   for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
     a, b = np.asarray(a), np.asarray(b)  # f32 summation order differs: tolerance by scale
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+
+
+def test_blurpool_equals_a_direct_numpy_convolution():
+  """[1,2,1] x [1,2,1] / 16 per channel, zero padding 1, stride 1 (FFCV's BlurPoolConv2d)."""
+  x = np.random.default_rng(0).normal(size=(2, 5, 6, 3)).astype(np.float32)
+  taps = np.array([1.0, 2.0, 1.0])
+  kernel = np.outer(taps, taps) / 16.0
+  padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+  want = np.zeros_like(x)
+  for i in range(5):
+    for j in range(6):
+      want[:, i, j, :] = np.einsum("bhwc,hw->bc", padded[:, i:i + 3, j:j + 3, :], kernel)
+  np.testing.assert_allclose(np.asarray(resnet.blur(jnp.asarray(x))), want, rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_blurpool_precedes_exactly_the_official_resnet50_convs():
+  """apply_blurpool's rule (stride > 1 and >= 16 input channels) on ResNet-50: the strided 3x3
+  and 1x1 shortcut convs of layer2-4, not the stem (3 channels) nor layer1's shortcut."""
+  model = nnx.eval_shape(lambda: resnet.ResNet(50, blurpool=True, rngs=nnx.Rngs(0)))
+  blurred = {name for name, module in [("stem", model.stem)] + [
+      (f"{j}.{k}", getattr(b, k)) for j, b in enumerate(model.blocks)
+      for k in ("conv1", "conv2", "conv3", "shortcut") if getattr(b, k, None) is not None]
+             if module.blur}
+  assert blurred == {"3.conv2", "3.shortcut", "7.conv2", "7.shortcut", "13.conv2",
+                     "13.shortcut"}  # blocks 3, 7, 13 open layer2, layer3, layer4
+
+
+def test_torch_linear_head_init_is_uniform_within_one_over_sqrt_fan_in():
+  heads = jit_build(lambda: heads_lib.MatryoshkaHeads(
+      256, 1000, (16, 256), init="torch_linear", rngs=nnx.Rngs(0)))
+  for m in (16, 256):
+    bound = 1 / np.sqrt(m)
+    for leaf in ("kernel", "bias"):
+      w = np.asarray(getattr(getattr(heads, f"head_{m}"), leaf)[...])
+      assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+      assert np.std(w) == pytest.approx(bound / np.sqrt(3), rel=0.1)  # uniform's std
+  biased = jit_build(lambda: heads_lib.MatryoshkaHeads(
+      8, 5, (4, 8), bias_init=-10.0, rngs=nnx.Rngs(0)))
+  assert np.all(np.asarray(biased.head_4.bias[...]) == -10.0)

@@ -17,10 +17,18 @@ from packaging.utils import canonicalize_name
 from tests.conftest import REPO
 
 
-def _declared() -> dict[str, Requirement]:
+def _project() -> dict:
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-    project = tomllib.load(f)["project"]
-  return {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"])}
+    return tomllib.load(f)["project"]
+
+
+def _declared() -> dict[str, Requirement]:
+  return {canonicalize_name(r.name): r for r in map(Requirement, _project()["dependencies"])}
+
+
+def _extras() -> dict[str, Requirement]:
+  return {canonicalize_name(r.name): r
+          for reqs in _project()["optional-dependencies"].values() for r in map(Requirement, reqs)}
 
 
 def _pinned() -> dict[str, str]:
@@ -32,14 +40,14 @@ def _pinned() -> dict[str, str]:
   return pins
 
 
-def _imported_modules() -> set[str]:
-  """Top-level modules imported anywhere in mrl_jax/ (function-level imports included)."""
+def _imported_modules(*, top_level: bool) -> set[str]:
+  """Third-party top-level modules imported in mrl_jax/: at module level, or anywhere."""
   names = set()
   for root, _, files in os.walk(os.path.join(REPO, "mrl_jax")):
     for f in files:
       if f.endswith(".py"):
         tree = ast.parse(open(os.path.join(root, f)).read())
-        for node in ast.walk(tree):
+        for node in (tree.body if top_level else ast.walk(tree)):
           if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
           elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -47,16 +55,24 @@ def _imported_modules() -> set[str]:
   return names - set(sys.stdlib_module_names) - {"mrl_jax"}
 
 
-def test_every_third_party_import_is_a_declared_dependency():
+def _undeclared(modules, declared) -> dict[str, list[str]]:
   distributions = importlib.metadata.packages_distributions()
-  declared = _declared()
   missing = {}
-  for module in sorted(_imported_modules()):
+  for module in sorted(modules):
     dists = {canonicalize_name(d) for d in distributions.get(module, [module])}
     if not dists & set(declared):
       missing[module] = sorted(dists)
-  assert not missing, f"imported but not in pyproject dependencies: {missing}"
+  return missing
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+  """Module-level imports are runtime dependencies; a function-level import (torch, only in the
+  converter) may be an extra instead."""
+  declared = _declared()
+  assert not _undeclared(_imported_modules(top_level=True), declared)
+  assert not _undeclared(_imported_modules(top_level=False), {**declared, **_extras()})
   assert {"jax", "flax", "orbax-checkpoint", "tensorflow-datasets", "etils"} <= set(declared)
+  assert "torch" in _extras() and "torch" not in declared
 
 
 def test_requirements_pins_are_inside_the_declared_ranges():

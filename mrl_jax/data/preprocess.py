@@ -13,7 +13,11 @@ Presets (config.input.pp_train / pp_eval `name`):
   flax ImageNet example do.
 - `random_crop`: pad by `pad` pixels (zeros), random image_size crop (CIFAR/MNIST style).
 - `resize_center_crop`: resize the shorter side to resize_size, central image_size crop
-  (ImageNet eval: 256 -> 224, as the official MRL eval).
+  (ImageNet eval: 256 -> 224, as the official MRL inference script `inference/pytorch_inference.py`,
+  which produced the paper's tables).
+- `center_crop_resize`: central square of crop_ratio x the shorter side, resized to image_size
+  (FFCV's validation `CenterCropRGBImageDecoder(ratio=224/256)` at resolution 256, which the
+  official training script reports during training).
 - `resize`: resize to image_size x image_size.
 `flip` adds a random horizontal flip (train presets only). Then (x - mean) / std, float32.
 """
@@ -27,7 +31,7 @@ import tensorflow as tf
 
 from mrl_jax.errors import ConfigError
 
-PRESETS = ("inception_crop", "random_crop", "resize_center_crop", "resize")
+PRESETS = ("inception_crop", "random_crop", "resize_center_crop", "center_crop_resize", "resize")
 
 # JAX owns the accelerators; TF is only used for input ops on the host.
 try:
@@ -52,6 +56,7 @@ class Preprocess:
   ratio_max: float = 4 / 3
   pad: int = 4
   resize_size: int = 256
+  crop_ratio: float = 224 / 256
 
   def __post_init__(self):
     if self.name not in PRESETS:
@@ -77,7 +82,11 @@ class Preprocess:
         x = tf.image.stateless_random_crop(x, (*size, self.channels), crop_seed)
       elif self.name == "resize_center_crop":
         x = self._resize_shorter(x, self.resize_size)
-        x = self._center_crop(x)
+        x = self._center_crop(x, self.image_size)
+      elif self.name == "center_crop_resize":  # FFCV: side = int(ratio * shorter side)
+        side = tf.cast(self.crop_ratio * tf.cast(tf.reduce_min(tf.shape(x)[:2]), tf.float32),
+                       tf.int32)
+        x = tf.image.resize(self._center_crop(x, side), size, method="bilinear", antialias=True)
       else:  # resize
         x = tf.image.resize(x, size, method="bilinear", antialias=True)
     if self.flip:
@@ -123,21 +132,23 @@ class Preprocess:
     new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32)
     return tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
 
-  def _center_crop(self, x):
+  def _center_crop(self, x, side):
     h, w = tf.shape(x)[0], tf.shape(x)[1]
-    top = (h - self.image_size) // 2
-    left = (w - self.image_size) // 2
-    return tf.image.crop_to_bounding_box(x, top, left, self.image_size, self.image_size)
+    top = (h - side) // 2
+    left = (w - side) // 2
+    return tf.image.crop_to_bounding_box(x, top, left, side, side)
 
 
 def from_config(input_cfg, *, train: bool, channels: int, image_size: int | None = None,
                 ) -> Preprocess:
   """The train or eval preset of config.input (image_size override: progressive resizing)."""
   pp = input_cfg.pp_train if train else input_cfg.pp_eval
-  kwargs = {k: v for k, v in pp.items() if k != "name"}
+  kwargs = {k: v for k, v in pp.items() if k not in ("name", "image_size")}
   if not train:
     kwargs.pop("flip", None)  # Eval never flips; flip TTA is an evaluator option.
-  return Preprocess(name=pp.name, image_size=image_size or input_cfg.image_size,
+  # pp_eval.image_size: an eval resolution of its own (FFCV validates ResNet-50 at 256).
+  image_size = image_size or pp.get("image_size") or input_cfg.image_size
+  return Preprocess(name=pp.name, image_size=image_size,
                     channels=channels, mean=_floats(input_cfg.mean), std=_floats(input_cfg.std),
                     **kwargs)
 

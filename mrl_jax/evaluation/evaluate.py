@@ -170,6 +170,41 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
   return all_results
 
 
+EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def export_embeddings(config, workdir, out, *, size: int | None = None, dtype: str = "float32",
+                      checkpoint_step: int | None = None, devices=None) -> dict[str, int]:
+  """Writes the checkpoint's features in the layout embeddings-only mode reads: database (the
+  config.eval.database_split) and queries (the eval split), truncated to `size` if given, as
+  float32 or float16, labels int64. Returns {file name: rows}."""
+  from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top  (train_lib imports us)
+  if dtype not in EXPORT_DTYPES:
+    raise ConfigError(f"--export_dtype={dtype!r}; allowed: {sorted(EXPORT_DTYPES)}")
+  d = models.feature_dim(config)
+  if size is not None and not 1 <= size <= d:
+    raise ConfigError(f"--export_size={size} is outside [1, {d}] (the feature dim)")
+  devices = list(devices) if devices is not None else jax.devices()
+  validation.validate_config(config, len(devices), jax.process_count())
+  source = pipeline.open_source(config.input)
+  reader = pipeline.make_reader(config.input, source)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model, params, batch_stats, _ = train_lib.restore_for_eval(config, paths.path(workdir), mesh,
+                                                             checkpoint_step)
+  splits = {"database": config.eval.database_split,
+            "queries": config.eval.get("query_split") or config.input.eval_split}
+  rows = {}
+  for part, split in splits.items():
+    features = extract_lib.extract(
+        model, params, batch_stats, source=source, reader=reader, split=split,
+        input_cfg=config.input, mesh=mesh, description=f"{part} {split}",
+        max_examples=config.eval.get("max_database") if part == "database" else None)
+    features.z = features.z[:, :size or d].astype(EXPORT_DTYPES[dtype])
+    features.save(out, part)
+    rows[f"{part}_X.npy"] = len(features.labels)
+  return rows
+
+
 def load_embeddings(directory: str) -> dict[str, np.ndarray]:
   """The four .npy files of embeddings-only mode, validated (one-line errors)."""
   arrays = {}

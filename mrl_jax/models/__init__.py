@@ -11,6 +11,7 @@ from mrl_jax import nesting as nesting_lib
 from mrl_jax.errors import ConfigError
 from mrl_jax.models import heads as heads_lib
 from mrl_jax.models import resnet
+from mrl_jax.models import torchvision_layout
 from mrl_jax.models import vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -21,6 +22,7 @@ def _resnet(model_cfg, dtype, rngs):
                        stem=model_cfg.get("stem", "imagenet"),
                        in_channels=model_cfg.get("in_channels", 3),
                        zero_init_residual=model_cfg.get("zero_init_residual", True),
+                       blurpool=model_cfg.get("blurpool", False),
                        remat=model_cfg.get("remat", False), dtype=dtype, rngs=rngs)
 
 
@@ -68,6 +70,17 @@ def head_sizes(config) -> tuple[int, ...]:
                                 config.mrl.get("ff_size"), feature_dim(config))[0]
 
 
+def torchvision_param_names(config) -> dict[tuple, str]:
+  """{param path: the official PyTorch name} of a ResNet config (models/torchvision_layout.py)."""
+  if config.model_name != "resnet":
+    raise ConfigError(f"the official PyTorch layout exists for ResNets only; "
+                      f"config.model_name={config.model_name!r}")
+  abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+  sizes, _ = heads_lib.head_nesting(config.mrl.head, nesting_sizes(config),
+                                    config.mrl.get("ff_size"), feature_dim(config))
+  return torchvision_layout.param_names(abstract.encoder, config.mrl.head, sizes)
+
+
 class MatryoshkaModel(nnx.Module):
   """images [B, H, W, C] -> (z [B, d], {m: logits_m [B, C]}) with one encoder pass."""
 
@@ -91,5 +104,7 @@ def create_model(config, rngs: nnx.Rngs) -> MatryoshkaModel:
   # Heads in float32 whatever config.dtype: they cost ~nothing next to the encoder and the
   # smallest sizes need the precision (bf16 heads: 49% vs 89% top-1 at m=2 on digits).
   heads = heads_lib.MatryoshkaHeads(d, config.num_classes, sizes, efficient=efficient,
+                                    init=config.mrl.get("head_init", "lecun_normal"),
+                                    bias_init=config.mrl.get("head_bias_init"),
                                     dtype=jnp.float32, rngs=rngs)
   return MatryoshkaModel(encoder, heads)

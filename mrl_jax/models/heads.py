@@ -8,7 +8,14 @@
   features but only z[:, :m] reaches the classifier, as the official FF baselines do.
 
 All sizes are computed from the same z, i.e. from one encoder forward pass.
+
+Initialisation (`init`): "lecun_normal" (flax's Dense default: kernel N(0, 1/fan_in), bias 0) or
+"torch_linear" (PyTorch's nn.Linear, which the official MRL heads are: kernel and bias uniform
+in +-1/sqrt(fan_in)); `bias_init` (a constant) overrides the bias, e.g. the large negative prior
+of sigmoid heads.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +25,23 @@ from mrl_jax import nesting as nesting_lib
 from mrl_jax.errors import ConfigError
 
 HEAD_TYPES = ("mrl", "mrle", "ff")
+HEAD_INITS = ("lecun_normal", "torch_linear")
+
+
+def _linear(fan_in: int, num_classes: int, init: str, bias_init: float | None, dtype,
+            rngs: nnx.Rngs) -> nnx.Linear:
+  if init not in HEAD_INITS:
+    raise ConfigError(f"unknown head init {init!r} (config.mrl.head_init); allowed: "
+                      f"{list(HEAD_INITS)}")
+  kwargs = {}
+  if init == "torch_linear":
+    bound = 1.0 / math.sqrt(fan_in)
+    kwargs["kernel_init"] = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    kwargs["bias_init"] = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+  if bias_init is not None:
+    kwargs["bias_init"] = nnx.initializers.constant(bias_init)
+  return nnx.Linear(fan_in, num_classes, dtype=dtype, rngs=rngs, **kwargs)
 
 
 class MatryoshkaHeads(nnx.Module):
@@ -27,16 +51,17 @@ class MatryoshkaHeads(nnx.Module):
   """
 
   def __init__(self, feature_dim: int, num_classes: int, nesting: tuple[int, ...], *,
-               efficient: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               efficient: bool = False, init: str = "lecun_normal",
+               bias_init: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     self.nesting = nesting_lib.validate(list(nesting), feature_dim)
     self.efficient = efficient
     if num_classes < 1:
       raise ConfigError(f"num_classes {num_classes} must be >= 1 (config.num_classes)")
     if efficient:
-      self.tied = nnx.Linear(feature_dim, num_classes, dtype=dtype, rngs=rngs)
+      self.tied = _linear(feature_dim, num_classes, init, bias_init, dtype, rngs)
     else:
       for m in self.nesting:
-        setattr(self, f"head_{m}", nnx.Linear(m, num_classes, dtype=dtype, rngs=rngs))
+        setattr(self, f"head_{m}", _linear(m, num_classes, init, bias_init, dtype, rngs))
 
   def __call__(self, z: jax.Array) -> dict[int, jax.Array]:
     if self.efficient:

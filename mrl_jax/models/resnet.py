@@ -9,7 +9,13 @@ BatchNorm uses batch statistics in train mode and running averages in eval mode.
 static attribute (`use_running_average`) set outside jit with `nnx.view`, so one train graph and
 one eval graph share the same state. Under `jax.jit` with a batch sharded over devices the batch
 mean is already the global mean, which is what synchronous data-parallel BN over the data axis
-means; no `axis_name` is needed (STYLE.md §1).
+means; no `axis_name` is needed.
+
+BlurPool (Zhang 2019; FFCV's ResNet-50 recipe, which the official MRL training uses): every conv
+with stride > 1 and at least 16 input channels is preceded by a fixed depthwise [1, 2, 1] x
+[1, 2, 1] / 16 blur, stride 1, zero padding 1 -- in ResNet-50 the strided 3x3 convs and the
+strided 1x1 shortcut convs, not the stem (3 input channels). The filter is a constant, not a
+parameter, so parameter counts are unchanged.
 """
 
 import jax
@@ -30,14 +36,27 @@ STEMS = ("imagenet", "small")
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+BLUR_MIN_CHANNELS = 16  # FFCV's apply_blurpool: stride > 1 and in_channels >= 16
+
+
+def blur(x: jax.Array) -> jax.Array:
+  """The BlurPool filter: depthwise [1,2,1] x [1,2,1] / 16, stride 1, zero padding 1 (NHWC)."""
+  channels = x.shape[-1]
+  taps = jnp.asarray([1.0, 2.0, 1.0], x.dtype)
+  kernel = (taps[:, None] * taps[None, :] / 16.0)[:, :, None, None]
+  kernel = jnp.broadcast_to(kernel, (3, 3, 1, channels))
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
 class _ConvBN(nnx.Module):
   """Conv (no bias) followed by BatchNorm, torchvision padding (k // 2 on each side)."""
 
   def __init__(self, in_features: int, out_features: int, kernel: int, stride: int = 1, *,
-               zero_init_scale: bool = False, dtype, rngs: nnx.Rngs):
+               zero_init_scale: bool = False, blurpool: bool = False, dtype, rngs: nnx.Rngs):
     pad = kernel // 2
+    self.blur = blurpool and stride > 1 and in_features >= BLUR_MIN_CHANNELS
     self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), (stride, stride),
                          padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
                          kernel_init=conv_init, rngs=rngs)
@@ -47,7 +66,7 @@ class _ConvBN(nnx.Module):
                             else nnx.initializers.ones, rngs=rngs)
 
   def __call__(self, x):
-    return self.bn(self.conv(x))
+    return self.bn(self.conv(blur(x) if self.blur else x))
 
 
 class BasicBlock(nnx.Module):
@@ -55,11 +74,13 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, in_features: int, filters: int, stride: int, *, zero_init_residual: bool,
-               dtype, rngs: nnx.Rngs):
-    self.conv1 = _ConvBN(in_features, filters, 3, stride, dtype=dtype, rngs=rngs)
+               blurpool: bool = False, dtype, rngs: nnx.Rngs):
+    self.conv1 = _ConvBN(in_features, filters, 3, stride, blurpool=blurpool, dtype=dtype,
+                         rngs=rngs)
     self.conv2 = _ConvBN(filters, filters, 3, zero_init_scale=zero_init_residual, dtype=dtype,
                          rngs=rngs)
-    self.shortcut = (_ConvBN(in_features, filters, 1, stride, dtype=dtype, rngs=rngs)
+    self.shortcut = (_ConvBN(in_features, filters, 1, stride, blurpool=blurpool, dtype=dtype,
+                             rngs=rngs)
                      if stride != 1 or in_features != filters else None)
 
   def __call__(self, x):
@@ -72,13 +93,14 @@ class BottleneckBlock(nnx.Module):
   expansion = 4
 
   def __init__(self, in_features: int, filters: int, stride: int, *, zero_init_residual: bool,
-               dtype, rngs: nnx.Rngs):
+               blurpool: bool = False, dtype, rngs: nnx.Rngs):
     out = filters * self.expansion
     self.conv1 = _ConvBN(in_features, filters, 1, dtype=dtype, rngs=rngs)
-    self.conv2 = _ConvBN(filters, filters, 3, stride, dtype=dtype, rngs=rngs)
+    self.conv2 = _ConvBN(filters, filters, 3, stride, blurpool=blurpool, dtype=dtype, rngs=rngs)
     self.conv3 = _ConvBN(filters, out, 1, zero_init_scale=zero_init_residual, dtype=dtype,
                          rngs=rngs)
-    self.shortcut = (_ConvBN(in_features, out, 1, stride, dtype=dtype, rngs=rngs)
+    self.shortcut = (_ConvBN(in_features, out, 1, stride, blurpool=blurpool, dtype=dtype,
+                             rngs=rngs)
                      if stride != 1 or in_features != out else None)
 
   def __call__(self, x):
@@ -97,12 +119,15 @@ class ResNet(nnx.Module):
       or 32 * width (bottlenecks), e.g. 2048 for ResNet-50.
     stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "small" (3x3/1 conv, no pool) for
       28x28/32x32 inputs.
-    zero_init_residual: zero-init the last BN scale of each block (Goyal et al. 2017).
+    zero_init_residual: zero-init the last BN scale of each block (Goyal et al. 2017); the
+      official MRL model does not (torchvision's default).
+    blurpool: blur before every strided conv with >= 16 input channels (module docstring).
     remat: recompute each block's activations in the backward pass (saves memory).
   """
 
   def __init__(self, depth: int = 50, *, width: int = 64, stem: str = "imagenet",
-               in_channels: int = 3, zero_init_residual: bool = True, remat: bool = False,
+               in_channels: int = 3, zero_init_residual: bool = True, blurpool: bool = False,
+               remat: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if depth not in DEPTHS:
       raise ConfigError(f"ResNet depth {depth} is not supported (config.model.depth); "
@@ -114,10 +139,11 @@ class ResNet(nnx.Module):
       raise ConfigError(f"ResNet width {width} must be >= 1 (config.model.width)")
     stage_sizes, bottleneck = DEPTHS[depth]
     block_cls = BottleneckBlock if bottleneck else BasicBlock
+    self.depth = depth
     self.stem_kind = stem
     self.remat = remat
     if stem == "imagenet":
-      self.stem = _ConvBN(in_channels, width, 7, 2, dtype=dtype, rngs=rngs)
+      self.stem = _ConvBN(in_channels, width, 7, 2, blurpool=blurpool, dtype=dtype, rngs=rngs)
     else:
       self.stem = _ConvBN(in_channels, width, 3, 1, dtype=dtype, rngs=rngs)
     blocks = []
@@ -127,7 +153,7 @@ class ResNet(nnx.Module):
       for b in range(num_blocks):
         stride = 2 if stage > 0 and b == 0 else 1
         blocks.append(block_cls(features, filters, stride, zero_init_residual=zero_init_residual,
-                                dtype=dtype, rngs=rngs))
+                                blurpool=blurpool, dtype=dtype, rngs=rngs))
         features = filters * block_cls.expansion
     self.blocks = nnx.List(blocks)
     self.feature_dim = features

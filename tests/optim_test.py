@@ -1,0 +1,141 @@
+"""Learning-rate schedules, weight-decay masks and optimizer updates against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mrl_jax import optim
+from mrl_jax import train_lib
+from tests.conftest import load_config
+
+
+def _schedule_config(name, batch=512, **schedule):
+  config = load_config("configs/digits_resnet_mrl.py")
+  config.input.batch_size = batch
+  config.schedule.update(**{"name": name, "base_lr": 0.1, "lr_batch_size": 256,
+                            "warmup_epochs": 0.0, **schedule})
+  return config
+
+
+def _lrs(config, steps, steps_per_epoch=10, total_steps=100):
+  schedule = optim.make_schedule(config, steps_per_epoch, total_steps)
+  return [float(schedule(s)) for s in steps]
+
+
+def test_warmup_then_cosine_linear_constant_by_hand():
+  # lr = 0.1 * 512 / 256 = 0.2; 1 epoch (10 steps) of linear warmup from 0; 90 decay steps.
+  steps = [0, 5, 10, 55, 100]
+  assert _lrs(_schedule_config("cosine", warmup_epochs=1.0), steps) == pytest.approx(
+      [0.0, 0.1, 0.2, 0.2 * 0.5 * (1 + np.cos(np.pi * 45 / 90)), 0.0], abs=1e-7)
+  assert _lrs(_schedule_config("linear", warmup_epochs=1.0), steps) == pytest.approx(
+      [0.0, 0.1, 0.2, 0.1, 0.0], abs=1e-7)
+  assert _lrs(_schedule_config("constant", warmup_epochs=1.0), steps) == pytest.approx(
+      [0.0, 0.1, 0.2, 0.2, 0.2], abs=1e-7)
+  # end_lr_factor: cosine's floor (alpha) and the linear end.
+  assert _lrs(_schedule_config("cosine", end_lr_factor=0.1), [100])[0] == pytest.approx(0.02)
+  assert _lrs(_schedule_config("linear", end_lr_factor=0.1), [50])[0] == pytest.approx(0.11)
+
+
+@pytest.mark.parametrize("batch, peak", [(1024, 0.425), (4096, 1.7)])
+def test_one_cycle_is_ffcvs_cyclic_schedule_per_step(batch, peak):
+  """FFCV train_imagenet.py get_cyclic_lr: np.interp(epoch, [0, 2, 40], [1e-4 lr, lr, 0]),
+  interpolated per iteration within an epoch; lr 0.425 per 1024 images (MRL README: 2 GPUs x
+  512, --lr.lr=0.425) is FFCV's 1.7 at 8 x 512 (rn50_40_epochs.yaml)."""
+  config = load_config(f"configs/resnet50_imagenet.py:mrl,batch_size={batch}")
+  spe = 1_281_167 // batch
+  total = 40 * spe
+  steps = [0, spe // 2, spe, 2 * spe, 21 * spe + spe // 3, total - 1, total]
+  want = [np.interp(s / spe, [0, 2, 40], [1e-4 * peak, peak, 0.0]) for s in steps]
+  # optax evaluates the line in float32: ~1e-8 absolute near the 1e-4 x lr start.
+  assert _lrs(config, steps, spe, total) == pytest.approx(want, rel=1e-5, abs=2e-8)
+
+
+def _r50():
+  config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
+  _, params, _ = train_lib.build_model(config)
+  return config, params
+
+
+def _decayed(config, params) -> dict[str, bool]:
+  mask = optim.decay_mask(config, params)
+  out = {}
+  jax.tree_util.tree_map_with_path(
+      lambda p, v: out.__setitem__("/".join(str(k.key) for k in p), bool(v)), mask)
+  return out
+
+
+def test_official_decay_rule_skips_only_parameters_named_bn():
+  """train_imagenet.py: bn_params = [v for k, v in named_parameters() if 'bn' in k]."""
+  config, params = _r50()
+  assert config.optim.weight_decay_rule == "official"
+  decayed = _decayed(config, params)
+  assert not decayed["encoder/stem/bn/scale"]  # bn1.weight
+  assert not decayed["encoder/blocks/0/conv3/bn/bias"]  # layer1.0.bn3.bias
+  assert decayed["encoder/blocks/0/shortcut/bn/scale"]  # layer1.0.downsample.1.weight
+  assert decayed["encoder/blocks/3/conv2/conv/kernel"]  # layer2.0.conv2.conv.weight (BlurPool)
+  assert decayed["heads/head_8/bias"]  # fc.nesting_classifier_0.bias
+  num_bn = sum(1 for k in decayed if "/bn/" in k and "shortcut" not in k)
+  assert sum(not v for v in decayed.values()) == num_bn == 2 * (1 + 16 * 3)
+
+
+def test_kernels_rule_skips_norms_and_biases():
+  config, params = _r50()
+  config.optim.weight_decay_rule = "kernels"
+  decayed = _decayed(config, params)
+  assert not decayed["encoder/blocks/0/shortcut/bn/scale"] and not decayed["heads/head_8/bias"]
+  assert decayed["encoder/stem/conv/kernel"] and decayed["heads/head_8/kernel"]
+
+
+def _two_params():
+  return {"w": jnp.asarray([[3.0, 4.0]]), "b": jnp.asarray([1.0])}
+
+
+def _update(config, params, grads_list, lr):
+  tx = optim.make_optimizer(config, params, optax.constant_schedule(lr))
+  state = tx.init(params)
+  for grads in grads_list:
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def _opt_config(name, **optim_fields):
+  config = load_config("configs/digits_resnet_mrl.py")
+  config.optim.update(name=name, weight_decay_rule="all", nesterov=False, **optim_fields)
+  return config
+
+
+def test_sgd_is_pytorchs_coupled_weight_decay_with_momentum():
+  """torch.optim.SGD: d = g + wd p; buf = m buf + d; p -= lr buf."""
+  p, g1, g2 = _two_params(), {"w": jnp.asarray([[0.5, -1.0]]), "b": jnp.asarray([2.0])}, {
+      "w": jnp.asarray([[1.0, 1.0]]), "b": jnp.asarray([-1.0])}
+  got = _update(_opt_config("sgd", momentum=0.9, weight_decay=0.1), p, [g1, g2], lr=0.5)
+  for k in p:
+    w0 = np.asarray(p[k])
+    d1 = np.asarray(g1[k]) + 0.1 * w0
+    w1 = w0 - 0.5 * d1
+    buf2 = 0.9 * d1 + np.asarray(g2[k]) + 0.1 * w1
+    np.testing.assert_allclose(np.asarray(got[k]), w1 - 0.5 * buf2, rtol=1e-6)
+
+
+def test_lars_scales_each_layer_by_its_trust_ratio():
+  """You et al. 2017: p -= lr * eta |p| / |g + wd p| * (g + wd p), one step, no momentum."""
+  p, g = _two_params(), {"w": jnp.asarray([[0.6, 0.8]]), "b": jnp.asarray([0.5])}
+  got = _update(_opt_config("lars", momentum=0.0, weight_decay=0.01, trust_coefficient=0.002),
+                p, [g], lr=1.0)
+  for k in p:
+    w, d = np.asarray(p[k]), np.asarray(g[k]) + 0.01 * np.asarray(p[k])
+    ratio = 0.002 * np.linalg.norm(w) / np.linalg.norm(d)
+    np.testing.assert_allclose(np.asarray(got[k]), w - ratio * d, rtol=1e-5)
+
+
+def test_global_norm_clipping_rescales_all_gradients_together():
+  p = _two_params()
+  g = {"w": jnp.asarray([[6.0, 0.0]]), "b": jnp.asarray([8.0])}  # global norm 10
+  got = _update(_opt_config("sgd", momentum=0.0, weight_decay=0.0, clip_grad_norm=1.0), p, [g],
+                lr=1.0)
+  for k in p:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(p[k]) - np.asarray(g[k]) / 10,
+                               rtol=1e-6)
