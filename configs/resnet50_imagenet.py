@@ -92,9 +92,13 @@ def get_config(arg=None):
                 shortlist_k="200",
                 funnels=("8:16,32,64,128,2048:800,400,200,50,10;"
                          "16:32,64,128,2048:800,400,200,50;32:64,128,2048:800,400,200"),
-                adaptive_classification=True, ac_seeds=30)
+                adaptive_classification=True, ac_seeds=30,
+                # ImageNet-ReaL (Beyer et al. 2020): the validation images' reassessed,
+                # multi-label labels; images without one are left out, as the ViT papers do.
+                splits="imagenet2012_real:validation")
   if arg.runlocal:  # the real architecture at width 8 and 64px: mock-data tests on CPU.
     c.model.width = 8
+    c.eval.splits = ""
     c.mrl.nesting = "halving:8"
     c.eval.update(extra_sizes="12,24,48,96,192", rerank_sizes="256",
                   funnels="8:16,32,256:16,8,4", shortlist_k="16")

@@ -3,17 +3,21 @@ r"""ViT-B/16 MRL / MRL-E pretraining on ImageNet-21k (the paper's ViT nesting 12
   python train.py --config=configs/vit_b16_imagenet21k.py:mrl  --workdir=...
   python train.py --config=configs/vit_b16_imagenet21k.py:mrle --workdir=...
 
-Original ViT 21k pretraining recipe (Dosovitskiy et al. 2021, big_vision `vit_i21k.py`): 90
-epochs at 224px, AdamW b1=0.9 b2=0.999, lr 1e-3 at batch 4096, weight decay 0.03 (decoupled,
-not on norms/biases), 10k warmup steps then linear decay, gradient clip 1.0, dropout 0.1,
-Inception crop + flip. Data: TFDS `imagenet21k` (a TFDS builder the user registers/prepares;
+Recipe: the original ViT ImageNet-21k pretraining for B/16 (Dosovitskiy et al. 2021, Table 3
+and App. B.1): 90 epochs at 224px, batch 4096, Adam b1=0.9 b2=0.999, lr 1e-3, weight decay 0.03
+(decoupled; not on norms/biases), 10k warmup steps then linear decay, gradient clip at global
+norm 1, dropout 0.1; Inception crop + flip, pixels scaled to [-1, 1]. Loss: sigmoid
+cross-entropy (big_vision `vit_i21k.py` / `bit_i21k.py`: `loss = 'sigmoid_xent'`, the loss of
+the original ViT pretraining), summed over the nesting sizes, with the heads' bias starting at
+big_vision's `init_head_bias = -10.0` (a 1/21,843 prior: the first steps do not push 21,842
+negatives down at once). Data: TFDS `imagenet21k` (a builder the user registers/prepares;
 21,843 classes). ImageNet-21k has no official train/validation split: its TFDS builder has one
-split, `full`, and big_vision (`configs/vit_i21k.py`, `bit_i21k.py`) trains on `full[51200:]` and
-evaluates on `full[:25600]` (test) / `full[25600:51200]` (val); so do we (the k-NN database is
-the training slice). Args: `mrl` | `mrle`, `variant=<Ti|S|B|L|H>/<patch>`, `reader=tf_data`,
-`dataset=<tfds name>` (e.g. a JFT-style private builder), `num_classes=<C>`,
-`train_split=` / `eval_split=` (TFDS split strings), `runlocal`.
-The paper reports ImageNet-1K 1-NN for JFT-pretrained MRL ViT-B/16: 53.6 @12 ... 71.9 @768.
+split, `full`, and big_vision trains on `full[51200:]` and evaluates on `full[:25600]` (test) /
+`full[25600:51200]` (val); so do we (the k-NN database is the training slice).
+Args: `mrl` | `mrle`, `variant=<Ti|S|B|L|H>/<patch>`, `reader=tf_data`, `dataset=<tfds name>`,
+`num_classes=<C>`, `loss=sigmoid_xent|softmax_xent`, `train_split=` / `eval_split=` (TFDS split
+strings), `runlocal`. The paper reports ImageNet-1K 1-NN for JFT-pretrained MRL ViT-B/16:
+53.6 @12 ... 71.9 @768.
 """
 
 from configs import common
@@ -22,7 +26,7 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="B/16", reader="grain", dataset="imagenet21k",
                          num_classes=21843, dtype="bfloat16", batch_size=4096, epochs=90.0,
-                         train_split="", eval_split="", runlocal=False)
+                         train_split="", eval_split="", loss="sigmoid_xent", runlocal=False)
   # big_vision's slices of `full` (runlocal: 16 examples held out, as its runlocal evals).
   train_split = arg.train_split or ("full[16:]" if arg.runlocal else "full[51200:]")
   eval_split = arg.eval_split or ("full[:16]" if arg.runlocal else "full[:25600]")
@@ -33,6 +37,9 @@ def get_config(arg=None):
   c.model_name = "vit"
   c.model.update(variant=arg.variant, image_size=224, pool="cls", dropout_rate=0.1)
   c.mrl.nesting = "halving:12"  # B/16: 12, 24, ..., 768 (the paper's); Ti/S/L/H likewise
+  c.loss.name = arg.loss
+  if arg.loss == "sigmoid_xent":
+    c.mrl.head_bias_init = -10.0  # big_vision init_head_bias
 
   c.input.update(dataset=arg.dataset, reader=arg.reader, train_split=train_split,
                  eval_split=eval_split, batch_size=arg.batch_size, image_size=224,

@@ -5,12 +5,15 @@ r"""ViT-B/16 MRL on a JFT-style private dataset: only a TFDS builder name and it
 
 Any TFDS builder the user registers and prepares works (`tfds build` with a custom builder, in
 ArrayRecord for the default grain reader or TFRecord with `reader=tf_data`); it needs an image
-feature and an integer class label (names via `image_key=`, `label_key=`). Recipe: the original
-ViT JFT-300M pretraining (Dosovitskiy et al. 2021, App. B.1) for B/16: 7 epochs at 224px,
-batch 4096, Adam(0.9, 0.999), lr 8e-4, decoupled weight decay 0.1, 10k warmup steps then linear
-decay, gradient clip 1.0, no dropout; softmax cross-entropy on one label per image. Nesting
-12, 24, ..., 768 (the paper's ViT sizes). The paper reports ImageNet-1K 1-NN of its JFT MRL
-ViT-B/16 from 53.6 @12 to 71.9 @768 (../shared/reference, table 8).
+feature and a label feature (names via `image_key=`, `label_key=`): JFT-style multi-label, a
+Sequence of ClassLabel ids or a [C] multi-hot Tensor (JFT-300M has about 1.9 labels per
+image), or one integer class. Recipe: the original ViT JFT-300M pretraining for B/16
+(Dosovitskiy et al. 2021, Table 3 and App. B.1): 7 epochs at 224px, batch 4096, Adam(0.9,
+0.999), lr 8e-4, decoupled weight decay 0.1, 10k warmup steps then linear decay, gradient clip
+1.0, no dropout; sigmoid cross-entropy on the multi-hot labels (big_vision's `sigmoid_xent`,
+as for ImageNet-21k), summed over the nesting sizes, heads' bias starting at -10 (big_vision's
+`init_head_bias`). Nesting 12, 24, ..., 768 (the paper's ViT sizes). The paper reports
+ImageNet-1K 1-NN of its JFT MRL ViT-B/16 from 53.6 @12 to 71.9 @768 (paper Table 8).
 Args: `mrl` | `mrle`, `dataset=`, `num_classes=`, `variant=`, `reader=`, `image_key=`,
 `label_key=`, `epochs=`, `batch_size=`, `train_split=`, `eval_split=` (default train /
 validation), `runlocal`.

@@ -1,8 +1,14 @@
-"""Matryoshka cross-entropy: L = sum_m w_m * CE(logits_m, y), mean over the batch (paper Eq. 1).
+"""Matryoshka losses: L = sum_m w_m * loss(logits_m, y), mean over the batch (paper Eq. 1).
 
-The official code (`Matryoshka_CE_Loss`) sums the per-size CE with weights (default 1) and the
-same label smoothing for every size; this module does the same, in float32 whatever the compute
-dtype, and also returns the per-size loss and top-1 for logging (`loss@{m}`, `top1@{m}`).
+- `softmax_xent`: the official code's `Matryoshka_CE_Loss`: per-size CE with weights (default 1)
+  and the same label smoothing for every size. Integer labels [B], or multi-hot [B, C] targets
+  normalised to sum to one (big_vision's softmax_xent on multi-label data).
+- `sigmoid_xent`: big_vision's `sigmoid_xent` for multi-label (JFT-style) pretraining, the loss
+  of the original ViT ImageNet-21k / JFT runs: per size, binary cross-entropy summed over the
+  classes, mean over the batch. Integer labels are one-hot targets.
+Both in float32 whatever the compute dtype, and both also return the per-size loss and the
+top-1 hit rate for logging: `loss@{m}`, and `top1@{m}` (integer labels) or `prec1@{m}` (multi-hot:
+the top-1 prediction is one of the true labels).
 
 `sample_nesting_weights` implements sentence-transformers' `n_dims_per_step`: each step trains a
 random subset of k sizes, with the sampled sizes' weights scaled so that the expected loss equals
@@ -18,36 +24,68 @@ import optax
 
 from mrl_jax.errors import ConfigError
 
+LOSSES = ("softmax_xent", "sigmoid_xent")
+
+
+def targets(labels: jax.Array, num_classes: int) -> jax.Array:
+  """float32 [B, C]: one-hot of integer labels [B], or multi-hot labels [B, C] as given."""
+  if labels.ndim == 2:
+    return labels.astype(jnp.float32)
+  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
-  """Per-example softmax CE with label smoothing: logits [B, C], labels int [B] -> [B]."""
+  """Per-example softmax CE with label smoothing: logits [B, C], labels [B] or [B, C] -> [B]."""
   logits = logits.astype(jnp.float32)
-  num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  t = targets(labels, logits.shape[-1])
+  if labels.ndim == 2:  # several true classes share the probability mass
+    t = t / jnp.maximum(t.sum(-1, keepdims=True), 1.0)
   if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
+    t = optax.smooth_labels(t, label_smoothing)
+  return optax.softmax_cross_entropy(logits, t)
+
+
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example binary CE summed over classes: logits [B, C], labels [B] or [B, C] -> [B]."""
+  logits = logits.astype(jnp.float32)
+  t = targets(labels, logits.shape[-1])
+  return -jnp.sum(t * jax.nn.log_sigmoid(logits) + (1.0 - t) * jax.nn.log_sigmoid(-logits),
+                  axis=-1)
+
+
+def correct_at_1(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """[B] 1.0 where the top-1 class is the label (or, multi-hot, one of the labels)."""
+  top = jnp.argmax(logits, -1)
+  if labels.ndim == 2:
+    return (jnp.take_along_axis(labels, top[:, None], axis=-1)[:, 0] > 0).astype(jnp.float32)
+  return (top == labels).astype(jnp.float32)
 
 
 def matryoshka_loss(logits_by_size: Mapping[int, jax.Array], labels: jax.Array, *,
+                    loss: str = "softmax_xent",
                     weights: Mapping[int, float] | jax.Array | None = None,
                     label_smoothing: float = 0.0,
                     mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted sum over sizes of the batch-mean CE.
+  """Weighted sum over sizes of the batch-mean loss.
 
   Args:
     logits_by_size: {m: logits_m [B, C]}.
-    labels: int [B].
+    labels: int [B], or multi-hot [B, C].
+    loss: "softmax_xent" or "sigmoid_xent" (module docstring).
     weights: {m: w_m} (default 1 for every size), or an array aligned with sorted sizes.
-    label_smoothing: epsilon of the smoothed targets (1 - eps) * onehot + eps / C.
+    label_smoothing: epsilon of the smoothed targets (1 - eps) * onehot + eps / C (softmax).
     mask: optional [B] with 1 for real examples and 0 for padding.
 
   Returns:
-    (loss, metrics) where metrics has `loss@{m}` (unweighted batch-mean CE) and `top1@{m}`.
+    (loss, metrics) where metrics has `loss@{m}` (unweighted batch mean) and `top1@{m}`
+    (`prec1@{m}` for multi-hot labels).
   """
+  if loss not in LOSSES:
+    raise ConfigError(f"unknown loss {loss!r} (config.loss.name); allowed: {list(LOSSES)}")
   sizes = sorted(logits_by_size)
+  hit = "prec1" if labels.ndim == 2 else "top1"
   if mask is None:
-    mask = jnp.ones(labels.shape, jnp.float32)
+    mask = jnp.ones(labels.shape[:1], jnp.float32)
   mask = mask.astype(jnp.float32)
   denom = jnp.maximum(mask.sum(), 1.0)
   if weights is None:
@@ -60,10 +98,12 @@ def matryoshka_loss(logits_by_size: Mapping[int, jax.Array], labels: jax.Array, 
   metrics = {}
   for m in sizes:
     logits = logits_by_size[m]
-    ce = (cross_entropy(logits, labels, label_smoothing) * mask).sum() / denom
-    total = total + weight_of[m] * ce
-    metrics[f"loss@{m}"] = ce
-    metrics[f"top1@{m}"] = ((jnp.argmax(logits, -1) == labels) * mask).sum() / denom
+    per_example = (sigmoid_cross_entropy(logits, labels) if loss == "sigmoid_xent"
+                   else cross_entropy(logits, labels, label_smoothing))
+    value = (per_example * mask).sum() / denom
+    total = total + weight_of[m] * value
+    metrics[f"loss@{m}"] = value
+    metrics[f"{hit}@{m}"] = (correct_at_1(logits, labels) * mask).sum() / denom
   return total, metrics
 
 

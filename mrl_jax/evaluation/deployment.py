@@ -8,6 +8,7 @@ n-shot nearest-class-mean accuracy. Each part returns plain dicts for results.js
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from mrl_jax import models
 from mrl_jax import validation
@@ -59,6 +60,14 @@ def run(config, model, params, batch_stats, database, queries, *, sizes, trained
   ev = config.eval
   out = {}
   d = database.z.shape[1]
+  if database.labels.ndim == 2 or queries.labels.ndim == 2:
+    skipped = [name for name, on in (("adaptive_classification", ev.adaptive_classification),
+                                     ("baselines", ev.baselines), ("fewshot", ev.fewshot_shots))
+               if on]
+    if skipped:  # each is defined for single-label classification (the paper's)
+      logging.warning("multi-label data: %s skipped (single-label evaluations)", skipped)
+    ev = ev.copy_and_resolve_references()
+    ev.update(adaptive_classification=False, baselines="", fewshot_shots="")
   if ev.adaptive_retrieval:
     funnels = adaptive_retrieval.parse_funnels(ev.shortlist_sizes, ev.rerank_sizes,
                                                ev.shortlist_k, ev.funnels, d)

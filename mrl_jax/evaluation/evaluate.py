@@ -30,6 +30,7 @@ from mrl_jax.evaluation import deployment
 from mrl_jax.evaluation import extract as extract_lib
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation import linear
+from mrl_jax.evaluation import metrics
 from mrl_jax.evaluation import neighbors
 from mrl_jax.evaluation import report
 
@@ -45,33 +46,50 @@ def eval_sizes(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
   return tuple(m for m in sizes if m <= d), tuple(trained)
 
 
-def linear_metrics_by_size(model, params, batch_stats, queries: extract_lib.Features, mesh,
-                           class_mask: np.ndarray | None = None,
-                           block: int = 4096) -> dict[int, dict[str, float]]:
-  """linear_top1 / linear_top5 of each head from stored features (flip TTA: logits summed)."""
+def _head_logits_fn(model, class_mask):
+  """jit: (params, batch_stats, z, z_flipped or None) -> {m: logits_m} (flip TTA: summed;
+  a class subset's other logits -inf)."""
 
   @jax.jit
-  def sums(params, batch_stats, z, z_flipped, labels, mask):
+  def logits_fn(params, batch_stats, z, z_flipped):
     logits = model.head_logits(params, batch_stats, z)
     if z_flipped is not None:
       flipped = model.head_logits(params, batch_stats, z_flipped)
       logits = {m: logits[m] + flipped[m] for m in logits}
-    return linear.accuracy_sums(logits, labels, mask,
-                                None if class_mask is None else jnp.asarray(class_mask))
+    if class_mask is not None:
+      logits = {m: jnp.where(jnp.asarray(class_mask), l, -jnp.inf) for m, l in logits.items()}
+    return logits
 
-  def blocks():
-    n = len(queries.labels)
-    for i in range(0, n, block):
-      z = queries.z[i:i + block].astype(np.float32)
-      pad = block - len(z)
-      pad_rows = lambda x: np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-      zf = (None if queries.z_flipped is None else
-            pad_rows(queries.z_flipped[i:i + block].astype(np.float32)))
-      yield sums(params, batch_stats, pad_rows(z), zf, pad_rows(queries.labels[i:i + block]),
-                 pad_rows(np.ones(len(z), np.float32)))
+  return logits_fn
+
+
+def _feature_blocks(queries: extract_lib.Features, block: int):
+  """(rows, z [block, d], z_flipped or None) of stored features, the last block zero-padded."""
+  n = len(queries.labels)
+  for i in range(0, n, block):
+    rows = min(block, n - i)
+    pad = lambda x: np.pad(np.asarray(x, np.float32), [(0, block - rows), (0, 0)])
+    yield rows, pad(queries.z[i:i + block]), (
+        None if queries.z_flipped is None else pad(queries.z_flipped[i:i + block]))
+
+
+def linear_metrics_by_size(model, params, batch_stats, queries: extract_lib.Features, mesh,
+                           class_mask: np.ndarray | None = None,
+                           block: int = 4096) -> dict[int, dict[str, float]]:
+  """Each head's metrics from stored features: linear_top1 / linear_top5, or for multi-label
+  queries `prec@1` (top-1 among the true labels) and `class_map` (class-mean AP)."""
+  logits_fn = _head_logits_fn(model, class_mask)
+  if queries.labels.ndim == 2:
+    return _multilabel_linear_metrics(logits_fn, params, batch_stats, queries, mesh, block)
+
+  def sums():
+    for i, (rows, z, zf) in enumerate(_feature_blocks(queries, block)):
+      labels = np.pad(queries.labels[i * block:i * block + rows], (0, block - rows))
+      mask = np.pad(np.ones(rows, np.float32), (0, block - rows))
+      yield linear.accuracy_sums(logits_fn(params, batch_stats, z, zf), labels, mask)
 
   with jax.set_mesh(mesh):
-    fractions = linear.head_accuracy(lambda s: s, blocks())
+    fractions = linear.head_accuracy(lambda s: s, sums())
   by_size = {}
   for key, value in fractions.items():
     name, m = key.split("@")
@@ -79,12 +97,47 @@ def linear_metrics_by_size(model, params, batch_stats, queries: extract_lib.Feat
   return by_size
 
 
-def _query_datasets(config) -> list[tuple[str, str]]:
-  """(dataset, split) pairs to query: the eval split, then config.eval.splits ('name[:split]')."""
-  out = [(config.input.dataset, config.eval.get("query_split") or config.input.eval_split)]
+def _multilabel_linear_metrics(logits_fn, params, batch_stats, queries, mesh, block,
+                               budget_bytes: int = 2**30) -> dict[int, dict[str, float]]:
+  """prec@1 and class-mean AP per size; the [N, C] scores of as many sizes as fit in
+  budget_bytes are kept per pass over the features."""
+  n = len(queries.labels)
+  with jax.set_mesh(mesh):
+    first = logits_fn(params, batch_stats, *next(_feature_blocks(queries, block))[1:])
+  sizes = sorted(first)
+  num_classes = first[sizes[0]].shape[-1]
+  per_pass = max(1, budget_bytes // (4 * n * num_classes))
+  out = {}
+  for group in [sizes[i:i + per_pass] for i in range(0, len(sizes), per_pass)]:
+    scores = {m: np.empty((n, num_classes), np.float32) for m in group}
+    done = 0
+    with jax.set_mesh(mesh):
+      for rows, z, zf in _feature_blocks(queries, block):
+        logits = jax.device_get(logits_fn(params, batch_stats, z, zf))
+        for m in group:
+          scores[m][done:done + rows] = np.asarray(logits[m])[:rows]
+        done += rows
+    for m in group:
+      top = scores[m].argmax(-1)[:, None]
+      out[m] = {"prec@1": float(np.mean(metrics.relevance(top, queries.labels)[:, 0])),
+                "class_map": metrics.class_mean_average_precision(scores[m], queries.labels)}
+      del scores[m]
+  return out
+
+
+# Eval datasets whose labels are not under config.input.label_key: ImageNet-ReaL's reassessed,
+# multi-label labels (Beyer et al. 2020), as the ViT / big_vision evaluations read them.
+LABEL_KEYS = {"imagenet2012_real": "real_label"}
+
+
+def _query_datasets(config) -> list[tuple[str, str, str | None]]:
+  """(dataset, split, label key) to query: the eval split, then config.eval.splits
+  ('name[:split[:label_key]]')."""
+  out = [(config.input.dataset, config.eval.get("query_split") or config.input.eval_split, None)]
   for item in filter(None, (s.strip() for s in config.eval.splits.split(","))):
-    name, _, split = item.partition(":")
-    out.append((name, split or "test"))
+    name, _, rest = item.partition(":")
+    split, _, label_key = rest.partition(":")
+    out.append((name, split or "test", label_key or LABEL_KEYS.get(name)))
   return out
 
 
@@ -101,8 +154,9 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
   sizes, trained = eval_sizes(config)
   dtype = extract_lib.feature_dtype(ev.feature_dtype)
   query_sets = _query_datasets(config)
-  sources = {name: pipeline.open_source(config.input, dataset=name) for name, _ in query_sets}
-  for name, split in query_sets:  # Unknown splits fail here, before any compilation.
+  sources = {name: pipeline.open_source(config.input, dataset=name, label_key=key)
+             for name, _, key in query_sets}
+  for name, split, _ in query_sets:  # Unknown splits fail here, before any compilation.
     sources[name].num_examples(split)
   mesh = sharding.make_mesh(config.mesh, devices)
   model, params, batch_stats, step = train_lib.restore_for_eval(config, workdir, mesh,
@@ -117,15 +171,17 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
         model, params, batch_stats, source=main_source, reader=main_reader,
         split=ev.database_split, input_cfg=config.input, mesh=mesh, dtype=dtype,
         max_examples=ev.get("max_database"), description=f"database {ev.database_split}")
-  queries, per_size = {}, {}
-  for name, split in query_sets:
+  queries, per_size, unlabelled = {}, {}, {}
+  for name, split, _ in query_sets:
     source = sources[name]
     reader = main_reader if name == config.input.dataset else pipeline.make_reader(
         config.input, source)
-    queries[name] = extract_lib.extract(
+    extracted = extract_lib.extract(
         model, params, batch_stats, source=source, reader=reader, split=split,
         input_cfg=config.input, mesh=mesh, dtype=dtype, flip=ev.flip_tta,
         description=f"queries {name}:{split}")
+    queries[name] = extracted.labelled()  # multi-label: images without a label left out
+    unlabelled[name] = len(extracted.labels) - len(queries[name].labels)
     if ev.save_features:
       outdir = paths.join(workdir, "eval", name)
       queries[name].save(outdir, split)
@@ -150,9 +206,11 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint_step: int | None = N
                             queries[config.input.dataset], sizes=sizes, trained=trained,
                             search=search, knn_ks=knn_ks, retrieval_ks=retrieval_ks)
   all_results = {}
-  for name, split in query_sets:
+  for name, split, _ in query_sets:
     results = {
         "model": model.signature, "checkpoint_step": step, "dataset": name, "split": split,
+        "multi_label": bool(queries[name].labels.ndim == 2),
+        "num_unlabelled_excluded": unlabelled[name],
         "database_split": ev.database_split if database is not None else None,
         "num_queries": int(len(queries[name].labels)),
         "num_database": int(len(database.labels)) if database is not None else 0,

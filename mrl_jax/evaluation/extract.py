@@ -20,23 +20,34 @@ from mrl_jax import utils
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
 from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import metrics
 
 FEATURE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 @dataclasses.dataclass
 class Features:
-  """z [N, d] (and z of the flipped images for TTA) with integer labels [N]."""
+  """z [N, d] (and z of the flipped images for TTA) with labels: int64 [N], or for multi-label
+  data padded class-id lists int32 [N, L] (-1: none; metrics.label_lists)."""
   z: np.ndarray
   labels: np.ndarray
   z_flipped: np.ndarray | None = None
 
   def save(self, directory, prefix: str) -> None:
-    """`<prefix>_X.npy` [N, d] and `<prefix>_y.npy` int64 [N] (process 0 only)."""
+    """`<prefix>_X.npy` [N, d] and `<prefix>_y.npy` int64 [N] (multi-label: [N, L], -1
+    padded), process 0 only."""
     if not utils.is_main_process():
       return
     paths.save_npy(paths.join(directory, f"{prefix}_X.npy"), self.z)
     paths.save_npy(paths.join(directory, f"{prefix}_y.npy"), self.labels.astype(np.int64))
+
+  def labelled(self) -> "Features":
+    """Without the examples that have no label (multi-label data, e.g. ImageNet-ReaL)."""
+    keep = metrics.has_label(self.labels)
+    if keep.all():
+      return self
+    return Features(self.z[keep], self.labels[keep],
+                    None if self.z_flipped is None else self.z_flipped[keep])
 
 
 def feature_dtype(name: str):
@@ -87,10 +98,21 @@ def extract(model, params, batch_stats, *, source: pipeline.Source, reader: pipe
       out = jax.device_get(encode(params, batch_stats, b))
       keep = np.asarray(out.pop("mask")) > 0
       for key, value in out.items():
-        parts[key].append(np.asarray(value)[keep])
+        value = np.asarray(value)[keep]
+        parts[key].append(metrics.label_lists(value) if key == "label" and value.ndim == 2
+                          else value)
       bar.update(batch)
   bar.close()
   z = np.concatenate(parts["z"])[:n].astype(dtype)
   return Features(
-      z=z, labels=np.concatenate(parts["label"])[:n].astype(np.int64),
+      z=z, labels=_concat_labels(parts["label"])[:n],
       z_flipped=np.concatenate(parts["z_flipped"])[:n].astype(dtype) if flip else None)
+
+
+def _concat_labels(parts: list[np.ndarray]) -> np.ndarray:
+  """int64 [N], or padded lists [N, L] with L the widest part's."""
+  if parts[0].ndim == 1:
+    return np.concatenate(parts).astype(np.int64)
+  width = max(p.shape[1] for p in parts)
+  return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1])], constant_values=-1)
+                         for p in parts]).astype(np.int32)

@@ -14,23 +14,33 @@ import numpy as np
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """[B] 1.0 where the label is among the k largest logits."""
+  """[B] 1.0 where the label (multi-hot [B, C]: any true label) is among the k largest logits."""
   k = min(k, logits.shape[-1])
   _, top = jax.lax.top_k(logits, k)
+  if labels.ndim == 2:
+    return jnp.any(jnp.take_along_axis(labels, top, axis=-1) > 0, axis=-1).astype(jnp.float32)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
 def accuracy_sums(logits_by_size: dict[int, jax.Array], labels: jax.Array, mask: jax.Array,
                   class_mask: jax.Array | None = None,
                   ks: Sequence[int] = (1, 5)) -> dict[str, jax.Array]:
-  """Masked counts of correct predictions: {'top{k}@{m}': sum}, plus 'count'."""
+  """Masked counts of correct predictions: {'top{k}@{m}': sum}, plus 'count'.
+
+  Multi-hot labels [B, C] give {'prec1@{m}'} (top-1 among the true labels) instead, over the
+  examples that have a label (an unlabelled one, e.g. in ImageNet-ReaL, is left out).
+  """
+  if labels.ndim == 2:
+    mask = mask * (labels.sum(-1) > 0)
+    ks = (1,)
   out = {"count": mask.sum()}
   for m, logits in logits_by_size.items():
     logits = logits.astype(jnp.float32)
     if class_mask is not None:
       logits = jnp.where(class_mask, logits, -jnp.inf)
     for k in ks:
-      out[f"top{k}@{m}"] = (topk_correct(logits, labels, k) * mask).sum()
+      name = "prec1" if labels.ndim == 2 else f"top{k}"
+      out[f"{name}@{m}"] = (topk_correct(logits, labels, k) * mask).sum()
   return out
 
 

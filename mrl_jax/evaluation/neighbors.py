@@ -25,7 +25,8 @@ def metrics_by_size(database_z, database_y, query_sets: dict[str, tuple], sizes,
   k = min(max([*knn_ks, *retrieval_ks]), len(database_y))
   knn_ks = [kk for kk in knn_ks if kk <= k]
   retrieval_ks = [kk for kk in retrieval_ks if kk <= k]
-  counts = np.bincount(database_y, minlength=num_classes or 0)
+  relevant = {name: metrics_lib.relevant_counts(database_y, y, num_classes)
+              for name, (_, y) in query_sets.items()}
   total = sum(len(y) for _, y in query_sets.values()) * len(sizes)
   bar = tqdm(total=total, unit="query", desc="search", disable=not utils.is_main_process(),
              mininterval=2.0)
@@ -33,8 +34,8 @@ def metrics_by_size(database_z, database_y, query_sets: dict[str, tuple], sizes,
     database = database_z if search.chunk_rows else search.prepare(database_z, m)
     for name, (queries_z, queries_y) in query_sets.items():
       _, index = search.search(queries_z, database, m, k, progress=bar.update)
-      out[name][m] = metrics_lib.neighbor_metrics(database_y[index], queries_y, counts, knn_ks,
-                                                  retrieval_ks)
+      out[name][m] = metrics_lib.neighbor_metrics(database_y[index], queries_y,
+                                                  relevant[name], knn_ks, retrieval_ks)
     del database
   bar.close()
   return out
