@@ -15,16 +15,19 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mrl_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "The training run's directory.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to evaluate (default: the latest).")
 flags.DEFINE_string("embeddings", None, "Embeddings-only mode: folder with database_X.npy, "
                     "database_y.npy, queries_X.npy, queries_y.npy.")
-flags.DEFINE_string("sizes", None, "Embeddings-only mode: comma-separated sizes, e.g. 8,16,32.")
+flags.DEFINE_list("sizes", None, "Embeddings-only mode: sizes, e.g. 8,16,32.")
 flags.DEFINE_string("out", None, "Embeddings-only mode: output folder.")
-flags.DEFINE_string("knn_k", "1,10", "Embeddings-only mode: k of the k-NN accuracies.")
-flags.DEFINE_string("retrieval_k", "10,25,50,100", "Embeddings-only mode: k of mAP@k etc.")
+flags.DEFINE_list("knn_k", ["1", "10"], "Embeddings-only mode: k of the k-NN accuracies.")
+flags.DEFINE_list("retrieval_k", ["10", "25", "50", "100"],
+                  "Embeddings-only mode: k of mAP@k etc.")
 flags.DEFINE_integer("query_block", 1024, "Embeddings-only mode: queries per search block.")
 flags.DEFINE_integer("database_block", 65536, "Embeddings-only mode: database rows per block.")
 flags.DEFINE_integer("database_chunk_rows", None, "Embeddings-only mode: database rows held on "
@@ -34,32 +37,24 @@ flags.DEFINE_string("export_embeddings", None, "Checkpoint mode: write database_
                     "this folder instead of evaluating.")
 flags.DEFINE_integer("export_size", None, "With --export_embeddings: keep the first m dims.")
 flags.DEFINE_string("export_dtype", "float32", "With --export_embeddings: float32 or float16.")
-flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
-flags.DEFINE_string("local_device_ids", None, "Multi-host: comma-separated local GPU ids this "
-                    "process drives (default: decided from the launcher, README 'Scaling').")
+cli.define_run_flags()
 
 
 def main(argv):
   del argv
-  from mrl_jax import cli  # pylint: disable=g-import-not-at-top
   return cli.run(_evaluate, verbose=FLAGS.verbose)
 
 
 def _evaluate():
-  from mrl_jax import distributed  # pylint: disable=g-import-not-at-top
-  from mrl_jax import validation  # pylint: disable=g-import-not-at-top
   from mrl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from mrl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   if FLAGS.embeddings:
     if not FLAGS.sizes or not FLAGS.out:
       raise ConfigError("embeddings-only mode needs --sizes (e.g. 8,16,32) and --out")
     results = evaluate.evaluate_embeddings(
-        FLAGS.embeddings, validation.parse_ints(FLAGS.sizes, "--sizes"), FLAGS.out,
-        knn_ks=validation.parse_ints(FLAGS.knn_k, "--knn_k"),
-        retrieval_ks=validation.parse_ints(FLAGS.retrieval_k, "--retrieval_k"),
+        FLAGS.embeddings, cli.ints(FLAGS.sizes, "sizes"), FLAGS.out,
+        knn_ks=cli.ints(FLAGS.knn_k, "knn_k"), retrieval_ks=cli.ints(FLAGS.retrieval_k,
+                                                                      "retrieval_k"),
         query_block=FLAGS.query_block, database_block=FLAGS.database_block,
         database_chunk_rows=FLAGS.database_chunk_rows)
     _print(results)
@@ -67,8 +62,7 @@ def _evaluate():
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ConfigError("give --config and --workdir (checkpoint mode) or --embeddings, --sizes "
                       "and --out (embeddings-only mode)")
-  distributed.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                    FLAGS.local_device_ids)
+  cli.start_processes()
   if FLAGS.export_embeddings:
     rows = evaluate.export_embeddings(FLAGS.config, FLAGS.workdir, FLAGS.export_embeddings,
                                       size=FLAGS.export_size, dtype=FLAGS.export_dtype,
@@ -92,4 +86,4 @@ def _print(results):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main, flags_parser=__import__("mrl_jax.cli").cli.parse_flags))
+  sys.exit(app.run(main, flags_parser=cli.parse_flags))

@@ -10,7 +10,6 @@ figure.
   python benchmarks/input_pipeline.py --num_images=1024 --threads=1,2
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,6 +18,8 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -86,29 +87,32 @@ def measure(reader: str, data_dir: str, threads: int, num_images: int, batch: in
           "images_per_second_per_thread": n_batches * batch / seconds / threads}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--num_images", type=int, default=1024)
-  parser.add_argument("--threads", default="1,2")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args._measure:  # pylint: disable=protected-access
-    reader, threads = args._measure.split(":")  # pylint: disable=protected-access
-    print(json.dumps(measure(reader, args.data_dir, int(threads), args.num_images, args.batch)))
-    return
-  data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "mrl_jax_bench_tfds")
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_images", 1024, "synthetic JPEGs in the benchmark dataset")
+flags.DEFINE_list("threads", ["1", "2"], "reader threads to measure")
+flags.DEFINE_integer("batch", 64, "batch size")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: a temporary one)")
+flags.DEFINE_string("measure", None, "internal: 'reader:threads' measured in a subprocess")
+
+
+def main(argv):
+  del argv
+  if FLAGS.measure:
+    reader, threads = FLAGS.measure.split(":")
+    print(json.dumps(measure(reader, FLAGS.data_dir, int(threads), FLAGS.num_images,
+                             FLAGS.batch)))
+    return 0
+  data_dir = FLAGS.data_dir or os.path.join(tempfile.gettempdir(), "mrl_jax_bench_tfds")
   from mrl_jax.data import builtin  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  builtin.prepare_both_formats(_builder_cls(args.num_images), data_dir)
+  builtin.prepare_both_formats(_builder_cls(FLAGS.num_images), data_dir)
   print(f"dataset ready in {time.perf_counter() - t0:.1f}s ({data_dir})", flush=True)
   rows = []
-  for threads in [int(t) for t in args.threads.split(",")]:
+  for threads in [int(t) for t in FLAGS.threads]:
     for reader in ("grain", "tf_data"):
       out = subprocess.run(
-          [sys.executable, __file__, f"--_measure={reader}:{threads}", f"--data_dir={data_dir}",
-           f"--num_images={args.num_images}", f"--batch={args.batch}"],
+          [sys.executable, __file__, f"--measure={reader}:{threads}", f"--data_dir={data_dir}",
+           f"--num_images={FLAGS.num_images}", f"--batch={FLAGS.batch}"],
           capture_output=True, text=True, check=True, env=dict(os.environ,
                                                               TF_CPP_MIN_LOG_LEVEL="2"))
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -117,7 +121,8 @@ def main():
   for r in rows:
     print(f"| {r['reader']} | {r['threads']} | {r['images_per_second']:.0f} | "
           f"{r['images_per_second_per_thread']:.0f} |")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -16,12 +16,14 @@ run (so CPU MFU is "fraction of what this CPU's matmul reaches", not a hardware 
   python benchmarks/train_throughput.py --batch=256 --steps=20 --append=BENCHMARKS.md  # GPU
 """
 
-import argparse
 import datetime
 import os
 import resource
 import sys
 import time
+
+from absl import app
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -76,15 +78,18 @@ class Runner:
   def __init__(self, config, batches=None):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
+    from mrl_jax import models  # pylint: disable=g-import-not-at-top
     from mrl_jax import optim  # pylint: disable=g-import-not-at-top
     from mrl_jax import sharding  # pylint: disable=g-import-not-at-top
+    from mrl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
     from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh)
-    model, abstract_params, _ = train_lib.build_model(config)
+    spec = models.resolve(config)
+    model, abstract_params, _ = state_lib.build_model(config, spec)
     schedule = optim.make_schedule(config, steps_per_epoch=1000, total_steps=100_000)
-    tx = optim.make_optimizer(config, abstract_params, schedule)
-    self.state, state_sharding = train_lib.create_train_state(config, tx, self.mesh)
+    tx = optim.make_optimizer(config, spec, abstract_params, schedule)
+    self.state, state_sharding = state_lib.create_train_state(config, spec, tx, self.mesh)
     step_fn = train_lib.make_train_step(config, model, tx, schedule, self.mesh, state_sharding)
     size, channels = config.input.image_size, config.model.in_channels
     b = config.input.batch_size
@@ -148,22 +153,25 @@ def real_batches(config, data_dir: str):
       sharding.batch_sharding(mesh), prefetch=4)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="resnet50,vit_b16")
-  parser.add_argument("--batch", type=int, default=8, help="global batch")
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-  parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
-  parser.add_argument("--real_data", action="store_true")
-  parser.add_argument("--data_dir", default="/tmp/mrl_jax_bench_tfds")
-  parser.add_argument("--append", default="", help="append the table to this markdown file")
-  args = parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["resnet50", "vit_b16"], "models to measure")
+flags.DEFINE_integer("batch", 8, "global batch")
+flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
+flags.DEFINE_integer("steps", 5, "steps per timed round")
+flags.DEFINE_integer("rounds", 3, "alternating timed rounds")
+flags.DEFINE_bool("real_data", False, "also time ResNet-50 fed by the real input pipeline")
+flags.DEFINE_string("data_dir", "/tmp/mrl_jax_bench_tfds", "TFDS data_dir of the real data")
+flags.DEFINE_string("append", "", "append the table to this markdown file")
+
+
+def main(argv):
+  del argv
+  args = FLAGS
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   peak, peak_kind = peak_flops(device)
   rows = []
-  for name in args.models.split(","):
+  for name in args.models:
     d = 2048 if name == "resnet50" else 768
     runners = {"mrl": Runner(load_config(name, "mrl", args.dtype, args.batch)),
                "ff_full": Runner(load_config(name, f"ff={d}", args.dtype, args.batch))}
@@ -202,4 +210,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       head="mrl",  # mrl | mrle | ff
       nesting="halving:8",  # 'halving:<min>', 'full' or '8,16,32,...'
       ff_size=config_dict.placeholder(int),  # FF-m: the one size read by the head
-      weights="",  # '' (all 1) or one weight per size: '1,1,1,...'
+      weights=(),  # () (all 1) or one weight per size: (1.0, 1.0, ...)
       sizes_per_step=0,  # 0 = all sizes every step; k = sample k sizes per step
       keep_smallest=True, keep_largest=True,
       head_init="lecun_normal",  # lecun_normal | torch_linear (PyTorch nn.Linear's init)
@@ -128,26 +128,29 @@ def base_config() -> ml_collections.ConfigDict:
       strategy="replicate",  # replicate | fsdp (shard params >= fsdp_min_size_mb over 'fsdp')
       fsdp_min_size_mb=4.0))
 
+  # List-valued fields are tuples; on the command line: --config.eval.knn_k='(1,10)'.
   c.eval = ml_collections.ConfigDict(dict(
-      splits="",  # extra eval datasets, e.g. 'imagenet_v2,imagenet_a'
+      # Extra eval datasets 'name[:split[:label_key]]', e.g. ('imagenet_v2:test', 'imagenet_a').
+      splits=(),
       database_split="train", query_split=config_dict.placeholder(str),  # default: eval_split
-      extra_sizes="",  # interpolated sizes, e.g. '12,24,48'
-      linear=True, knn=True, knn_k="1,10", retrieval_k="10,25,50,100",
+      extra_sizes=(),  # interpolated sizes, e.g. (12, 24, 48)
+      linear=True, knn=True, knn_k=(1, 10), retrieval_k=(10, 25, 50, 100),
       flip_tta=False, feature_dtype="float32", save_features=False,
       query_block=1024, database_block=65536, max_database=config_dict.placeholder(int),
       # Rows of the database held on the devices at once (None: all of it); a database larger
       # than device memory streams from host in chunks of this many rows.
       database_chunk_rows=config_dict.placeholder(int),
       # Adaptive retrieval: every (Ds, Dr, K) of the lists, plus funnels
-      # 'Ds:Dr1,Dr2,..:K1,K2,..;...'; rerank_sizes '' = the feature dim.
-      adaptive_retrieval=False, shortlist_sizes="8,16", rerank_sizes="", shortlist_k="200",
-      funnels="",
+      # ((Ds, (Dr1, Dr2, ...), (K1, K2, ...)), ...); rerank_sizes () = the feature dim.
+      adaptive_retrieval=False, shortlist_sizes=(8, 16), rerank_sizes=(), shortlist_k=(200,),
+      funnels=(),
       # Adaptive classification cascades (thresholds fitted on ac_holdout of the queries).
-      adaptive_classification=False, ac_holdout=0.2, ac_seeds=30, ac_caps="",
-      # Baselines from this model's features: svd,pca,random_projection,random_subset.
-      baselines="", probe_steps=200, probe_l2=1e-4,
-      # n-shot nearest-class-mean accuracy, e.g. '1,5,25'.
-      fewshot_shots="", fewshot_draws=5))
+      adaptive_classification=False, ac_holdout=0.2, ac_seeds=30, ac_caps=(),
+      # Baselines from this model's features, any of
+      # ('svd', 'pca', 'random_projection', 'random_subset').
+      baselines=(), probe_steps=200, probe_l2=1e-4,
+      # n-shot nearest-class-mean accuracy, e.g. (1, 5, 25).
+      fewshot_shots=(), fewshot_draws=5))
   return c
 
 
@@ -186,17 +189,17 @@ def builtin_resnet_config(arg: str | None, *, dataset: str, image_size: int, pad
   # Interpolated (untrained) sizes between the halving sizes: 3, 6, 12, ... below d.
   extra = [3 * 2**k for k in range(12) if 3 * 2**k < 8 * c.model.width]
   d = 8 * c.model.width
-  c.eval.update(database_split="train", knn_k="1,5", retrieval_k="10,25,50,100",
-                query_block=512, database_block=database_block,
-                extra_sizes=",".join(map(str, extra)),
-                adaptive_retrieval=True, shortlist_sizes="2,4,8", rerank_sizes=str(d),
-                shortlist_k="50", funnels=f"2:4,8,16,{d}:200,100,50,10",
+  c.eval.update(database_split="train", knn_k=(1, 5), retrieval_k=(10, 25, 50, 100),
+                query_block=512, database_block=database_block, extra_sizes=tuple(extra),
+                adaptive_retrieval=True, shortlist_sizes=(2, 4, 8), rerank_sizes=(d,),
+                shortlist_k=(50,), funnels=((2, (4, 8, 16, d), (200, 100, 50, 10)),),
                 adaptive_classification=True, ac_seeds=30,
-                baselines="svd,pca,random_projection,random_subset", fewshot_shots="1,5")
+                baselines=("svd", "pca", "random_projection", "random_subset"),
+                fewshot_shots=(1, 5))
   if arg.runlocal:
     c.model.width = 4
-    c.eval.update(extra_sizes="3,6,12,24", rerank_sizes="32", funnels="2:4,8,32:100,50,10",
-                  ac_seeds=3, probe_steps=50)
+    c.eval.update(extra_sizes=(3, 6, 12, 24), rerank_sizes=(32,),
+                  funnels=((2, (4, 8, 32), (100, 50, 10)),), ac_seeds=3, probe_steps=50)
     c.input.batch_size = 32
     c.total_epochs = 0.0
     c.total_steps = 6

@@ -25,5 +25,5 @@ def get_config(arg=None):
   c.loss.name = "sigmoid_xent"
   c.mrl.head_bias_init = math.log(0.175 / 0.825)
   # Cascades, the probe baselines and few-shot NCM are single-label evaluations.
-  c.eval.update(adaptive_classification=False, baselines="", fewshot_shots="")
+  c.eval.update(adaptive_classification=False, baselines=(), fewshot_shots=())
   return c

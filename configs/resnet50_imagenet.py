@@ -84,24 +84,25 @@ def get_config(arg=None):
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2500
   c.keep_checkpoints = 3
-  c.eval.update(database_split="train", knn_k="1", retrieval_k="10,25,50,100",
-                extra_sizes="12,24,48,96,192,384,768,1536", feature_dtype="float32",
+  c.eval.update(database_split="train", knn_k=(1,), retrieval_k=(10, 25, 50, 100),
+                extra_sizes=(12, 24, 48, 96, 192, 384, 768, 1536), feature_dtype="float32",
                 query_block=1024, database_block=65536,
                 # The paper's adaptive retrieval (K=200 -> 2048) and funnels, and cascades.
-                adaptive_retrieval=True, shortlist_sizes="8,16,32", rerank_sizes="512,2048",
-                shortlist_k="200",
-                funnels=("8:16,32,64,128,2048:800,400,200,50,10;"
-                         "16:32,64,128,2048:800,400,200,50;32:64,128,2048:800,400,200"),
+                adaptive_retrieval=True, shortlist_sizes=(8, 16, 32), rerank_sizes=(512, 2048),
+                shortlist_k=(200,),
+                funnels=((8, (16, 32, 64, 128, 2048), (800, 400, 200, 50, 10)),
+                         (16, (32, 64, 128, 2048), (800, 400, 200, 50)),
+                         (32, (64, 128, 2048), (800, 400, 200))),
                 adaptive_classification=True, ac_seeds=30,
                 # ImageNet-ReaL (Beyer et al. 2020): the validation images' reassessed,
                 # multi-label labels; images without one are left out, as the ViT papers do.
-                splits="imagenet2012_real:validation")
+                splits=("imagenet2012_real:validation",))
   if arg.runlocal:  # the real architecture at width 8 and 64px: mock-data tests on CPU.
     c.model.width = 8
-    c.eval.splits = ""
+    c.eval.splits = ()
     c.mrl.nesting = "halving:8"
-    c.eval.update(extra_sizes="12,24,48,96,192", rerank_sizes="256",
-                  funnels="8:16,32,256:16,8,4", shortlist_k="16")
+    c.eval.update(extra_sizes=(12, 24, 48, 96, 192), rerank_sizes=(256,),
+                  funnels=((8, (16, 32, 256), (16, 8, 4)),), shortlist_k=(16,))
     c.input.batch_size = 8
     c.input.image_size = 64
     c.input.pp_eval.resize_size = 72

@@ -54,11 +54,11 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_steps = 10_000
   c.checkpoint_every_steps = 2500
-  c.eval.update(database_split=train_split, knn_k="1", retrieval_k="10",
-                extra_sizes="16,32,64,128,256,512")
+  c.eval.update(database_split=train_split, knn_k=(1,), retrieval_k=(10,),
+                extra_sizes=(16, 32, 64, 128, 256, 512))
   if arg.runlocal:
     c.model.update(variant="Ti/16", image_size=32, dropout_rate=0.0, num_layers=2)
-    c.eval.extra_sizes = "16,32,64,128"
+    c.eval.extra_sizes = (16, 32, 64, 128)
     c.num_classes = 10
     c.input.update(batch_size=8, image_size=32)
     c.input.pp_eval.resize_size = 36

@@ -18,7 +18,6 @@ the paper's claims (a)-(f), computed, not interpreted); summary.json; paper_clai
 Runs live in --workdir and are reused, so an interrupted script resumes where it stopped.
 """
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -32,6 +31,9 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
 
 METRICS = {"linear_top1": "Linear (head) top-1 (%)", "knn1_top1": "1-NN top-1 (%)",
            "map@10": "mAP@10 (%, the paper's convention)"}
@@ -105,18 +107,18 @@ def make_config(setup: Setup, run: Run):
   start = 1 if len(sizes) >= 4 else 0
   stages = sizes[start + 1:]
   ev.update(adaptive_retrieval=run.method == "mrl", adaptive_classification=run.method == "mrl",
-            shortlist_sizes=",".join(str(m) for m in sizes[:3] if m < sizes[-1]),
-            rerank_sizes=str(sizes[-1]), shortlist_k="50",
-            funnels=f"{sizes[start]}:" + ",".join(map(str, stages)) + ":" + ",".join(
-                str(max(10, 400 >> j)) for j in range(len(stages))),
-            baselines="", fewshot_shots="", probe_steps=setup.probe_steps,
-            ac_seeds=setup.ac_seeds, knn_k="1", retrieval_k="10")
+            shortlist_sizes=tuple(m for m in sizes[:3] if m < sizes[-1]),
+            rerank_sizes=(sizes[-1],), shortlist_k=(50,),
+            funnels=((sizes[start], tuple(stages),
+                      tuple(max(10, 400 >> j) for j in range(len(stages)))),),
+            baselines=(), fewshot_shots=(), probe_steps=setup.probe_steps,
+            ac_seeds=setup.ac_seeds, knn_k=(1,), retrieval_k=(10,))
   if run.method == "ff":
     if run.size == setup.feature_dim:  # the standard model: every prefix and the baselines
-      ev.baselines = ",".join(BASELINES)
+      ev.baselines = tuple(BASELINES)
     else:  # FF-m is evaluated at m only
       config.mrl.nesting = str(run.size)
-      ev.extra_sizes = ""
+      ev.extra_sizes = ()
   return config
 
 
@@ -228,7 +230,7 @@ def claims(setup: Setup, table, retrieval, classification) -> list[dict]:
   worst = min(gaps, key=gaps.get)
   out.append(dict(claim="a", text="MRL within about 1 point of FF-m at every size (linear)",
                   holds=all(g >= -1.0 for g in gaps.values()),
-                  detail=f"MRL - FF per size: " + ", ".join(f"{m}: {g:+.2f}" for m, g in
+                  detail="MRL - FF per size: " + ", ".join(f"{m}: {g:+.2f}" for m, g in
                                                             gaps.items())
                   + f"; worst {gaps[worst]:+.2f} at m = {worst}"))
 
@@ -247,7 +249,7 @@ def claims(setup: Setup, table, retrieval, classification) -> list[dict]:
   rest = [abs(g) for m, g in e_gaps.items() if m != smallest]
   out.append(dict(claim="c", text="MRL-E close to MRL except at the smallest size (linear)",
                   holds=max(rest) <= 1.0,
-                  detail=f"MRL-E - MRL per size: " + ", ".join(
+                  detail="MRL-E - MRL per size: " + ", ".join(
                       f"{m}: {g:+.2f}" for m, g in e_gaps.items())))
 
   interpolated = sorted(m for m in table["knn1_top1"]["MRL"] if m not in sizes)
@@ -432,35 +434,31 @@ def _earlier_seconds(out: str) -> dict[str, float]:
     return {}
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
-  p.add_argument("--dataset", choices=sorted(DATASETS))
-  p.add_argument("--seeds", type=int)
-  p.add_argument("--width", type=int, help="feature dim d = 8 * width")
-  p.add_argument("--epochs", type=float)
-  p.add_argument("--total_steps", type=int)
-  p.add_argument("--data_dir", default=None, help="TFDS data_dir (default: TFDS's)")
-  p.add_argument("--workdir", default=None, help="runs (default runs/paper_claims/<setup>)")
-  p.add_argument("--out", default=None, help="results (default docs/paper_claims/<setup>; "
-                                                "--quick: <workdir>/results)")
-  return p.parse_args(argv)
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "smoke run: " + json.dumps(QUICK))
+flags.DEFINE_enum("dataset", None, sorted(DATASETS), "the built-in dataset (default mnist)")
+flags.DEFINE_integer("seeds", None, "seeds per method")
+flags.DEFINE_integer("width", None, "feature dim d = 8 * width")
+flags.DEFINE_float("epochs", None, "epochs per run")
+flags.DEFINE_integer("total_steps", None, "steps per run (overrides epochs)")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS's)")
+flags.DEFINE_string("workdir", None, "runs (default runs/paper_claims/<setup>)")
+flags.DEFINE_string("out", None, "results (default docs/paper_claims/<setup>; --quick: "
+                    "<workdir>/results)")
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
-  values = dict(QUICK) if args.quick else {}
+def main(argv) -> int:
+  values = dict(QUICK) if FLAGS.quick else {}
   for key in ("dataset", "seeds", "width", "epochs", "total_steps"):
-    if getattr(args, key) is not None:
-      values[key] = getattr(args, key)
-  setup = Setup(data_dir=args.data_dir, **values)
-  tag = f"{setup.dataset}_d{setup.feature_dim}" + ("_quick" if args.quick else "")
-  workdir = args.workdir or os.path.join(REPO, "runs", "paper_claims", tag)
-  out = args.out or (os.path.join(workdir, "results") if args.quick else
-                     os.path.join(REPO, "docs", "paper_claims", tag))
+    if FLAGS[key].value is not None:
+      values[key] = FLAGS[key].value
+  setup = Setup(data_dir=FLAGS.data_dir, **values)
+  tag = f"{setup.dataset}_d{setup.feature_dim}" + ("_quick" if FLAGS.quick else "")
+  workdir = FLAGS.workdir or os.path.join(REPO, "runs", "paper_claims", tag)
+  out = FLAGS.out or (os.path.join(workdir, "results") if FLAGS.quick else
+                      os.path.join(REPO, "docs", "paper_claims", tag))
 
   import jax  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   # Runs share compiled functions (every seed's train step; every run's encoder and searches).
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
@@ -486,8 +484,7 @@ def main(argv=None) -> dict:
   retrieval = adaptive_retrieval_rows(results)
   classification = adaptive_classification_rows(results)
   claim_rows = claims(setup, table, retrieval, classification)
-  command = "python experiments/paper_claims.py " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:])
+  command = "python experiments/paper_claims.py " + " ".join(argv[1:])
   meta = {"command": command.strip(), "seconds_per_run": seconds, "reused_runs": reused,
           "total_seconds": sum(seconds.values()), "workdir": workdir,
           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
@@ -496,9 +493,8 @@ def main(argv=None) -> dict:
   for c in claim_rows:
     print(f"({c['claim']}) {'holds' if c['holds'] else 'does NOT hold'}: {c['detail']}")
   print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
-  return {"out": out, "table": table, "claims": claim_rows, "retrieval": retrieval,
-          "classification": classification}
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -14,6 +14,7 @@ from absl import logging
 import orbax.checkpoint as ocp
 
 from mrl_jax import paths
+from mrl_jax.errors import CheckpointError
 from mrl_jax.errors import ConfigError
 
 
@@ -92,8 +93,8 @@ class Checkpointer:
         continue
       return restored["state"], meta, step
     if steps:
-      raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be "
-                         "restored; move the directory away to start from scratch")
+      raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be "
+                            "restored; move the directory away to start from scratch")
     return None
 
   def read(self, step: int) -> tuple[dict, dict]:

@@ -1,13 +1,22 @@
-"""What train.py and eval.py share around their work: process setup and error reporting.
+"""What train.py and eval.py share around their work: flags, process setup, error reporting.
 
 User mistakes (ConfigError) print one line and exit with code 2, with no traceback unless
---verbose; a non-finite loss exits with code 3; anything else is a bug and keeps its traceback.
+--verbose; a non-finite loss exits with code 3, an unreadable or unwritable checkpoint with 4;
+anything else is a bug and keeps its traceback. This module imports neither JAX nor TF, so
+--help and flag errors stay fast.
 """
 
 import os
 import re
 import sys
 import traceback
+
+from absl import flags
+from absl import logging
+
+from mrl_jax.errors import CheckpointError
+from mrl_jax.errors import ConfigError
+from mrl_jax.errors import NonFiniteError
 
 # Quieter TF/XLA start-up logs; must be set before tensorflow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,6 +26,38 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+
+
+def define_run_flags() -> None:
+  """The flags train.py and eval.py share: tracebacks, and the multi-process start."""
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
+  flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+  flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+  flags.DEFINE_string("local_device_ids", None, "Multi-host: comma-separated local GPU ids "
+                      "this process drives (default: decided from the launcher, README "
+                      "'Scaling').")
+
+
+def start_processes() -> None:
+  """distributed.start with the flags of define_run_flags."""
+  from mrl_jax import distributed  # pylint: disable=g-import-not-at-top  (imports jax)
+  f = flags.FLAGS
+  distributed.start(f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids)
+
+
+def ints(values, flag: str) -> tuple[int, ...]:
+  """A list flag's values as integers >= 1 (one-line error otherwise)."""
+  out = []
+  for v in values or ():
+    try:
+      out.append(int(v))
+    except ValueError:
+      raise ConfigError(f"--{flag}={','.join(values)} is not a list of integers") from None
+    if out[-1] < 1:
+      raise ConfigError(f"--{flag} has {v}; allowed: integers >= 1")
+  return tuple(out)
 
 
 def run(fn, *, verbose: bool = False) -> int:
@@ -25,12 +66,8 @@ def run(fn, *, verbose: bool = False) -> int:
   The console shows our progress lines and warnings; absl INFO logs (jax backend probing, clu's
   per-step records) only with --verbosity=0 (the records are in TensorBoard and metrics.jsonl).
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from mrl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from mrl_jax.train_lib import NonFiniteError  # pylint: disable=g-import-not-at-top
   try:
     return fn() or 0
   except ConfigError as e:
@@ -41,6 +78,9 @@ def run(fn, *, verbose: bool = False) -> int:
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_NONFINITE
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_CHECKPOINT
 
 
 def _one_line(error: BaseException) -> str:
@@ -55,7 +95,6 @@ def _one_line(error: BaseException) -> str:
 def parse_flags(argv):
   """absl flags parser for app.run: a bad flag, config file, config arg or override (e.g. a
   typo under lock_config) is one line and exit code 2, not a usage dump or a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS.config is not None:

@@ -23,14 +23,17 @@ import numpy as np
 import optax
 from absl import app
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import cli
 from mrl_jax import models
 from mrl_jax import optim
 from mrl_jax import paths
 from mrl_jax import sharding
-from mrl_jax import train_lib
+from mrl_jax import state as state_lib
+from mrl_jax import validation
 from mrl_jax import workdir as workdir_lib
 from mrl_jax.errors import ConfigError
 from mrl_jax.models import torchvision_layout
@@ -61,19 +64,13 @@ def _list(keys, limit=6) -> str:
   return "[" + ", ".join(keys[:limit]) + "]" + more
 
 
-def _entries(config, encoder, state_dict) -> list[torchvision_layout.Entry]:
-  head = config.mrl.head
-  sizes = models.head_sizes(config)
-  old_mrle = head == "mrle" and "fc.weight" in state_dict
-  return (torchvision_layout.encoder_entries(encoder)
-          + torchvision_layout.head_entries(head, sizes, old_mrle=old_mrle))
-
-
-def convert(state_dict: dict[str, np.ndarray], config, abstract_params, abstract_batch_stats,
-            source: str = "the checkpoint"):
+def convert(state_dict: dict[str, np.ndarray], config, spec, abstract_params,
+            abstract_batch_stats, source: str = "the checkpoint"):
   """(params, batch_stats): the abstract trees with every leaf a converted numpy array."""
-  encoder = _abstract_encoder(config)
-  entries = _entries(config, encoder, state_dict)
+  encoder = nnx.eval_shape(lambda: models.create_model(config, spec, nnx.Rngs(0))).encoder
+  old_mrle = spec.head == "mrle" and "fc.weight" in state_dict
+  entries = (torchvision_layout.encoder_entries(encoder)
+             + torchvision_layout.head_entries(spec.head, spec.head_sizes, old_mrle=old_mrle))
   blur_keys = set(torchvision_layout.blur_filter_keys(encoder))
   expected = {e.torch_key for e in entries} | blur_keys
   given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
@@ -105,11 +102,6 @@ def convert(state_dict: dict[str, np.ndarray], config, abstract_params, abstract
   return _fill(abstract_params, out["params"]), _fill(abstract_batch_stats, out["batch_stats"])
 
 
-def _abstract_encoder(config):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return nnx.eval_shape(lambda: models.create_model(config, nnx.Rngs(0))).encoder
-
-
 def _flat(tree) -> dict:
   out = {}
   jax.tree_util.tree_map_with_path(
@@ -125,27 +117,28 @@ def _fill(tree, values: dict):
 
 def convert_checkpoint(checkpoint, config, workdir) -> int:
   """Writes the converted step-0 checkpoint and config.json into workdir; returns the step."""
-  if config.model_name != "resnet":
+  spec = validation.validate_model(config)
+  if spec.model_name != "resnet":
     raise ConfigError("released PyTorch MRL checkpoints are ResNets; config.model_name="
-                      f"{config.model_name!r}")
+                      f"{spec.model_name!r}")
   workdir = paths.path(workdir)
   ckpt_dir = paths.join(workdir, "checkpoints")
   if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
     raise ConfigError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir")
   state_dict = load_state_dict(checkpoint)
-  model, abstract_params, abstract_batch_stats = train_lib.build_model(config)
-  params, batch_stats = convert(state_dict, config, abstract_params, abstract_batch_stats,
-                                source=str(checkpoint))
+  _, abstract_params, abstract_batch_stats = state_lib.build_model(config, spec)
+  params, batch_stats = convert(state_dict, config, spec, abstract_params,
+                                abstract_batch_stats, source=str(checkpoint))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
-  tx = optim.make_optimizer(config, abstract_params, optax.constant_schedule(0.0))
-  state, _ = train_lib.create_train_state(config, tx, mesh)
+  tx = optim.make_optimizer(config, spec, abstract_params, optax.constant_schedule(0.0))
+  state, _ = state_lib.create_train_state(config, spec, tx, mesh)
   place = lambda values, like: jax.tree.map(lambda v, x: jax.device_put(v, x.sharding),
                                            values, like)
   state = state.replace(params=place(params, state.params),
                         batch_stats=place(batch_stats, state.batch_stats))
   workdir_lib.check(workdir, config)
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every_steps=1, keep=config.keep_checkpoints)
-  ckpt.save(0, state, {"signature": model.signature, "step": 0, "data_position": 0,
+  ckpt.save(0, state, {"signature": spec.signature, "step": 0, "data_position": 0,
                        "converted_from": str(checkpoint)}, force=True)
   ckpt.close()
   workdir_lib.record(workdir, config)
@@ -157,7 +150,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from mrl_jax import cli  # pylint: disable=g-import-not-at-top
 
   def run():
     convert_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir)
@@ -173,5 +165,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Where to write the converted checkpoint.")
   flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
   flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
-  from mrl_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  sys.exit(app.run(main, flags_parser=_cli.parse_flags))
+  sys.exit(app.run(main, flags_parser=cli.parse_flags))

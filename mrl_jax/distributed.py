@@ -32,6 +32,7 @@ import socket
 from collections.abc import Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mrl_jax.errors import ConfigError
@@ -204,7 +205,6 @@ def process_table() -> tuple[dict, ...]:
   hosts = [""] * n
   hosts[jax.process_index()] = _host()
   if n > 1 and len(set(counts.values())) == 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     mine = np.frombuffer(_host().encode()[:64].ljust(64, b"\0"), np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(mine)).reshape(n, -1)
     hosts = [bytes(h).rstrip(b"\0").decode() for h in gathered]

@@ -107,17 +107,20 @@ def matryoshka_loss(logits_by_size: Mapping[int, jax.Array], labels: jax.Array, 
   return total, metrics
 
 
-def parse_weights(spec, sizes: tuple[int, ...]) -> tuple[float, ...]:
-  """config.mrl.weights: None/'' (all 1) or a comma-separated list / sequence, one per size."""
-  if spec is None or spec == "":
+def nesting_weights(weights, sizes: tuple[int, ...]) -> tuple[float, ...]:
+  """config.mrl.weights: () for all 1, or one weight >= 0 per size."""
+  if isinstance(weights, str):
+    raise ConfigError(f"config.mrl.weights={weights!r} is not a tuple; e.g. (1.0, 2.0)")
+  if not weights:
     return tuple(1.0 for _ in sizes)
-  values = [float(w) for w in (spec.split(",") if isinstance(spec, str) else spec)]
+  values = tuple(float(w) for w in weights)
   if len(values) != len(sizes):
     raise ConfigError(f"config.mrl.weights has {len(values)} values but there are {len(sizes)} "
                       f"nesting sizes {list(sizes)}; give one weight per size")
   if any(w < 0 for w in values):
-    raise ConfigError(f"config.mrl.weights={values} has a negative weight; allowed: w >= 0")
-  return tuple(values)
+    raise ConfigError(f"config.mrl.weights={list(values)} has a negative weight; allowed: "
+                      "w >= 0")
+  return values
 
 
 def sample_nesting_weights(rng: jax.Array, weights: jax.Array, sizes_per_step: int, *,

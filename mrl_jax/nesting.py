@@ -79,3 +79,17 @@ def validate(sizes: Sequence[int], feature_dim: int,
       raise ConfigError(f"nesting size {m} follows {sizes[i - 1]} ({field}); "
                         "sizes must be sorted ascending")
   return tuple(int(m) for m in sizes)
+
+
+def validate_sizes(values, feature_dim: int, field: str) -> tuple[int, ...]:
+  """Representation sizes given in a config list (any order, may be empty): each an integer in
+  [1, feature_dim]."""
+  out = []
+  for m in tuple(values):
+    if isinstance(m, bool) or not isinstance(m, int):
+      raise ConfigError(f"{field} has {m!r}; allowed: integers in [1, {feature_dim}]")
+    if not 1 <= m <= feature_dim:
+      raise ConfigError(f"eval size {m} exceeds feature_dim {feature_dim} ({field}); allowed: "
+                        f"1 <= m <= {feature_dim}")
+    out.append(m)
+  return tuple(out)

@@ -51,20 +51,18 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
     ], [peak])
   warmup = steps_from(sched, "warmup", steps_per_epoch, default=0)
   warmup = min(warmup, max(total_steps - 1, 0))
-  decay_steps = max(total_steps - warmup, 1)
   end = lr * sched.end_lr_factor
   if sched.name == "cosine":
-    main = optax.cosine_decay_schedule(lr, decay_steps, alpha=sched.end_lr_factor)
-  elif sched.name == "linear":
-    main = optax.linear_schedule(lr, end, decay_steps)
-  else:
-    main = optax.constant_schedule(lr)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                              end_value=end)
+  main = (optax.linear_schedule(lr, end, max(total_steps - warmup, 1)) if sched.name == "linear"
+          else optax.constant_schedule(lr))
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def decay_mask(config, params):
+def decay_mask(config, spec, params):
   """True for the parameters that get weight decay, by config.optim.weight_decay_rule."""
   rule = config.optim.weight_decay_rule
   if rule not in DECAY_RULES:
@@ -74,17 +72,18 @@ def decay_mask(config, params):
     return jax.tree.map(lambda p: True, params)
   if rule == "kernels":
     return jax.tree.map(lambda p: p.ndim >= 2, params)
-  names = models.torchvision_param_names(config)
+  names = models.torchvision_param_names(config, spec)
   return jax.tree_util.tree_map_with_path(
       lambda path, p: "bn" not in names[tuple(k.key for k in path)], params)
 
 
-def make_optimizer(config, params, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(config, spec, params,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
   opt = config.optim
   if opt.name not in OPTIMIZERS:
     raise ConfigError(f"unknown optimizer {opt.name!r} (config.optim.name); "
                       f"allowed: {list(OPTIMIZERS)}")
-  mask = decay_mask(config, params)
+  mask = decay_mask(config, spec, params)
   chain = []
   if opt.clip_grad_norm:
     chain.append(optax.clip_by_global_norm(opt.clip_grad_norm))

@@ -1,21 +1,19 @@
-"""Train state, the jit-compiled sharded MRL train step, and the train loop.
+"""The trainer: the jit-compiled sharded MRL train step and the train loop.
 
-The NNX model is split once into static graph definitions (one in train mode, one in eval mode:
-BatchNorm running averages, no dropout) and pure state. The step is `jax.jit` over a pure
-function of (TrainState, batch): merge -> one encoder forward -> every head -> Matryoshka loss ->
-grads -> optax update. It is compiled once with explicit in/out shardings and donates the state
-(STYLE.md §1, §4). The per-step RNG is `fold_in(key, step)`, so a resumed run draws the same
-random numbers as an uninterrupted one.
+The step is `jax.jit` over a pure function of (TrainState, batch): merge -> one encoder forward
+-> every head -> Matryoshka loss -> grads -> optax update. It is compiled once with explicit
+in/out shardings and donates the state. The per-step RNG is `fold_in(key, step)`, so a resumed
+run draws the same random numbers as an uninterrupted one. Building, placing and restoring the
+model and its state live in state.py; the periodic evaluation is the evaluators' linear one on
+the eval split (evaluation/evaluators.py), as in eval.py.
 """
 
 import dataclasses
-import functools
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -29,97 +27,34 @@ from mrl_jax import models
 from mrl_jax import optim
 from mrl_jax import paths
 from mrl_jax import sharding
+from mrl_jax import state as state_lib
 from mrl_jax import utils
 from mrl_jax import validation
 from mrl_jax import workdir as workdir_lib
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
 from mrl_jax.errors import ConfigError
+from mrl_jax.errors import NonFiniteError
+from mrl_jax.evaluation import evaluators
+from mrl_jax.evaluation import extract as extract_lib
 from mrl_jax.evaluation import linear
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 []
-  params: Any  # nnx.State of nnx.Param (pure arrays)
-  batch_stats: Any  # nnx.State of nnx.BatchStat (pure arrays)
-  opt_state: Any
-  rng: jax.Array  # uint32 key data
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: keys jit caches
-class Model:
-  """The static halves of the split model and what the config resolves to."""
-  train_graphdef: Any
-  eval_graphdef: Any
-  nesting: tuple[int, ...]  # sizes that have a head
-  feature_dim: int
-  num_classes: int
-  signature: dict  # identifies the model in checkpoints and summaries
-
-  def apply(self, params, batch_stats, images, *, train: bool = False, rngs=None):
-    """(z [B, d], {m: logits_m [B, C]}); train=True also returns the updated BN statistics."""
-    module = nnx.merge(self.train_graphdef if train else self.eval_graphdef, params, batch_stats)
-    z, logits = module(images, rngs=rngs)
-    if train:
-      return z, logits, nnx.as_pure(nnx.state(module, nnx.BatchStat))
-    return z, logits
-
-  def head_logits(self, params, batch_stats, z):
-    """{m: logits_m} of the heads alone, from stored features z [B, d] (eval mode)."""
-    return nnx.merge(self.eval_graphdef, params, batch_stats).heads(z)
-
-
-def _split(module):
-  graphdef, params, batch_stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError(f"model has state other than Param/BatchStat: {rest}")
-  return graphdef, nnx.as_pure(params), nnx.as_pure(batch_stats)
-
-
-def model_signature(config) -> dict:
-  """What makes two checkpoints interchangeable: encoder, head, nesting, classes."""
-  m = config.model
-  if config.model_name == "resnet":
-    encoder = (f"resnet{m.depth}(width={m.get('width', 64)},stem={m.get('stem', 'imagenet')},"
-               f"in_channels={m.get('in_channels', 3)})")
-  else:
-    encoder = (f"vit-{m.variant}(image_size={m.image_size},pool={m.get('pool', 'cls')},"
-               f"in_channels={m.get('in_channels', 3)}"
-               + (f",num_layers={m.num_layers}" if m.get("num_layers") else "") + ")")
-  return {"encoder": encoder, "head": config.mrl.head, "nesting": list(models.head_sizes(config)),
-          "num_classes": int(config.num_classes), "feature_dim": models.feature_dim(config)}
-
-
-def build_model(config) -> tuple[Model, Any, Any]:
-  """(Model, abstract params, abstract batch_stats) without allocating any parameter."""
-  abstract = nnx.eval_shape(lambda: models.create_model(config, nnx.Rngs(config.seed)))
-  train_graphdef, params, batch_stats = _split(abstract)
-  eval_view = nnx.view(abstract, use_running_average=True, deterministic=True,
-                       raise_if_not_found=False)
-  eval_graphdef, _, _ = _split(eval_view)
-  model = Model(train_graphdef, eval_graphdef, tuple(abstract.heads.nesting),
-                abstract.encoder.feature_dim, config.num_classes, model_signature(config))
-  return model, params, batch_stats
-
-
-def dry_run(config, workdir: str) -> dict:
+def dry_run(config, workdir) -> dict:
   """Builds model and heads abstractly, prints the parameter table, writes model_summary.json."""
-  validation.validate_model(config)
-  model, params, batch_stats = build_model(config)
-  encoder_params = params["encoder"]
-  head_params = params["heads"]
+  spec = validation.validate_model(config)
+  _, params, batch_stats = state_lib.build_model(config, spec)
   print(utils.parameter_table(params))
   summary = {
-      "encoder": model.signature["encoder"],
-      "model_name": config.model_name,
-      "feature_dim": model.feature_dim,
-      "num_classes": model.num_classes,
-      "nesting_sizes": list(models.nesting_sizes(config)),
-      "head_sizes": list(model.nesting),
-      "head": config.mrl.head,
-      "num_params_encoder": utils.count_params(encoder_params),
-      "num_params_heads": utils.count_params(head_params),
+      "encoder": spec.encoder,
+      "model_name": spec.model_name,
+      "feature_dim": spec.feature_dim,
+      "num_classes": spec.num_classes,
+      "nesting_sizes": list(spec.nesting),
+      "head_sizes": list(spec.head_sizes),
+      "head": spec.head,
+      "num_params_encoder": utils.count_params(params["encoder"]),
+      "num_params_heads": utils.count_params(params["heads"]),
       "num_batch_stats": utils.count_params(batch_stats),
       "dtype": config.dtype,
   }
@@ -131,111 +66,10 @@ def dry_run(config, workdir: str) -> dict:
   return summary
 
 
-def _init_fn(config, tx: optax.GradientTransformation):
-  def init():
-    module = models.create_model(config, nnx.Rngs(config.seed))
-    _, params, batch_stats = _split(module)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(config.seed + 1)))
-  return init
-
-
-def abstract_train_state(config, tx: optax.GradientTransformation, mesh):
-  """(TrainState of ShapeDtypeStructs carrying their shardings, the sharding tree)."""
-  abstract = jax.eval_shape(_init_fn(config, tx))
-  state_sharding = sharding.state_sharding(abstract, mesh, config.sharding)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, state_sharding)
-  return abstract, state_sharding
-
-
-def create_train_state(config, tx: optax.GradientTransformation, mesh):
-  """(initial TrainState placed by the partition rules, its sharding tree)."""
-  _, state_sharding = abstract_train_state(config, tx, mesh)
-  with jax.set_mesh(mesh):
-    state = jax.jit(_init_fn(config, tx), out_shardings=state_sharding)()
-  return state, state_sharding
-
-
-def restore_for_eval(config, workdir: str, mesh, step: int | None = None):
-  """(Model, params, batch_stats, step) from the workdir's checkpoint (latest by default).
-
-  The optimizer is rebuilt only for its state's structure (which does not depend on the
-  schedule's values), so that the checkpoint restores against a typed, sharded target.
-  """
-  model, abstract_params, _ = build_model(config)
-  tx = optim.make_optimizer(config, abstract_params, optax.constant_schedule(0.0))
-  abstract, _ = abstract_train_state(config, tx, mesh)
-  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"), every_steps=1,
-                                     keep=config.keep_checkpoints)
-  restored = ckpt.restore(abstract, expected_signature=model.signature, step=step)
-  ckpt.close()
-  if restored is None:
-    raise ConfigError(f"no checkpoint in {ckpt.directory}; train first (python train.py "
-                      f"--config=... --workdir={workdir})")
-  state, _, step = restored
-  return model, state.params, state.batch_stats, step
-
-
-def _flat_str(tree) -> dict[tuple[str, ...], Any]:
-  """{path of str keys: leaf} of a pytree of dicts / nnx.State (list indices become str)."""
-  out = {}
-  jax.tree_util.tree_map_with_path(
-      lambda path, x: out.__setitem__(tuple(str(getattr(k, "key", k)) for k in path), x), tree)
-  return out
-
-
-def init_from_checkpoint(config, state: TrainState, model: Model) -> TrainState:
-  """The state with its encoder (and, with config.init_from_heads, its heads) and BatchNorm
-  statistics taken from config.init_from: a workdir, its checkpoints folder, or a converted
-  PyTorch checkpoint (convert_torch.py). Fine-tuning and linear-probe runs start here; the
-  optimizer state, step and RNG stay fresh. The source must be the same encoder; heads only
-  when head type, nesting and classes match too."""
-  source = paths.path(config.init_from)
-  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-  ckpt = checkpoint_lib.Checkpointer(directory, every_steps=1, keep=1, async_save=False)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(f"no checkpoint in {directory} (config.init_from)")
-    saved, meta = ckpt.read(steps[-1])
-  finally:
-    ckpt.close()
-  signature = meta.get("signature", {})
-  keys = ["encoder", "feature_dim"] + (
-      ["head", "nesting", "num_classes"] if config.init_from_heads else [])
-  for key in keys:
-    if signature.get(key) != model.signature[key]:
-      raise ConfigError(
-          f"config.init_from={config.init_from} holds a model with {key}="
-          f"{signature.get(key)!r} but the config has {key}={model.signature[key]!r}"
-          + ("" if key in ("encoder", "feature_dim") else
-             "; set config.init_from_heads=False to take only the encoder"))
-  source_params = _flat_str(saved["params"])
-  source_stats = _flat_str(saved["batch_stats"])
-
-  def take(source_leaves, keep_heads):
-    def pick(path, leaf):
-      key = tuple(str(getattr(k, "key", k)) for k in path)
-      if key[0] == "heads" and not keep_heads:
-        return leaf
-      return jax.device_put(np.asarray(source_leaves[key], leaf.dtype), leaf.sharding)
-    return pick
-
-  utils.console(f"Initialising from {directory} step {steps[-1]} (encoder"
-                + (" and heads" if config.init_from_heads else "") + ")")
-  return state.replace(
-      params=jax.tree_util.tree_map_with_path(take(source_params, config.init_from_heads),
-                                              state.params),
-      batch_stats=jax.tree_util.tree_map_with_path(take(source_stats, True),
-                                                   state.batch_stats))
-
-
-def make_train_step(config, model: Model, tx: optax.GradientTransformation,
+def make_train_step(config, model: state_lib.Model, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh, state_sharding):
   """The jitted `train_step(state, batch) -> (state, metrics)`; metrics are replicated."""
-  weights = jnp.asarray(losses.parse_weights(config.mrl.weights, model.nesting), jnp.float32)
+  weights = jnp.asarray(losses.nesting_weights(config.mrl.weights, model.nesting), jnp.float32)
   accum = config.optim.grad_accum_steps
   label_smoothing = config.loss.label_smoothing
   loss_name = config.loss.name
@@ -250,7 +84,7 @@ def make_train_step(config, model: Model, tx: optax.GradientTransformation,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: state_lib.TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     sample_rng, dropout_rng = jax.random.split(rng)
     step_weights = losses.sample_nesting_weights(
@@ -303,18 +137,6 @@ def make_train_step(config, model: Model, tx: optax.GradientTransformation,
                  donate_argnums=0)
 
 
-def make_accuracy_fn(model: Model, mesh, state_sharding, class_mask=None):
-  """Jitted `(params, batch_stats, batch) -> accuracy sums` of every head (eval mode)."""
-
-  def fn(params, batch_stats, batch):
-    _, logits = model.apply(params, batch_stats, batch["image"])
-    return linear.accuracy_sums(logits, batch["label"], batch["mask"], class_mask)
-
-  return jax.jit(fn, in_shardings=(state_sharding.params, state_sharding.batch_stats,
-                                   sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-
 @dataclasses.dataclass
 class RunInfo:
   """Sizes derived from the dataset at run time (configs do not hard-code dataset sizes)."""
@@ -357,7 +179,6 @@ class _StopSignal:
   def stop_reason(self, step: int, log_step: bool) -> str | None:
     if not self.distributed:
       return self.received
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if multihost_utils.reached_preemption_sync_point(step):
       return "a preemption notice (SIGTERM)"
     if log_step and utils.multihost_any(self.received is not None):
@@ -369,27 +190,18 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-class NonFiniteError(RuntimeError):
-  """Raised when a step produced a non-finite loss or gradient and config.on_nonfinite='stop'."""
-
-
-def evaluate_heads(config, model: Model, state: TrainState, accuracy_fn, source, reader, mesh,
-                   split: str | None = None) -> dict[str, float]:
-  """Head top-1/top-5 per size on the eval split (all examples, padding masked)."""
-  split = split or config.input.eval_split
-  eval_batch = config.input.get("eval_batch_size") or config.input.batch_size
-  local_batch = eval_batch // jax.process_count()
-  n = source.num_examples(split)
-  pp = preprocess.from_config(config.input, train=False, channels=source.channels)
-  batches = reader.eval_batches(
-      split, local_batch=local_batch, preprocess=pp, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      num_batches=pipeline.num_eval_batches(n, local_batch, jax.process_count()))
-  batches = pipeline.global_batches(batches, sharding.batch_sharding(mesh),
-                                    config.input.prefetch)
-  with jax.set_mesh(mesh):
-    return linear.head_accuracy(
-        functools.partial(accuracy_fn, state.params, state.batch_stats), batches)
+def evaluate(config, spec: models.ModelSpec, model: state_lib.Model, state, source, reader,
+             mesh) -> dict[str, float]:
+  """The linear evaluator on the eval split: {top1@m, top5@m} (multi-label: {prec1@m,
+  class_map@m}), from features extracted with the eval preprocessing, as eval.py measures."""
+  features = extract_lib.extract(model, state.params, state.batch_stats, source=source,
+                                 reader=reader, split=config.input.eval_split,
+                                 input_cfg=config.input, mesh=mesh, show_progress=False)
+  inputs = evaluators.Inputs(
+      query_sets={"val": features.labelled()}, num_classes=spec.num_classes,
+      heads=linear.HeadLogits(model, state.params, state.batch_stats, mesh))
+  return {name.removeprefix("val/").removeprefix("linear_").replace("prec@1", "prec1"): value
+          for name, value in evaluators.Linear().run(inputs)}
 
 
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
@@ -401,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   workdir = paths.path(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   num_devices = len(devices)
-  validation.validate_config(config, num_devices, jax.process_count())
+  spec = validation.validate(config, num_devices, jax.process_count())
   source = pipeline.open_source(config.input)
   if source.num_classes and source.num_classes != config.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset {source.name!r} has "
@@ -409,25 +221,25 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   workdir_lib.check(workdir, config, overwrite=overwrite)
   info = run_info(config, source)
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, abstract_params, _ = build_model(config)
+  model, abstract_params, _ = state_lib.build_model(config, spec)
   schedule = optim.make_schedule(config, info.steps_per_epoch, info.total_steps)
-  tx = optim.make_optimizer(config, abstract_params, schedule)
+  tx = optim.make_optimizer(config, spec, abstract_params, schedule)
   ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                      every_steps=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)
-  abstract_state, state_sharding = abstract_train_state(config, tx, mesh)
-  restored = ckpt.restore(abstract_state, expected_signature=model.signature)
+  abstract_state, state_sharding = state_lib.abstract_train_state(config, spec, tx, mesh)
+  restored = ckpt.restore(abstract_state, expected_signature=spec.signature)
   start_step = 0
   if restored is not None:
     state, _, start_step = restored
     logging.info("resumed from step %d (%s)", start_step, ckpt.directory)
     utils.console(f"Resuming from checkpoint step {start_step} in {ckpt.directory}")
   else:
-    state, _ = create_train_state(config, tx, mesh)
+    state, _ = state_lib.create_train_state(config, spec, tx, mesh)
     if config.get("init_from"):
-      state = init_from_checkpoint(config, state, model)
+      state = state_lib.init_from_checkpoint(config, spec, state)
   workdir_lib.record(workdir, config)
-  meta = {"signature": model.signature, "global_batch": config.input.batch_size,
+  meta = {"signature": spec.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}
 
   writer = utils.metric_writer(workdir, resume_step=start_step or None)
@@ -437,10 +249,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     if utils.is_main_process():
       paths.write_text(paths.join(workdir, "parameters.txt"),
                        utils.parameter_table(state.params) + "\n")
-  progress = utils.report_progress(info.total_steps, writer, config.log_every_steps)
 
   train_step = make_train_step(config, model, tx, schedule, mesh, state_sharding)
-  accuracy_fn = make_accuracy_fn(model, mesh, state_sharding)
   reader = pipeline.make_reader(config.input, source)
   train_pp = preprocess.train_from_config(config.input, channels=source.channels,
                                           steps_per_epoch=info.steps_per_epoch)
@@ -476,7 +286,6 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
         if pending is not None:  # Checked one step late, so the device never waits for the host.
           _check_finite(config, *pending)
         pending = (step, metrics)
-        progress(step)
         is_log_step = (step % config.log_every_steps == 0 or step == info.total_steps
                        or step == start_step + 1)
         if is_log_step:
@@ -501,8 +310,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
           log_time, last_log_step = time.perf_counter(), step
         if config.eval_every_steps and step % config.eval_every_steps == 0 and (
             step < info.total_steps):
-          _log_eval(step, evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh),
-                    writer)
+          _log_eval(step, evaluate(config, spec, model, state, source, reader, mesh), writer)
           log_time = time.perf_counter()
         save(step, force=step == info.total_steps)
         stopped_by = stop.stop_reason(step, is_log_step)
@@ -521,7 +329,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
                   f"{ckpt.directory}. Rerun the same command to resume.")
     return {"final_step": step, "preempted": True}
 
-  final_eval = evaluate_heads(config, model, state, accuracy_fn, source, reader, mesh)
+  final_eval = evaluate(config, spec, model, state, source, reader, mesh)
   _log_eval(step, final_eval, writer)
   ckpt.close()
   writer.flush()
@@ -538,7 +346,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
       "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))),
       "dataset": source.name,
       "eval_split": config.input.eval_split,
-      "model": model.signature,
+      "model": spec.signature,
   }
   utils.write_json(paths.join(workdir, "summary.json"), summary)
   return summary

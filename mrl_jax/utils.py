@@ -7,9 +7,10 @@ Only process 0 writes summaries and files; every file goes through `paths.py`.
 from collections.abc import Mapping
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from clu import parameter_overview
-from clu import periodic_actions
+from flax import traverse_util
 
 from mrl_jax import paths
 from mrl_jax import writers
@@ -30,12 +31,6 @@ def metric_writer(workdir, resume_step: int | None = None):
   return writers.create(workdir, main_process=is_main_process(), resume_step=resume_step)
 
 
-def report_progress(total_steps: int, writer, every_steps: int):
-  """clu's ReportProgress: steps/s, ETA and uptime in the logs and TensorBoard."""
-  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                         every_steps=every_steps)
-
-
 def parameter_table(params) -> str:
   """clu's parameter overview of an (abstract) params tree; nnx.State -> pure dict first."""
   tree = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
@@ -44,7 +39,9 @@ def parameter_table(params) -> str:
 
 
 def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
+  """clu's parameter count of an (abstract) params tree."""
+  tree = tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
+  return int(parameter_overview.count_parameters(tree))
 
 
 def to_python(value):
@@ -69,21 +66,11 @@ def multihost_any(flag: bool) -> bool:
   """True on every process if `flag` is True on any (e.g. one host got SIGTERM)."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).any())
 
 
 def flatten_config(config) -> dict:
   """{'optim.name': 'sgd', ...} from a ConfigDict (or nested dict); tuples become lists."""
   tree = config.to_dict() if hasattr(config, "to_dict") else config
-  flat = {}
-
-  def walk(prefix, node):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(f"{prefix}{k}.", v)
-    else:
-      flat[prefix[:-1]] = list(node) if isinstance(node, tuple) else node
-
-  walk("", tree)
-  return flat
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in traverse_util.flatten_dict(tree, sep=".").items()}

@@ -1,8 +1,9 @@
 """Cross-field config checks, run once before any data is read or anything compiles.
 
-Each failure is a one-line ConfigError naming the field, the value and what is allowed.
-Dataset-level checks (name, splits, prepared files, classes) happen when the source is opened,
-still before compilation.
+`validate` resolves the config into the run's ModelSpec (models.resolve) and checks every other
+field against it; each failure is a one-line ConfigError naming the field, the value and what
+is allowed. Dataset-level checks (name, splits, prepared files, classes) happen when the source
+is opened, still before compilation.
 """
 
 from mrl_jax import losses
@@ -12,34 +13,28 @@ from mrl_jax import sharding
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
 from mrl_jax.errors import ConfigError
-from mrl_jax.models import heads as heads_lib
-from mrl_jax.models import vit
+from mrl_jax.evaluation import adaptive_retrieval
+from mrl_jax.evaluation import baselines
 
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def parse_ints(text, field: str) -> tuple[int, ...]:
-  """'1,5,10' (or a sequence) -> (1, 5, 10), each >= 1."""
-  if text is None or text == "":
-    return ()
-  try:
-    values = tuple(int(v) for v in (text.split(",") if isinstance(text, str) else text)
-                   if str(v).strip())
-  except ValueError:
-    raise ConfigError(f"{field}={text!r} is not a comma-separated list of integers") from None
-  for v in values:
-    if v < 1:
-      raise ConfigError(f"{field} has {v}; allowed: integers >= 1")
-  return values
+def positive_ints(values, field: str) -> tuple[int, ...]:
+  """A tuple of integers >= 1 from a config list (or a one-line error)."""
+  if isinstance(values, (str, int)):
+    raise ConfigError(f"{field}={values!r} is not a tuple of integers; e.g. (1, 10) (on the "
+                      f"command line: --{field}='(1,10)')")
+  out = tuple(values)
+  for v in out:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f"{field} has {v!r}; allowed: integers >= 1")
+  return out
 
 
-def validate_model(config) -> None:
-  """Everything needed to build the model (the dry run checks only this)."""
-  models.get_dtype(config.dtype)
-  d = models.feature_dim(config)  # unknown encoder / depth / variant
-  nesting = models.nesting_sizes(config)
-  heads_lib.head_nesting(config.mrl.head, nesting, config.mrl.get("ff_size"), d)
-  losses.parse_weights(config.mrl.weights, nesting)
+def validate_model(config) -> models.ModelSpec:
+  """Everything needed to build the model (the dry run checks only this); the ModelSpec."""
+  spec = models.resolve(config)
+  losses.nesting_weights(config.mrl.weights, spec.head_sizes)
   if config.mrl.sizes_per_step < 0:
     raise ConfigError(f"config.mrl.sizes_per_step={config.mrl.sizes_per_step}; allowed: >= 0")
   if config.loss.name not in losses.LOSSES:
@@ -48,29 +43,12 @@ def validate_model(config) -> None:
   if config.loss.name == "sigmoid_xent" and config.loss.label_smoothing:
     raise ConfigError(f"config.loss.label_smoothing={config.loss.label_smoothing} with "
                       "sigmoid_xent; label smoothing is defined for softmax_xent only")
-  if config.num_classes < 1:
-    raise ConfigError(f"config.num_classes={config.num_classes}; allowed: >= 1")
-  if config.model_name == "vit":
-    _, patch = vit.parse_variant(config.model.variant)
-    for field, size in (("config.model.image_size", config.model.image_size),
-                        ("config.input.image_size", config.input.image_size)):
-      if size % patch:
-        raise ConfigError(f"{field}={size} is not divisible by the ViT patch size {patch} "
-                          f"(config.model.variant={config.model.variant!r})")
-    eval_size = config.input.pp_eval.get("image_size")
-    if eval_size and eval_size != config.model.image_size:
-      raise ConfigError(f"config.input.pp_eval.image_size={eval_size} differs from "
-                        f"config.model.image_size={config.model.image_size}; a ViT evaluates "
-                        "at the resolution of its position embeddings")
-    if config.model.image_size != config.input.image_size:
-      raise ConfigError(f"config.model.image_size={config.model.image_size} differs from "
-                        f"config.input.image_size={config.input.image_size}; the ViT position "
-                        "embeddings need the input size")
+  return spec
 
 
-def validate_config(config, num_devices: int, process_count: int = 1) -> None:
-  """All cross-field invariants of a training/eval run."""
-  validate_model(config)
+def validate(config, num_devices: int, process_count: int = 1) -> models.ModelSpec:
+  """All cross-field invariants of a training/eval run; returns the run's ModelSpec."""
+  spec = validate_model(config)
   if config.input.reader not in pipeline.READERS:
     raise ConfigError(f"unknown reader {config.input.reader!r} (config.input.reader); "
                       f"allowed: {sorted(pipeline.READERS)}")
@@ -81,7 +59,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
   if config.optim.weight_decay_rule not in optim.DECAY_RULES:
     raise ConfigError(f"unknown weight decay rule {config.optim.weight_decay_rule!r} "
                       f"(config.optim.weight_decay_rule); allowed: {list(optim.DECAY_RULES)}")
-  if config.optim.weight_decay_rule == "official" and config.model_name != "resnet":
+  if config.optim.weight_decay_rule == "official" and spec.model_name != "resnet":
     raise ConfigError("config.optim.weight_decay_rule='official' names parameters as the "
                       "official PyTorch ResNet does; allowed for model_name='resnet' only")
   if config.optim.name not in optim.OPTIMIZERS:
@@ -118,14 +96,27 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[field] < 1:
       raise ConfigError(f"config.{field}={config[field]}; allowed: >= 1")
-  d = models.feature_dim(config)
-  for m in parse_ints(config.eval.extra_sizes, "config.eval.extra_sizes"):
-    if m > d:
-      raise ConfigError(f"eval size {m} exceeds feature_dim {d} (config.eval.extra_sizes); "
-                        f"allowed: 1 <= m <= {d}")
-  chunk = config.eval.get("database_chunk_rows")
+  validate_eval(config.eval, spec)
+  return spec
+
+
+def validate_eval(ev, spec: models.ModelSpec) -> None:
+  """config.eval: every list a tuple of valid values (sizes within the feature dim)."""
+  for field in ("knn_k", "retrieval_k", "shortlist_k", "fewshot_shots"):
+    positive_ints(ev[field], f"config.eval.{field}")
+  for cap in positive_ints(ev.ac_caps, "config.eval.ac_caps"):
+    if cap not in spec.head_sizes:
+      raise ConfigError(f"config.eval.ac_caps has {cap}; allowed: sizes with a head "
+                        f"{list(spec.head_sizes)}")
+  adaptive_retrieval.funnels_from_config(ev, spec.feature_dim)  # sizes, K and funnel shapes
+  for kind in ev.baselines:
+    if kind not in baselines.KINDS:
+      raise ConfigError(f"unknown baseline {kind!r} (config.eval.baselines); allowed: "
+                        f"{list(baselines.KINDS)}")
+  if isinstance(ev.splits, str):
+    raise ConfigError(f"config.eval.splits={ev.splits!r} is not a tuple; e.g. "
+                      "('imagenet_v2:test',)")
+  chunk = ev.get("database_chunk_rows")
   if chunk is not None and chunk < 1:
     raise ConfigError(f"config.eval.database_chunk_rows={chunk}; allowed: >= 1, or None for "
                       "the whole database on the devices")
-  parse_ints(config.eval.knn_k, "config.eval.knn_k")
-  parse_ints(config.eval.retrieval_k, "config.eval.retrieval_k")

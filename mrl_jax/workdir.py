@@ -12,6 +12,7 @@ import fnmatch
 import json
 
 import jax
+from jax.experimental import multihost_utils
 
 from mrl_jax import paths
 from mrl_jax import utils
@@ -54,7 +55,6 @@ def check(workdir, config, *, overwrite: bool = False) -> None:
     if diffs and overwrite and utils.is_main_process():
       _delete_run(workdir)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("mrl_jax.workdir.check")
 
 

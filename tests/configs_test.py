@@ -27,8 +27,8 @@ CONFIGS = [
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_validates_for_8_devices(name):
   config = load_config(name)
-  validation.validate_config(config, num_devices=8)
-  assert models.nesting_sizes(config)
+  spec = validation.validate(config, num_devices=8)
+  assert spec.nesting and spec == models.resolve(config)
 
 
 def test_resnet50_mrl_dry_run_counts(tmp_path):

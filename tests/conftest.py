@@ -45,6 +45,15 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def build_model(config):
+  """(ModelSpec, state.Model, abstract params, abstract batch_stats): the config resolved and
+  the model built abstractly, as a run does."""
+  from mrl_jax import models  # pylint: disable=g-import-not-at-top
+  from mrl_jax import state  # pylint: disable=g-import-not-at-top
+  spec = models.resolve(config)
+  return (spec, *state.build_model(config, spec))
+
+
 def digits_config(data_dir: str, steps: int, arg: str = "runlocal", **overrides):
   """The built-in digits config for `steps` steps, logging every step, with dotted overrides
   ({"model.width": 8})."""
@@ -98,7 +107,7 @@ def trained_digits(data_dir, tmp_path_factory):
   config = load_config("configs/digits_resnet_mrl.py:runlocal")
   config.input.data_dir = data_dir
   config.model.width = 8
-  config.eval.extra_sizes = "3,6,12,24,48"
+  config.eval.extra_sizes = (3, 6, 12, 24, 48)
   config.input.batch_size = 64
   config.total_steps = 24
   config.schedule.update(base_lr=0.2, warmup_steps=2)

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import convert_torch
-from mrl_jax import models
 from mrl_jax import train_lib
 from mrl_jax.errors import ConfigError
 from tests.conftest import REPO
+from tests.conftest import build_model
 from tests.conftest import digits_config
 from tests.conftest import load_config
 
@@ -181,6 +182,7 @@ def _config(depth, layout, width=16, ff_size=64):
   head = {"mrle_old": "mrle", "ff": f"ff={ff_size}"}.get(layout, layout)
   config = load_config(f"configs/resnet50_imagenet.py:{head},runlocal")
   config.model.update(depth=depth, width=width)
+  config.eval.extra_sizes = ()
   config.num_classes = 10
   config.dtype = "float32"
   return config
@@ -202,7 +204,8 @@ LAYOUTS = [(18, "mrl", True), (18, "mrle_old", False), (18, "ff", True), (50, "m
 def test_converted_checkpoint_gives_pytorchs_features_and_logits(tmp_path, depth, layout,
                                                                  ddp_prefix):
   config = _config(depth, layout)
-  sizes = list(models.head_sizes(config))
+  spec, ours, abstract_params, abstract_stats = build_model(config)
+  sizes = list(spec.head_sizes)
   model = _torch_model(depth, 16, layout, sizes, config.num_classes)
   path = str(tmp_path / "final_weights.pt")
   _save(model, path, ddp_prefix)
@@ -210,8 +213,7 @@ def test_converted_checkpoint_gives_pytorchs_features_and_logits(tmp_path, depth
   with torch.no_grad():
     z_ref, logits_ref = model(torch.from_numpy(images))
 
-  ours, abstract_params, abstract_stats = train_lib.build_model(config)
-  params, batch_stats = convert_torch.convert(convert_torch.load_state_dict(path), config,
+  params, batch_stats = convert_torch.convert(convert_torch.load_state_dict(path), config, spec,
                                               abstract_params, abstract_stats)
   z, logits = jax.jit(ours.apply)(params, batch_stats, images.transpose(0, 2, 3, 1))
 
@@ -227,12 +229,13 @@ def test_converted_checkpoint_gives_pytorchs_features_and_logits(tmp_path, depth
 
 def test_wrong_head_missing_blurpool_and_shapes_are_one_line_errors(tmp_path):
   config = _config(18, "mrl")
-  sizes = list(models.head_sizes(config))
-  _, abstract_params, abstract_stats = train_lib.build_model(config)
+  spec, _, abstract_params, abstract_stats = build_model(config)
+  sizes = list(spec.head_sizes)
 
-  def error(state_dict, cfg=config):
+  def error(state_dict):
     with pytest.raises(ConfigError) as e:
-      convert_torch.convert(state_dict, cfg, abstract_params, abstract_stats, source="x.pt")
+      convert_torch.convert(state_dict, config, spec, abstract_params, abstract_stats,
+                            source="x.pt")
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -256,15 +259,15 @@ def test_full_width_resnet50_mrl_converts_with_the_published_shapes(tmp_path):
   """The released checkpoints' architecture (width 64, 2048-d, 1000 classes, BlurPool)."""
   config = _config(50, "mrl", width=64)
   config.num_classes = 1000
-  sizes = list(models.head_sizes(config))
+  spec, _, abstract_params, abstract_stats = build_model(config)
+  sizes = list(spec.head_sizes)
   assert sizes == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
   model = _torch_model(50, 64, "mrl", sizes, 1000)
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   assert sum(v.size for k, v in state.items() if not k.endswith(
       ("running_mean", "running_var", "num_batches_tracked", "blur_filter"))) == (
           25_557_032 - 2_049_000 + (sum(sizes) + len(sizes)) * 1000)
-  _, abstract_params, abstract_stats = train_lib.build_model(config)
-  params, _ = convert_torch.convert(state, config, abstract_params, abstract_stats)
+  params, _ = convert_torch.convert(state, config, spec, abstract_params, abstract_stats)
   np.testing.assert_array_equal(params["heads"]["head_2048"]["kernel"],
                                 state["fc.nesting_classifier_8.weight"].T)
   np.testing.assert_array_equal(params["encoder"]["blocks"][3]["shortcut"]["conv"]["kernel"],
@@ -277,7 +280,7 @@ def test_convert_cli_then_eval_and_finetune_from_it(data_dir, tmp_path):
   equals PyTorch's on the same images; fine-tuning with config.init_from starts from it and
   resumes from its own checkpoints afterwards."""
   config = digits_config(data_dir, 2, "runlocal", **{"model.width": 8, "model.blurpool": True})
-  sizes = list(models.head_sizes(config))
+  sizes = list(build_model(config)[0].head_sizes)
   model = _torch_model(18, 8, "mrl", sizes, 10, in_channels=1, small_stem=True)
   pt = str(tmp_path / "official.pt")
   _save(model, pt, ddp_prefix=True)
@@ -303,7 +306,7 @@ def test_convert_cli_then_eval_and_finetune_from_it(data_dir, tmp_path):
   want = {m: float(np.mean(l.numpy().argmax(-1) == batches[0]["label"]))
           for m, l in zip(sizes, logits)}
   config.eval.update(knn=False, adaptive_retrieval=False, adaptive_classification=False,
-                     baselines="", fewshot_shots="")
+                     baselines=(), fewshot_shots=())
   results = evaluate.evaluate_checkpoint(config, converted, devices=jax.devices()[:1])
   got = {m: results["sklearn_digits"]["sizes"][str(m)]["linear_top1"] for m in sizes}
   assert got == pytest.approx(want, abs=1e-9)
@@ -315,8 +318,7 @@ def test_convert_cli_then_eval_and_finetune_from_it(data_dir, tmp_path):
       "init_from_heads": False, "schedule.name": "constant", "schedule.base_lr": 0.0,
       "schedule.warmup_epochs": 0.0, "checkpoint_every_steps": 3})
   train_lib.train_and_evaluate(cfg, tune, devices=jax.devices()[:1])
-  ckpt = train_lib.checkpoint_lib.Checkpointer(os.path.join(tune, "checkpoints"), every_steps=1,
-                                               keep=3)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(tune, "checkpoints"), every_steps=1, keep=3)
   tuned, _ = ckpt.read(3)
   ckpt.close()
   stem = model.state_dict()["conv1.weight"].numpy().transpose(2, 3, 1, 0)

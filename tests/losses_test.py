@@ -122,7 +122,8 @@ def test_sampling_all_sizes_is_the_identity():
 
 def test_weights_must_match_the_number_of_sizes():
   with pytest.raises(ConfigError, match="has 2 values but there are 3 nesting sizes"):
-    losses.parse_weights("1,2", (8, 16, 32))
+    losses.nesting_weights((1.0, 2.0), (8, 16, 32))
+  assert losses.nesting_weights((), (8, 16)) == (1.0, 1.0)
 
 
 # --- sigmoid Matryoshka loss (multi-label) ----------------------------------------------------

@@ -25,7 +25,7 @@ def _num_params(module) -> int:
 
 
 # torchvision.models.resnetXX().parameters() totals (torchvision docs "Num Params"; ResNet-50:
-# 25,557,032 as in STYLE.md), minus the fc layer.
+# 25,557,032), minus the fc layer.
 RESNET_PUBLISHED = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160,
                     152: 60_192_808}
 # Original ViT at 224px with a 1000-class head (timm vit_*_patch16_224 / vit_huge_patch14_224;
@@ -137,7 +137,7 @@ def test_zero_init_residual_zeroes_the_last_bn_scale_of_each_block(block_cls, la
 @pytest.mark.parametrize("head", ["mrl", "mrle", "ff=8"])
 def test_gradients_reach_every_head_and_the_encoder_from_one_forward(head):
   config = load_config(f"configs/digits_resnet_mrl.py:{head},runlocal")
-  model = jit_build(lambda: models.create_model(config, nnx.Rngs(0)))
+  model = jit_build(lambda: models.create_model(config, models.resolve(config), nnx.Rngs(0)))
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
   labels = jnp.asarray([0, 1, 2, 3])
   calls = []

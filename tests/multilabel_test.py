@@ -42,7 +42,7 @@ def test_multilabel_job_on_1_and_8_devices_then_eval(data_dir, tmp_path):
   assert set(summary["eval"]["32"]) == {"prec1"}
 
   config = _config(data_dir, 4)
-  config.eval.update(extra_sizes="3", knn_k="1,5", retrieval_k="10")
+  config.eval.update(extra_sizes=(3,), knn_k=(1, 5), retrieval_k=(10,))
   results = evaluate.evaluate_checkpoint(config, many, devices=jax.devices()[:8])["mnist_pairs"]
   assert results["multi_label"] and results["num_queries"] == 1000
   assert results["num_unlabelled_excluded"] == 0

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from mrl_jax import optim
-from mrl_jax import train_lib
+from tests.conftest import build_model
 from tests.conftest import load_config
 
 
@@ -54,12 +54,12 @@ def test_one_cycle_is_ffcvs_cyclic_schedule_per_step(batch, peak):
 
 def _r50():
   config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
-  _, params, _ = train_lib.build_model(config)
-  return config, params
+  spec, _, params, _ = build_model(config)
+  return config, spec, params
 
 
-def _decayed(config, params) -> dict[str, bool]:
-  mask = optim.decay_mask(config, params)
+def _decayed(config, spec, params) -> dict[str, bool]:
+  mask = optim.decay_mask(config, spec, params)
   out = {}
   jax.tree_util.tree_map_with_path(
       lambda p, v: out.__setitem__("/".join(str(k.key) for k in p), bool(v)), mask)
@@ -68,9 +68,9 @@ def _decayed(config, params) -> dict[str, bool]:
 
 def test_official_decay_rule_skips_only_parameters_named_bn():
   """train_imagenet.py: bn_params = [v for k, v in named_parameters() if 'bn' in k]."""
-  config, params = _r50()
+  config, spec, params = _r50()
   assert config.optim.weight_decay_rule == "official"
-  decayed = _decayed(config, params)
+  decayed = _decayed(config, spec, params)
   assert not decayed["encoder/stem/bn/scale"]  # bn1.weight
   assert not decayed["encoder/blocks/0/conv3/bn/bias"]  # layer1.0.bn3.bias
   assert decayed["encoder/blocks/0/shortcut/bn/scale"]  # layer1.0.downsample.1.weight
@@ -81,9 +81,9 @@ def test_official_decay_rule_skips_only_parameters_named_bn():
 
 
 def test_kernels_rule_skips_norms_and_biases():
-  config, params = _r50()
+  config, spec, params = _r50()
   config.optim.weight_decay_rule = "kernels"
-  decayed = _decayed(config, params)
+  decayed = _decayed(config, spec, params)
   assert not decayed["encoder/blocks/0/shortcut/bn/scale"] and not decayed["heads/head_8/bias"]
   assert decayed["encoder/stem/conv/kernel"] and decayed["heads/head_8/kernel"]
 
@@ -93,7 +93,7 @@ def _two_params():
 
 
 def _update(config, params, grads_list, lr):
-  tx = optim.make_optimizer(config, params, optax.constant_schedule(lr))
+  tx = optim.make_optimizer(config, None, params, optax.constant_schedule(lr))
   state = tx.init(params)
   for grads in grads_list:
     updates, state = tx.update(grads, state, params)

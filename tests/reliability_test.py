@@ -19,6 +19,7 @@ import pytest
 
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import cli
+from mrl_jax import state as state_lib
 from mrl_jax import train_lib
 from mrl_jax.errors import ConfigError
 from tests.conftest import REPO
@@ -194,7 +195,7 @@ def test_bad_config_is_one_line_exit_2_before_compiling(data_dir, tmp_path, monk
   def must_not_compile(*a, **k):
     raise AssertionError("compiled before validating")
 
-  monkeypatch.setattr(train_lib, "create_train_state", must_not_compile)
+  monkeypatch.setattr(state_lib, "create_train_state", must_not_compile)
   monkeypatch.setattr(train_lib, "make_train_step", must_not_compile)
   workdir = str(tmp_path / "run")
   code, _, err = _run_cli(lambda: train_lib.train_and_evaluate(config, workdir))

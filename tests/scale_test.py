@@ -65,7 +65,7 @@ def test_resnet50_imagenet_config_trains_and_evaluates_imagenet_real(tmp_path):
   write_mock_metadata(mock_dir, "imagenet2012", ("train", "validation"), num_examples=24)
   write_mock_metadata(mock_dir, "imagenet2012_real", ("validation",), num_examples=24)
   assert load_config("configs/resnet50_imagenet.py:mrl").eval.splits == (
-      "imagenet2012_real:validation")
+      "imagenet2012_real:validation",)
   config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
   config.input.data_dir = mock_dir
   config.total_steps = 2
@@ -78,8 +78,8 @@ def test_resnet50_imagenet_config_trains_and_evaluates_imagenet_real(tmp_path):
     labels = np.concatenate([b["label"] for b in reader.eval_batches(
         "validation", local_batch=24, num_batches=1, process_index=0, process_count=1,
         preprocess=preprocess.from_config(config.input, train=False, channels=3))])
-    config.eval.update(splits="imagenet2012_real:validation", adaptive_retrieval=False,
-                       adaptive_classification=False, extra_sizes="", retrieval_k="10")
+    config.eval.update(splits=("imagenet2012_real:validation",), adaptive_retrieval=False,
+                       adaptive_classification=False, extra_sizes=(), retrieval_k=(10,))
     results = evaluate.evaluate_checkpoint(config, str(tmp_path / "run"),
                                            devices=jax.devices()[:8])["imagenet2012_real"]
   unlabelled = int((labels.sum(-1) == 0).sum())

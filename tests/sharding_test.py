@@ -8,8 +8,10 @@ from ml_collections import ConfigDict
 
 from mrl_jax import optim
 from mrl_jax import sharding
+from mrl_jax import state as state_lib
 from mrl_jax import train_lib
 from mrl_jax.errors import ConfigError
+from tests.conftest import build_model
 from tests.conftest import load_config
 
 
@@ -50,9 +52,9 @@ def test_fsdp_shards_params_and_optimizer_state_by_the_rule(min_size_mb):
   config = load_config("configs/digits_resnet_mrl.py:runlocal")
   config.sharding.update(strategy="fsdp", fsdp_min_size_mb=min_size_mb)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  _, abstract_params, _ = train_lib.build_model(config)
-  tx = optim.make_optimizer(config, abstract_params, optim.make_schedule(config, 10, 10))
-  state, _ = train_lib.create_train_state(config, tx, mesh)
+  spec, _, abstract_params, _ = build_model(config)
+  tx = optim.make_optimizer(config, spec, abstract_params, optim.make_schedule(config, 10, 10))
+  state, _ = state_lib.create_train_state(config, spec, tx, mesh)
   params = jax.tree_util.tree_flatten_with_path(state.params)[0]
   traces = [s for s in jax.tree.leaves(state.opt_state,
                                        is_leaf=lambda x: isinstance(x, optax.TraceState))
@@ -74,9 +76,9 @@ def test_fsdp_shards_params_and_optimizer_state_by_the_rule(min_size_mb):
 def test_replicate_strategy_keeps_every_param_whole():
   config = load_config("configs/digits_resnet_mrl.py:runlocal")
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
-  _, abstract_params, _ = train_lib.build_model(config)
-  tx = optim.make_optimizer(config, abstract_params, optim.make_schedule(config, 10, 10))
-  state, _ = train_lib.create_train_state(config, tx, mesh)
+  spec, _, abstract_params, _ = build_model(config)
+  tx = optim.make_optimizer(config, spec, abstract_params, optim.make_schedule(config, 10, 10))
+  state, _ = state_lib.create_train_state(config, spec, tx, mesh)
   for p in jax.tree.leaves(state.params):
     assert p.addressable_shards[0].data.shape == p.shape
 
@@ -98,7 +100,7 @@ def test_gradient_accumulation_equals_the_full_batch_step(data_dir, tmp_path):
     config.model_name = "vit"
     config.model.update(variant="Ti/8", image_size=8, in_channels=1, pool="gap", num_layers=2)
     config.mrl.nesting = "halving:24"
-    config.eval.extra_sizes = ""
+    config.eval.extra_sizes = ()
     config.optim.update(name="adamw", weight_decay=0.01, grad_accum_steps=accum)
     config.schedule.update(name="constant", base_lr=1e-3, warmup_epochs=0.0)
     config.update(total_steps=4, log_every_steps=1, checkpoint_every_steps=4)

@@ -55,7 +55,7 @@ def oracle(pred: np.ndarray, labels: np.ndarray, sizes: Sequence[int]) -> dict:
 
 def evaluate(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, sizes: Sequence[int], *,
              holdout: float = 0.2, seeds: int = 30, caps: Sequence[int] = ()) -> list[dict]:
-  """Rows for results.json (a list, DESIGN.md §4): one `kind: cascade` row per cap size
+  """Rows for results.json (a list): one `kind: cascade` row per cap size
   (default: every size but the smallest), mean over seeds, then one `kind: oracle` row."""
   sizes = list(sizes)
   n = len(labels)

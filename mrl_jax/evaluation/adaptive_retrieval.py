@@ -10,7 +10,8 @@ Cost per query, in millions of multiply-adds (the paper's MFLOPs; it reproduces 
 CSVs exactly, e.g. 1,281,167 x 16 + 200 x 2048 = 20.91 for Ds=16 -> Dr=2048 on ImageNet-1K):
 MFLOPs = (N_db * Ds + sum_j K_j * Dr_j) / 1e6. Wall-clock is measured too, next to exact search
 at the largest size, since on accelerators exact search is bound by the top-k selection rather
-than by FLOPs (../shared/reference: 8-d is only ~3.6x faster than 2048-d on GPU).
+than by FLOPs (the official `retrieval/faiss_nn.ipynb`: on a GPU, 8-d brute-force search is
+only ~3.6x faster than 2048-d).
 """
 
 import dataclasses
@@ -48,34 +49,31 @@ class Funnel:
             + " (K=" + ",".join(str(k) for _, k in self.stages) + ")")
 
 
-def parse_funnels(shortlist_sizes, rerank_sizes, shortlist_k, funnels: str,
-                  feature_dim: int) -> list[Funnel]:
-  """Every (Ds, Dr, K) of the config lists, plus funnels 'Ds:Dr1,Dr2,..:K1,K2,..;...'."""
-  from mrl_jax import validation  # pylint: disable=g-import-not-at-top
-  out = []
-  ds_list = validation.parse_ints(shortlist_sizes, "config.eval.shortlist_sizes")
-  dr_list = validation.parse_ints(rerank_sizes, "config.eval.rerank_sizes") or (feature_dim,)
-  k_list = validation.parse_ints(shortlist_k, "config.eval.shortlist_k")
-  for ds in ds_list:
-    for dr in dr_list:
-      for k in k_list:
-        out.append(Funnel(ds, ((dr, k),)))
-  for spec in filter(None, (f.strip() for f in (funnels or "").split(";"))):
+def funnels_from_config(ev, feature_dim: int) -> list[Funnel]:
+  """Every (Ds, Dr, K) of config.eval's shortlist_sizes x rerank_sizes x shortlist_k, then
+  config.eval.funnels ((Ds, (Dr1, Dr2, ...), (K1, K2, ...)), ...); one-line errors."""
+  dr_list = tuple(ev.rerank_sizes) or (feature_dim,)
+  out = [Funnel(ds, ((dr, k),)) for ds in ev.shortlist_sizes for dr in dr_list
+         for k in ev.shortlist_k]
+  for entry in ev.funnels:
     try:
-      ds, drs, ks = spec.split(":")
-      drs = [int(x) for x in drs.split(",")]
-      ks = [int(x) for x in ks.split(",")]
-    except ValueError:
-      raise ConfigError(f"config.eval.funnels entry {spec!r} is not 'Ds:Dr1,Dr2,...:K1,K2,...'"
-                        ) from None
-    if len(drs) != len(ks) or any(b > a for a, b in zip(ks, ks[1:])):
-      raise ConfigError(f"config.eval.funnels entry {spec!r}: one K per stage, non-increasing")
-    out.append(Funnel(int(ds), tuple(zip(drs, ks))))
+      ds, drs, ks = entry
+      stages = tuple(zip(tuple(drs), tuple(ks), strict=True))
+    except (TypeError, ValueError):
+      raise ConfigError(f"config.eval.funnels entry {entry!r} is not (Ds, (Dr1, Dr2, ...), "
+                        "(K1, K2, ...)) with one K per stage") from None
+    if not stages or any(b > a for (_, a), (_, b) in zip(stages, stages[1:])):
+      raise ConfigError(f"config.eval.funnels entry {entry!r}: one K per stage, non-increasing")
+    out.append(Funnel(ds, stages))
   for f in out:
     for size in (f.shortlist_size, *(d for d, _ in f.stages)):
-      if not 1 <= size <= feature_dim:
-        raise ConfigError(f"adaptive retrieval size {size} is outside [1, {feature_dim}] "
+      if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= feature_dim:
+        raise ConfigError(f"adaptive retrieval size {size!r} is outside [1, {feature_dim}] "
                           "(config.eval.shortlist_sizes / rerank_sizes / funnels)")
+    for _, k in f.stages:
+      if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"adaptive retrieval K={k!r}; allowed: integers >= 1 "
+                          "(config.eval.shortlist_k / funnels)")
   return out
 
 

@@ -11,11 +11,13 @@ retrieval) and a linear accuracy (the rank-m head for SVD, a post-hoc linear pro
 FF-m baselines are separate models: evaluate their workdirs with eval.py.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import neighbors
+from mrl_jax.evaluation import probe
 
 KINDS = ("svd", "pca", "random_projection", "random_subset")
 
@@ -67,3 +69,32 @@ def projector(kind: str, m: int, *, database: np.ndarray, head_kernel: np.ndarra
     return lambda z: np.asarray(z, np.float64) @ r
   columns = np.sort(rng.choice(d, m, replace=False))
   return lambda z: np.asarray(z)[:, columns]
+
+
+def evaluate(kinds: Sequence[str], database, queries, *, sizes, full_classifier, search,
+             knn_ks, retrieval_ks, num_classes, probe_steps=200, probe_l2=1e-4) -> dict:
+  """{kind: {size: metrics}} with the per-size metric names of results.json: the neighbour
+  metrics of each representation and its linear accuracy (the rank-m head for SVD, a probe
+  otherwise). `full_classifier`: (kernel [d, C], bias) of the full-size head, or None."""
+  kernel, bias = full_classifier or (None, None)
+  cache = {}
+  out = {}
+  for kind in kinds:
+    out[kind] = {}
+    for m in sizes:
+      project = projector(kind, m, database=database.z, head_kernel=kernel, cache=cache)
+      db_m = project(database.z).astype(np.float32)
+      q_m = project(queries.z).astype(np.float32)
+      metrics = neighbors.metrics_by_size(
+          db_m, database.labels, {"q": (q_m, queries.labels)}, [m], knn_ks=knn_ks,
+          retrieval_ks=retrieval_ks, search=search, num_classes=num_classes)["q"][m]
+      if kind == "svd":  # the rank-m classifier itself
+        _, head_m = svd_head(kernel, m)
+        logits = q_m.astype(np.float64) @ head_m + bias
+        metrics["linear_top1"] = float(np.mean(np.argmax(logits, -1) == queries.labels))
+      else:
+        lp = probe.LinearProbe(num_classes, l2=probe_l2, steps=probe_steps).fit(
+            db_m, database.labels)
+        metrics["linear_top1"] = lp.accuracy(q_m, queries.labels)
+      out[kind][str(m)] = metrics
+  return out

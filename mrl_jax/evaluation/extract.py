@@ -1,7 +1,7 @@
 """Sharded embedding extraction: the encoder once over a split, full-dimensional z to host.
 
 Every nesting size is evaluated by slicing these features (z[:, :m]); the encoder never runs
-per size (STYLE.md §6). Batches are sharded over the mesh; z is returned replicated so every
+per size (MRL's whole point: one forward pass serves every size). Batches are sharded over the mesh; z is returned replicated so every
 process gets all of it; padding rows are dropped with the mask. Features are stored as float32
 or bfloat16 (config.eval.feature_dtype); labels are int64, never a float type.
 """
@@ -76,7 +76,8 @@ def _encode_fn(model, mesh, flip: bool):
 
 def extract(model, params, batch_stats, *, source: pipeline.Source, reader: pipeline.Reader,
             split: str, input_cfg, mesh, dtype=np.float32, flip: bool = False,
-            max_examples: int | None = None, description: str = "") -> Features:
+            max_examples: int | None = None, description: str = "",
+            show_progress: bool = True) -> Features:
   """Runs the (eval-mode) encoder over `split` with the eval preprocessing."""
   batch = input_cfg.get("eval_batch_size") or input_cfg.batch_size
   local_batch = batch // jax.process_count()
@@ -92,7 +93,7 @@ def extract(model, params, batch_stats, *, source: pipeline.Source, reader: pipe
   encode = _encode_fn(model, mesh, flip)
   parts = {"z": [], "z_flipped": [], "label": []}
   bar = tqdm(total=num_batches * batch, unit="img", desc=description or f"extract {split}",
-             disable=not utils.is_main_process(), mininterval=2.0)
+             disable=not (show_progress and utils.is_main_process()), mininterval=2.0)
   with jax.set_mesh(mesh):
     for b in batches:
       out = jax.device_get(encode(params, batch_stats, b))

@@ -2,7 +2,6 @@
 
 from collections.abc import Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from mrl_jax import utils

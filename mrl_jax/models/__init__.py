@@ -1,10 +1,17 @@
-"""Encoder registry and the Matryoshka model (encoder + heads) built from a config."""
+"""The encoder registry, the resolved model description (ModelSpec) and the Matryoshka model.
 
-from collections.abc import Callable
+`resolve(config)` reads config.model / config.mrl / config.eval once and returns a frozen
+ModelSpec (encoder, feature dim, head type, nesting, head sizes, eval sizes, signature); every
+module below the entry points receives the spec instead of re-deriving these from the config.
+Each encoder module (resnet.py, vit.py) supplies its own `build`, `feature_dim_of`, `describe`
+and `check` from its config section.
+"""
+
+import dataclasses
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from mrl_jax import nesting as nesting_lib
@@ -14,38 +21,15 @@ from mrl_jax.models import resnet
 from mrl_jax.models import torchvision_layout
 from mrl_jax.models import vit
 
+MODELS: dict[str, ModuleType] = {"resnet": resnet, "vit": vit}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _resnet(model_cfg, dtype, rngs):
-  return resnet.ResNet(model_cfg.depth, width=model_cfg.get("width", 64),
-                       stem=model_cfg.get("stem", "imagenet"),
-                       in_channels=model_cfg.get("in_channels", 3),
-                       zero_init_residual=model_cfg.get("zero_init_residual", True),
-                       blurpool=model_cfg.get("blurpool", False),
-                       remat=model_cfg.get("remat", False), dtype=dtype, rngs=rngs)
-
-
-def _vit(model_cfg, dtype, rngs):
-  return vit.ViT(model_cfg.variant, image_size=model_cfg.image_size,
-                 pool=model_cfg.get("pool", "cls"), in_channels=model_cfg.get("in_channels", 3),
-                 dropout_rate=model_cfg.get("dropout_rate", 0.0),
-                 remat=model_cfg.get("remat", False),
-                 num_layers=model_cfg.get("num_layers", 0), dtype=dtype, rngs=rngs)
-
-
-# name -> (builder(model_cfg, dtype, rngs), feature_dim(model_cfg)).
-MODELS: dict[str, tuple[Callable, Callable[[ml_collections.ConfigDict], int]]] = {
-    "resnet": (_resnet, lambda c: resnet.feature_dim(c.depth, c.get("width", 64))),
-    "vit": (_vit, lambda c: vit.feature_dim(c.variant)),
-}
-
-
-def _model_entry(config):
-  if config.model_name not in MODELS:
-    raise ConfigError(f"unknown encoder {config.model_name!r} (config.model_name); "
-                      f"allowed: {sorted(MODELS)}")
-  return MODELS[config.model_name]
+def encoder_module(model_name: str) -> ModuleType:
+  if model_name not in MODELS:
+    raise ConfigError(f"unknown encoder {model_name!r} (config.model_name); allowed: "
+                      f"{sorted(MODELS)}")
+  return MODELS[model_name]
 
 
 def get_dtype(name: str):
@@ -54,31 +38,45 @@ def get_dtype(name: str):
   return DTYPES[name]
 
 
-def feature_dim(config) -> int:
-  """The encoder's feature dim d, computed from the config without building anything."""
-  return _model_entry(config)[1](config.model)
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the config resolves to, once per run."""
+  model_name: str
+  encoder: str  # the encoder and its architecture fields, e.g. "resnet50(width=64,...)"
+  feature_dim: int
+  head: str  # mrl | mrle | ff
+  nesting: tuple[int, ...]  # config.mrl.nesting, validated
+  head_sizes: tuple[int, ...]  # sizes with a trained head: nesting, or (ff_size,) for FF-m
+  eval_sizes: tuple[int, ...]  # nesting, head sizes and config.eval.extra_sizes (<= d)
+  num_classes: int
+
+  @property
+  def efficient(self) -> bool:
+    return self.head == "mrle"
+
+  @property
+  def signature(self) -> dict:
+    """What makes two checkpoints interchangeable: encoder, head, sizes, classes."""
+    return {"encoder": self.encoder, "head": self.head, "nesting": list(self.head_sizes),
+            "num_classes": self.num_classes, "feature_dim": self.feature_dim}
 
 
-def nesting_sizes(config) -> tuple[int, ...]:
-  """The validated nesting sizes of config.mrl.nesting for this encoder."""
-  return nesting_lib.parse(config.mrl.nesting, feature_dim(config))
-
-
-def head_sizes(config) -> tuple[int, ...]:
-  """Sizes that have a trained head: the nesting sizes, or (ff_size,) for an FF-m model."""
-  return heads_lib.head_nesting(config.mrl.head, nesting_sizes(config),
-                                config.mrl.get("ff_size"), feature_dim(config))[0]
-
-
-def torchvision_param_names(config) -> dict[tuple, str]:
-  """{param path: the official PyTorch name} of a ResNet config (models/torchvision_layout.py)."""
-  if config.model_name != "resnet":
-    raise ConfigError(f"the official PyTorch layout exists for ResNets only; "
-                      f"config.model_name={config.model_name!r}")
-  abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
-  sizes, _ = heads_lib.head_nesting(config.mrl.head, nesting_sizes(config),
-                                    config.mrl.get("ff_size"), feature_dim(config))
-  return torchvision_layout.param_names(abstract.encoder, config.mrl.head, sizes)
+def resolve(config) -> ModelSpec:
+  """The ModelSpec of a config, or a one-line ConfigError for the first bad field."""
+  module = encoder_module(config.model_name)
+  get_dtype(config.dtype)
+  module.check(config)
+  d = module.feature_dim_of(config.model)
+  nesting = nesting_lib.parse(config.mrl.nesting, d)
+  head_sizes, _ = heads_lib.head_nesting(config.mrl.head, nesting, config.mrl.get("ff_size"), d)
+  if config.num_classes < 1:
+    raise ConfigError(f"config.num_classes={config.num_classes}; allowed: >= 1")
+  extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
+  trained = head_sizes if config.mrl.head == "ff" else nesting
+  eval_sizes = tuple(sorted(set(nesting) | set(extra) | set(trained)))
+  return ModelSpec(model_name=config.model_name, encoder=module.describe(config.model),
+                   feature_dim=d, head=config.mrl.head, nesting=nesting, head_sizes=head_sizes,
+                   eval_sizes=eval_sizes, num_classes=int(config.num_classes))
 
 
 class MatryoshkaModel(nnx.Module):
@@ -93,18 +91,24 @@ class MatryoshkaModel(nnx.Module):
     return z, self.heads(z)
 
 
-def create_model(config, rngs: nnx.Rngs) -> MatryoshkaModel:
-  """Builds encoder and Matryoshka heads from config.model / config.mrl / config.dtype."""
-  builder, _ = _model_entry(config)
-  dtype = get_dtype(config.dtype)
-  encoder = builder(config.model, dtype, rngs)
-  d = encoder.feature_dim
-  sizes, efficient = heads_lib.head_nesting(config.mrl.head, nesting_lib.parse(
-      config.mrl.nesting, d), config.mrl.get("ff_size"), d)
+def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> MatryoshkaModel:
+  """The encoder of config.model and the Matryoshka heads of the spec."""
+  encoder = encoder_module(spec.model_name).build(config.model, dtype=get_dtype(config.dtype),
+                                                 rngs=rngs)
   # Heads in float32 whatever config.dtype: they cost ~nothing next to the encoder and the
   # smallest sizes need the precision (bf16 heads: 49% vs 89% top-1 at m=2 on digits).
-  heads = heads_lib.MatryoshkaHeads(d, config.num_classes, sizes, efficient=efficient,
+  heads = heads_lib.MatryoshkaHeads(spec.feature_dim, spec.num_classes, spec.head_sizes,
+                                    efficient=spec.efficient,
                                     init=config.mrl.get("head_init", "lecun_normal"),
                                     bias_init=config.mrl.get("head_bias_init"),
                                     dtype=jnp.float32, rngs=rngs)
   return MatryoshkaModel(encoder, heads)
+
+
+def torchvision_param_names(config, spec: ModelSpec) -> dict[tuple, str]:
+  """{param path: the official PyTorch name} of a ResNet (models/torchvision_layout.py)."""
+  if spec.model_name != "resnet":
+    raise ConfigError("the official PyTorch layout exists for ResNets only; "
+                      f"config.model_name={spec.model_name!r}")
+  abstract = nnx.eval_shape(lambda: create_model(config, spec, nnx.Rngs(0)))
+  return torchvision_layout.param_names(abstract.encoder, spec.head, spec.head_sizes)

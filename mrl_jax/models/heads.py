@@ -54,6 +54,7 @@ class MatryoshkaHeads(nnx.Module):
                efficient: bool = False, init: str = "lecun_normal",
                bias_init: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     self.nesting = nesting_lib.validate(list(nesting), feature_dim)
+    self.feature_dim = feature_dim
     self.efficient = efficient
     if num_classes < 1:
       raise ConfigError(f"num_classes {num_classes} must be >= 1 (config.num_classes)")
@@ -62,6 +63,12 @@ class MatryoshkaHeads(nnx.Module):
     else:
       for m in self.nesting:
         setattr(self, f"head_{m}", _linear(m, num_classes, init, bias_init, dtype, rngs))
+
+  def full_classifier(self) -> tuple[jax.Array, jax.Array] | None:
+    """(kernel [d, C], bias [C]) of the head that reads all d features (MRL: head_d, MRL-E: the
+    tied one), or None (an FF-m model with m < d)."""
+    head = self.tied if self.efficient else getattr(self, f"head_{self.feature_dim}", None)
+    return None if head is None else (head.kernel[...], head.bias[...])
 
   def __call__(self, z: jax.Array) -> dict[int, jax.Array]:
     if self.efficient:

@@ -69,7 +69,22 @@ class _ConvBN(nnx.Module):
     return self.bn(self.conv(blur(x) if self.blur else x))
 
 
-class BasicBlock(nnx.Module):
+def _shortcut(in_features: int, out: int, stride: int, blurpool: bool, dtype, rngs):
+  """torchvision's `downsample`: a strided 1x1 conv + BN when the shape changes, else None."""
+  if stride == 1 and in_features == out:
+    return None
+  return _ConvBN(in_features, out, 1, stride, blurpool=blurpool, dtype=dtype, rngs=rngs)
+
+
+class _Residual(nnx.Module):
+  """relu(branch(x) + shortcut(x)); subclasses define `branch`."""
+  shortcut: _ConvBN | None
+
+  def __call__(self, x):
+    return nnx.relu(self.branch(x) + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class BasicBlock(_Residual):
   """Two 3x3 convs (ResNet-18/34)."""
   expansion = 1
 
@@ -79,16 +94,13 @@ class BasicBlock(nnx.Module):
                          rngs=rngs)
     self.conv2 = _ConvBN(filters, filters, 3, zero_init_scale=zero_init_residual, dtype=dtype,
                          rngs=rngs)
-    self.shortcut = (_ConvBN(in_features, filters, 1, stride, blurpool=blurpool, dtype=dtype,
-                             rngs=rngs)
-                     if stride != 1 or in_features != filters else None)
+    self.shortcut = _shortcut(in_features, filters, stride, blurpool, dtype, rngs)
 
-  def __call__(self, x):
-    y = self.conv2(nnx.relu(self.conv1(x)))
-    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+  def branch(self, x):
+    return self.conv2(nnx.relu(self.conv1(x)))
 
 
-class BottleneckBlock(nnx.Module):
+class BottleneckBlock(_Residual):
   """1x1 -> 3x3 (strided, v1.5) -> 1x1 (x4) (ResNet-50/101/152)."""
   expansion = 4
 
@@ -99,15 +111,10 @@ class BottleneckBlock(nnx.Module):
     self.conv2 = _ConvBN(filters, filters, 3, stride, blurpool=blurpool, dtype=dtype, rngs=rngs)
     self.conv3 = _ConvBN(filters, out, 1, zero_init_scale=zero_init_residual, dtype=dtype,
                          rngs=rngs)
-    self.shortcut = (_ConvBN(in_features, out, 1, stride, blurpool=blurpool, dtype=dtype,
-                             rngs=rngs)
-                     if stride != 1 or in_features != out else None)
+    self.shortcut = _shortcut(in_features, out, stride, blurpool, dtype, rngs)
 
-  def __call__(self, x):
-    y = nnx.relu(self.conv1(x))
-    y = nnx.relu(self.conv2(y))
-    y = self.conv3(y)
-    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+  def branch(self, x):
+    return self.conv3(nnx.relu(self.conv2(nnx.relu(self.conv1(x)))))
 
 
 class ResNet(nnx.Module):
@@ -179,3 +186,31 @@ def feature_dim(depth: int, width: int = 64) -> int:
                       f"allowed: {sorted(DEPTHS)}")
   return width * 8 * (4 if DEPTHS[depth][1] else 1)
 
+
+
+# --- the encoder interface of models.MODELS ------------------------------------------------------
+
+def build(model_cfg, *, dtype, rngs: nnx.Rngs) -> ResNet:
+  return ResNet(model_cfg.depth, width=model_cfg.get("width", 64),
+                stem=model_cfg.get("stem", "imagenet"), in_channels=model_cfg.get("in_channels", 3),
+                zero_init_residual=model_cfg.get("zero_init_residual", True),
+                blurpool=model_cfg.get("blurpool", False), remat=model_cfg.get("remat", False),
+                dtype=dtype, rngs=rngs)
+
+
+def feature_dim_of(model_cfg) -> int:
+  return feature_dim(model_cfg.depth, model_cfg.get("width", 64))
+
+
+def describe(model_cfg) -> str:
+  """The architecture in checkpoint signatures (BlurPool named only when on, so that
+  checkpoints written before it existed keep their signature)."""
+  return (f"resnet{model_cfg.depth}(width={model_cfg.get('width', 64)},"
+          f"stem={model_cfg.get('stem', 'imagenet')},in_channels="
+          f"{model_cfg.get('in_channels', 3)}" + (",blurpool" if model_cfg.get("blurpool")
+                                                  else "") + ")")
+
+
+def check(config) -> None:
+  """ResNet has no cross-field rule: depth, stem and width are checked when built."""
+  del config

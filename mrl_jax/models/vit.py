@@ -153,3 +153,43 @@ class ViT(nnx.Module):
 
 def feature_dim(variant: str) -> int:
   return VARIANTS[parse_variant(variant)[0]][0]
+
+
+# --- the encoder interface of models.MODELS ------------------------------------------------------
+
+def build(model_cfg, *, dtype, rngs: nnx.Rngs) -> ViT:
+  return ViT(model_cfg.variant, image_size=model_cfg.image_size,
+             pool=model_cfg.get("pool", "cls"), in_channels=model_cfg.get("in_channels", 3),
+             dropout_rate=model_cfg.get("dropout_rate", 0.0), remat=model_cfg.get("remat", False),
+             num_layers=model_cfg.get("num_layers", 0), dtype=dtype, rngs=rngs)
+
+
+def feature_dim_of(model_cfg) -> int:
+  return feature_dim(model_cfg.variant)
+
+
+def describe(model_cfg) -> str:
+  return (f"vit-{model_cfg.variant}(image_size={model_cfg.image_size},"
+          f"pool={model_cfg.get('pool', 'cls')},in_channels={model_cfg.get('in_channels', 3)}"
+          + (f",num_layers={model_cfg.num_layers}" if model_cfg.get("num_layers") else "")
+          + ")")
+
+
+def check(config) -> None:
+  """The input size must tile into patches and equal the size the position embeddings are
+  built for, at train and at eval resolution."""
+  _, patch = parse_variant(config.model.variant)
+  for field, size in (("config.model.image_size", config.model.image_size),
+                      ("config.input.image_size", config.input.image_size)):
+    if size % patch:
+      raise ConfigError(f"{field}={size} is not divisible by the ViT patch size {patch} "
+                        f"(config.model.variant={config.model.variant!r})")
+  eval_size = config.input.pp_eval.get("image_size")
+  if eval_size and eval_size != config.model.image_size:
+    raise ConfigError(f"config.input.pp_eval.image_size={eval_size} differs from "
+                      f"config.model.image_size={config.model.image_size}; a ViT evaluates at "
+                      "the resolution of its position embeddings")
+  if config.model.image_size != config.input.image_size:
+    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from "
+                      f"config.input.image_size={config.input.image_size}; the ViT position "
+                      "embeddings need the input size")

@@ -1,0 +1,179 @@
+"""The model and its train state, below both the trainer and the evaluators: build, place, restore.
+
+The NNX model is split once into static graph definitions (one in train mode, one in eval mode:
+BatchNorm running averages, no dropout) and pure state. A TrainState holds the step, the
+parameters, the BatchNorm statistics, the optimizer state and the RNG; it is built abstractly
+first (no allocation), placed by the partition rules of sharding.py, and restored from orbax
+checkpoints against that abstract, sharded target, so a checkpoint restores onto any mesh.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import models
+from mrl_jax import optim
+from mrl_jax import paths
+from mrl_jax import sharding
+from mrl_jax import utils
+from mrl_jax.errors import ConfigError
+from mrl_jax.models import heads as heads_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  params: Any  # nnx.State of nnx.Param (pure arrays)
+  batch_stats: Any  # nnx.State of nnx.BatchStat (pure arrays)
+  opt_state: Any
+  rng: jax.Array  # uint32 key data
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: keys jit caches
+class Model:
+  """The static halves of the split model and its resolved description."""
+  spec: models.ModelSpec
+  train_graphdef: Any
+  eval_graphdef: Any
+
+  @property
+  def nesting(self) -> tuple[int, ...]:
+    """The sizes that have a head."""
+    return self.spec.head_sizes
+
+  def apply(self, params, batch_stats, images, *, train: bool = False, rngs=None):
+    """(z [B, d], {m: logits_m [B, C]}); train=True also returns the updated BN statistics."""
+    module = nnx.merge(self.train_graphdef if train else self.eval_graphdef, params, batch_stats)
+    z, logits = module(images, rngs=rngs)
+    if train:
+      return z, logits, nnx.as_pure(nnx.state(module, nnx.BatchStat))
+    return z, logits
+
+  def heads(self, params, batch_stats) -> heads_lib.MatryoshkaHeads:
+    """The heads module with these parameters (eval mode)."""
+    return nnx.merge(self.eval_graphdef, params, batch_stats).heads
+
+
+def _split(module):
+  graphdef, params, batch_stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"model has state other than Param/BatchStat: {rest}")
+  return graphdef, nnx.as_pure(params), nnx.as_pure(batch_stats)
+
+
+def build_model(config, spec: models.ModelSpec) -> tuple[Model, Any, Any]:
+  """(Model, abstract params, abstract batch_stats) without allocating any parameter."""
+  abstract = nnx.eval_shape(lambda: models.create_model(config, spec, nnx.Rngs(config.seed)))
+  train_graphdef, params, batch_stats = _split(abstract)
+  eval_view = nnx.view(abstract, use_running_average=True, deterministic=True,
+                       raise_if_not_found=False)
+  eval_graphdef, _, _ = _split(eval_view)
+  return Model(spec, train_graphdef, eval_graphdef), params, batch_stats
+
+
+def _init_fn(config, spec, tx: optax.GradientTransformation):
+  def init():
+    module = models.create_model(config, spec, nnx.Rngs(config.seed))
+    _, params, batch_stats = _split(module)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+  return init
+
+
+def abstract_train_state(config, spec, tx: optax.GradientTransformation, mesh):
+  """(TrainState of ShapeDtypeStructs carrying their shardings, the sharding tree)."""
+  abstract = jax.eval_shape(_init_fn(config, spec, tx))
+  state_sharding = sharding.state_sharding(abstract, mesh, config.sharding)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sharding)
+  return abstract, state_sharding
+
+
+def create_train_state(config, spec, tx: optax.GradientTransformation, mesh):
+  """(initial TrainState placed by the partition rules, its sharding tree)."""
+  _, state_sharding = abstract_train_state(config, spec, tx, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(_init_fn(config, spec, tx), out_shardings=state_sharding)()
+  return state, state_sharding
+
+
+def restore(config, spec, workdir, mesh, step: int | None = None):
+  """(Model, params, batch_stats, step) from the workdir's checkpoint (latest by default).
+
+  The optimizer is rebuilt only for its state's structure (which does not depend on the
+  schedule's values), so that the checkpoint restores against a typed, sharded target.
+  """
+  model, abstract_params, _ = build_model(config, spec)
+  tx = optim.make_optimizer(config, spec, abstract_params, optax.constant_schedule(0.0))
+  abstract, _ = abstract_train_state(config, spec, tx, mesh)
+  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"), every_steps=1,
+                                     keep=config.keep_checkpoints)
+  restored = ckpt.restore(abstract, expected_signature=spec.signature, step=step)
+  ckpt.close()
+  if restored is None:
+    raise ConfigError(f"no checkpoint in {ckpt.directory}; train first (python train.py "
+                      f"--config=... --workdir={workdir})")
+  state, _, step = restored
+  return model, state.params, state.batch_stats, step
+
+
+def _flat_str(tree) -> dict[tuple[str, ...], Any]:
+  """{path of str keys: leaf} of a pytree of dicts / nnx.State (list indices become str)."""
+  out = {}
+  jax.tree_util.tree_map_with_path(
+      lambda path, x: out.__setitem__(tuple(str(getattr(k, "key", k)) for k in path), x), tree)
+  return out
+
+
+def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
+  """The state with its encoder (and, with config.init_from_heads, its heads) and BatchNorm
+  statistics taken from config.init_from: a workdir, its checkpoints folder, or a converted
+  PyTorch checkpoint (convert_torch.py). Fine-tuning and linear-probe runs start here; the
+  optimizer state, step and RNG stay fresh. The source must be the same encoder; heads only
+  when head type, nesting and classes match too."""
+  source = paths.path(config.init_from)
+  directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+  ckpt = checkpoint_lib.Checkpointer(directory, every_steps=1, keep=1, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(f"no checkpoint in {directory} (config.init_from)")
+    saved, meta = ckpt.read(steps[-1])
+  finally:
+    ckpt.close()
+  saved_signature = meta.get("signature", {})
+  keys = ["encoder", "feature_dim"] + (
+      ["head", "nesting", "num_classes"] if config.init_from_heads else [])
+  for key in keys:
+    if saved_signature.get(key) != spec.signature[key]:
+      raise ConfigError(
+          f"config.init_from={config.init_from} holds a model with {key}="
+          f"{saved_signature.get(key)!r} but the config has {key}={spec.signature[key]!r}"
+          + ("" if key in ("encoder", "feature_dim") else
+             "; set config.init_from_heads=False to take only the encoder"))
+  source_params = _flat_str(saved["params"])
+  source_stats = _flat_str(saved["batch_stats"])
+
+  def take(source_leaves, keep_heads):
+    def pick(path, leaf):
+      key = tuple(str(getattr(k, "key", k)) for k in path)
+      if key[0] == "heads" and not keep_heads:
+        return leaf
+      return jax.device_put(np.asarray(source_leaves[key], leaf.dtype), leaf.sharding)
+    return pick
+
+  utils.console(f"Initialising from {directory} step {steps[-1]} (encoder"
+                + (" and heads" if config.init_from_heads else "") + ")")
+  return state.replace(
+      params=jax.tree_util.tree_map_with_path(take(source_params, config.init_from_heads),
+                                              state.params),
+      batch_stats=jax.tree_util.tree_map_with_path(take(source_stats, True),
+                                                   state.batch_stats))
