@@ -136,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
       extra_sizes=(),  # interpolated sizes, e.g. (12, 24, 48)
       linear=True, knn=True, knn_k=(1, 10), retrieval_k=(10, 25, 50, 100),
       flip_tta=False, feature_dtype="float32", save_features=False,
-      query_block=1024, database_block=65536, max_database=config_dict.placeholder(int),
+      query_block=1024, database_block=4096, max_database=config_dict.placeholder(int),
       # Rows of the database held on the devices at once (None: all of it); a database larger
       # than device memory streams from host in chunks of this many rows.
       database_chunk_rows=config_dict.placeholder(int),
@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
       # ((Ds, (Dr1, Dr2, ...), (K1, K2, ...)), ...); rerank_sizes () = the feature dim.
       adaptive_retrieval=False, shortlist_sizes=(8, 16), rerank_sizes=(), shortlist_k=(200,),
       funnels=(),
+      # Shortlist engines, each giving its own rows: 'exact' and/or 'hnsw' (faiss HNSW on the
+      # Ds-prefix, cached next to the features; the rerank stays exact).
+      shortlist_engines=("exact",), hnsw_m=32, hnsw_ef_construction=200, hnsw_ef_search=256,
       # Adaptive classification cascades (thresholds fitted on ac_holdout of the queries).
       adaptive_classification=False, ac_holdout=0.2, ac_seeds=30, ac_caps=(),
       # Baselines from this model's features, any of

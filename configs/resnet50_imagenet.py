@@ -86,7 +86,7 @@ def get_config(arg=None):
   c.keep_checkpoints = 3
   c.eval.update(database_split="train", knn_k=(1,), retrieval_k=(10, 25, 50, 100),
                 extra_sizes=(12, 24, 48, 96, 192, 384, 768, 1536), feature_dtype="float32",
-                query_block=1024, database_block=65536,
+                query_block=1024, database_block=4096,
                 # The paper's adaptive retrieval (K=200 -> 2048) and funnels, and cascades.
                 adaptive_retrieval=True, shortlist_sizes=(8, 16, 32), rerank_sizes=(512, 2048),
                 shortlist_k=(200,),

@@ -100,6 +100,19 @@ def validate(config, num_devices: int, process_count: int = 1) -> models.ModelSp
   return spec
 
 
+def validate_eval_adaptive(ev, feature_dim: int) -> None:
+  """The adaptive-retrieval fields of config.eval (also embeddings-only mode's flags)."""
+  positive_ints(ev.shortlist_k, "config.eval.shortlist_k")
+  adaptive_retrieval.funnels_from_config(ev, feature_dim)  # sizes, K and funnel shapes
+  for engine in ev.get("shortlist_engines", ("exact",)):
+    if engine not in adaptive_retrieval.SHORTLIST_ENGINES:
+      raise ConfigError(f"shortlist engine {engine!r} (config.eval.shortlist_engines); "
+                        f"allowed: {list(adaptive_retrieval.SHORTLIST_ENGINES)}")
+  for field in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
+    if field in ev and ev[field] < 1:
+      raise ConfigError(f"config.eval.{field}={ev[field]}; allowed: >= 1")
+
+
 def validate_eval(ev, spec: models.ModelSpec) -> None:
   """config.eval: every list a tuple of valid values (sizes within the feature dim)."""
   for field in ("knn_k", "retrieval_k", "shortlist_k", "fewshot_shots"):
@@ -108,7 +121,7 @@ def validate_eval(ev, spec: models.ModelSpec) -> None:
     if cap not in spec.head_sizes:
       raise ConfigError(f"config.eval.ac_caps has {cap}; allowed: sizes with a head "
                         f"{list(spec.head_sizes)}")
-  adaptive_retrieval.funnels_from_config(ev, spec.feature_dim)  # sizes, K and funnel shapes
+  validate_eval_adaptive(ev, spec.feature_dim)
   for kind in ev.baselines:
     if kind not in baselines.KINDS:
       raise ConfigError(f"unknown baseline {kind!r} (config.eval.baselines); allowed: "

@@ -63,10 +63,12 @@ def test_eval_py_embeddings_cli(tmp_path):
 @pytest.mark.parametrize("corrupt, message", [
     (lambda a: a.update(queries_y=a["queries_y"][:-1]),
      "queries_X.npy has 40 rows but queries_y.npy has 39 labels"),
-    (lambda a: a["database_X"].__setitem__((7, 3), np.nan),
+    (lambda a: a["database_X"].__setitem__((7, 1), np.nan),  # within the sizes read
      "database_X.npy has a NaN/inf value (first in row 7)"),
-    (lambda a: a.update(database_y=a["database_y"].astype(np.float16)),
-     "database_y.npy has dtype float16; labels must be integers"),
+    (lambda a: a.update(database_y=a["database_y"] + 0.5),
+     "database_y.npy has a non-integral label 2.5 (row 0)"),
+    (lambda a: a.update(database_y=a["database_y"][:, None].repeat(2, 1)),
+     "database_y.npy has shape (200, 2); allowed: [N] or [N, 1]"),
     (lambda a: a.update(queries_X=a["queries_X"][:, :20]),
      "database_X.npy has d=24 but queries_X.npy has d=20"),
 ])
@@ -169,18 +171,27 @@ def test_exported_embeddings_evaluate_like_the_checkpoint(trained_digits, tmp_pa
   metrics from it equal eval.py's on the checkpoint; float16 and a size cut keep the layout."""
   config, workdir = trained_digits
   config = config.copy_and_resolve_references()
-  config.eval.update(linear=False, adaptive_retrieval=False, adaptive_classification=False,
+  config.eval.update(linear=False, adaptive_retrieval=True, adaptive_classification=False,
                      baselines=(), fewshot_shots=(), extra_sizes=(), knn_k=(1, 5),
-                     retrieval_k=(10, 25))
+                     retrieval_k=(10, 25), shortlist_sizes=(2, 4), rerank_sizes=(64,),
+                     shortlist_k=(50,), funnels=((2, (8, 64), (100, 10)),))
   direct = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
   out = str(tmp_path / "emb")
   rows = evaluate.export_embeddings(config, workdir, out, devices=jax.devices()[:1])
   assert rows == {"database_X.npy": 1438, "queries_X.npy": 359}
   sizes = [int(m) for m in direct["sklearn_digits"]["sizes"]]
   exported = evaluate.evaluate_embeddings(out, sizes, str(tmp_path / "out"), knn_ks=[1, 5],
-                                          retrieval_ks=[10, 25], devices=jax.devices()[:1])
+                                          retrieval_ks=[10, 25], devices=jax.devices()[:1],
+                                          adaptive=config.eval,
+                                          database_block=config.eval.database_block)
   for m in sizes:
     assert exported["sizes"][str(m)] == direct["sklearn_digits"]["sizes"][str(m)], m
+  timing = ("seconds", "ms_per_query_block", "wallclock_speedup_vs_exact")
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+  assert len(exported["adaptive_retrieval"]) == 6  # 2, 64 single-shot; 2 and 4 -> 64; funnel
+  assert strip(exported["adaptive_retrieval"]) == strip(
+      direct["sklearn_digits"]["adaptive_retrieval"])
+  assert open(os.path.join(tmp_path, "out", "adaptive_retrieval.csv")).read().count("\n") == 7
   half = str(tmp_path / "half")
   evaluate.export_embeddings(config, workdir, half, size=16, dtype="float16",
                              devices=jax.devices()[:1])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import ann
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation import metrics as metrics_lib
 
@@ -81,14 +82,31 @@ def funnels_from_config(ev, feature_dim: int) -> list[Funnel]:
 def _rerank_fn(size: int, keep: int):
   """jit: (queries [qb, d], candidate rows [qb, K, d], candidate ids [qb, K]) -> the ids of the
   `keep` most similar at `size`, most similar first (top_k: ~3x cheaper than a full sort on CPU;
-  ties keep the shortlist order, as a stable sort)."""
+  ties keep the shortlist order, as a stable sort). Rows read from a host array."""
+
+  def cosine(q, x):
+    x = x[..., :size].astype(jnp.float32)
+    return knn.dot_rows(q, x) / jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-12)
 
   @jax.jit
   def rerank(queries, rows, ids):
+    scores = knn.score_groups(cosine, knn.normalize_prefix(queries, size), rows)
+    _, order = jax.lax.top_k(scores, keep)
+    return jnp.take_along_axis(ids, order, axis=-1)
+
+  return rerank
+
+
+@functools.cache
+def _device_rerank_fn(size: int, keep: int):
+  """jit: (queries [qb, d], candidate ids [qb, K], prepared rows, inverse norms) -> as
+  `_rerank_fn`, gathering the candidates' rows on the device from a database prepared at
+  `size` (its stored norms: no row is normalised again)."""
+
+  @jax.jit
+  def rerank(queries, ids, rows, inv_norms):
     q = knn.normalize_prefix(queries, size)
-    x = rows[..., :size].astype(jnp.float32)
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    scores = jnp.einsum("qd,qkd->qk", q, x)
+    scores = knn.score_rows(q, ids, rows, inv_norms)
     _, order = jax.lax.top_k(scores, keep)
     return jnp.take_along_axis(ids, order, axis=-1)
 
@@ -96,22 +114,32 @@ def _rerank_fn(size: int, keep: int):
 
 
 def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, stages,
-           block: int = 256) -> np.ndarray:
+           block: int = 256, prepared=None) -> np.ndarray:
   """Applies the funnel stages to candidate lists [Q, K0]; returns [Q, K_last] database ids.
 
-  Stage j re-sorts the first K_j and keeps only the K_{j+1} the next stage reads."""
+  Stage j re-sorts the first K_j and keeps only the K_{j+1} the next stage reads. `prepared`
+  (search, size -> PreparedDatabase in one chunk, or None): gather the candidates' rows on the
+  device from the database prepared at the stage's size; otherwise from `database` on the host
+  (a memory map reads only those rows)."""
   order = candidates
   for j, (size, k) in enumerate(stages):
     keep = stages[j + 1][1] if j + 1 < len(stages) else k
     top = order[:, :k]
+    on_device = prepared[1](size) if prepared is not None else None
     out = np.empty((len(top), keep), top.dtype)
     for q0 in range(0, len(top), block):
-      ids, q = top[q0:q0 + block], np.asarray(queries[q0:q0 + block, :size])
+      ids, q = top[q0:q0 + block], np.asarray(queries[q0:q0 + block, :size], np.float32)
       n = len(ids)
       if n < block:  # pad the last block: one compiled shape per stage
         ids, q = np.pad(ids, [(0, block - n), (0, 0)]), np.pad(q, [(0, block - n), (0, 0)])
-      rows = database[ids, :size]  # [block, k, size]
-      out[q0:q0 + n] = np.asarray(_rerank_fn(size, keep)(q, rows, ids))[:n]
+      if on_device is not None:
+        chunk, = on_device.chunks
+        fn = _device_rerank_fn(size, keep)
+        with jax.set_mesh(prepared[0].mesh):
+          result = fn(q, ids.astype(np.int32), chunk.rows, chunk.inv_norms)
+      else:
+        result = _rerank_fn(size, keep)(q, database[ids, :size], ids)
+      out[q0:q0 + n] = np.asarray(result)[:n]
     order = out
   return order
 
@@ -124,15 +152,30 @@ def _warmup_slices(num_queries: int, block: int) -> list[slice]:
   return out
 
 
+SHORTLIST_ENGINES = ("exact", "hnsw")
+
+
 def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queries_y, *,
              search: knn.ExactSearch, num_classes: int | None = None,
-             retrieval_ks: Sequence[int] = (10,)) -> list[dict]:
-  """One row per funnel plus one exact single-shot row per size used, with metrics, MFLOPs
-  and wall-clock (shortlist search + reranking) per query block."""
+             retrieval_ks: Sequence[int] = (10,), engines: Sequence[str] = ("exact",),
+             hnsw: ann.HnswParams = ann.HnswParams(), cache_dir: str | None = None
+             ) -> list[dict]:
+  """One row per funnel and shortlist engine, plus one exact single-shot row per size used,
+  with metrics, MFLOPs, wall-clock (shortlist + reranking) and the shortlist's recall of the
+  exact shortlist.
+
+  With `search.chunk_rows` below the database size the database (a memory-mapped array is
+  fine) is streamed through the search chunk by chunk, and the rerank reads only the
+  candidates' rows; the timed pass then also includes compilation (a warm-up pass would read
+  the whole database once more)."""
+  for engine in engines:
+    if engine not in SHORTLIST_ENGINES:
+      raise ConfigError(f"shortlist engine {engine!r}; allowed: {', '.join(SHORTLIST_ENGINES)}")
   counts = metrics_lib.relevant_counts(database_y, queries_y, num_classes)
   n_db, n_q = len(database_y), len(queries_y)
   n_blocks = -(-n_q // search.query_block)
-  prepared = {}
+  streamed = bool(search.chunk_rows) and search.chunk_rows < n_db
+  prepared, exact_ids = {}, {}
 
   def prepared_at(size):
     if size not in prepared:
@@ -140,11 +183,22 @@ def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queri
     return prepared[size]
 
   def timed_search(size, k):
-    db = prepared_at(size)
-    for warmup in _warmup_slices(n_q, search.query_block):  # compile outside the timer
-      search.search(queries_z[warmup], db, size, k)
+    if streamed:
+      db = database_z
+    else:
+      db = prepared_at(size)
+      for warmup in _warmup_slices(n_q, search.query_block):  # compile outside the timer
+        search.search(queries_z[warmup], db, size, k)
     t0 = time.perf_counter()
     _, ids = search.search(queries_z, db, size, k)
+    exact_ids[size, k] = ids
+    return ids, time.perf_counter() - t0
+
+  def hnsw_shortlist(size, k):
+    index = ann.build(database_z, size, hnsw, cache_dir)
+    ann.search(index, queries_z[:search.query_block], size, k, hnsw)  # warm-up
+    t0 = time.perf_counter()
+    ids = ann.search(index, queries_z, size, k, hnsw)
     return ids, time.perf_counter() - t0
 
   rows = []
@@ -154,16 +208,32 @@ def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queri
     ids, seconds = timed_search(size, max_k)
     rows.append(_row(f"{size} (single-shot)", "single_shot", size, (), n_db * size / 1e6,
                      seconds, n_blocks, database_y[ids], queries_y, counts, retrieval_ks))
-  for f in funnels:
-    ids, seconds = timed_search(f.shortlist_size, f.shortlist_k)
-    rerank(queries_z[:search.query_block], database_z, ids[:search.query_block], f.stages)
-    t0 = time.perf_counter()
-    final = rerank(queries_z, database_z, ids, f.stages)
-    seconds += time.perf_counter() - t0
-    ks = [k for k in retrieval_ks if k <= f.stages[-1][1]]
-    rows.append(_row(f.name(), "funnel" if len(f.stages) > 1 else "adaptive",
-                     f.shortlist_size, f.stages, f.mflops(n_db), seconds, n_blocks,
-                     database_y[final], queries_y, counts, ks))
+    rows[-1].update(engine="exact", shortlist_recall=1.0)
+  for engine in engines:
+    for f in funnels:
+      key = f.shortlist_size, f.shortlist_k
+      if engine == "exact":
+        ids, seconds = timed_search(*key)
+      else:
+        ids, seconds = hnsw_shortlist(*key)
+      # One device holding the whole database: gather there; else from the host array.
+      on_device = None if streamed or search.num_shards > 1 else (search, prepared_at)
+      for stage_size, _ in f.stages:  # prepared outside the timer, as the shortlist's
+        if on_device is not None:
+          prepared_at(stage_size)
+      rerank(queries_z[:search.query_block], database_z, ids[:search.query_block], f.stages,
+             prepared=on_device)
+      t0 = time.perf_counter()
+      final = rerank(queries_z, database_z, ids, f.stages, prepared=on_device)
+      seconds += time.perf_counter() - t0
+      if key not in exact_ids:  # the reference for the recall, untimed
+        exact_ids[key] = timed_search(*key)[0]
+      ks = [k for k in retrieval_ks if k <= f.stages[-1][1]]
+      name = f.name() if engine == "exact" else f"{f.name()} [hnsw]"
+      rows.append(_row(name, "funnel" if len(f.stages) > 1 else "adaptive",
+                       f.shortlist_size, f.stages, f.mflops(n_db), seconds, n_blocks,
+                       database_y[final], queries_y, counts, ks))
+      rows[-1].update(engine=engine, shortlist_recall=ann.recall(ids, exact_ids[key]))
   exact = {r["shortlist_size"]: r for r in rows if r["kind"] == "single_shot"}
   largest = max(exact)
   for r in rows:  # speed-up against exact search at the largest size, both ways

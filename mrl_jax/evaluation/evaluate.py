@@ -9,7 +9,8 @@ on z[:, :m] truncated then L2-normalised, and on the main query set adaptive ret
 classification, baselines and few-shot accuracy. Robustness datasets are queried against the
 same database and the same ImageNet-1K heads, with the 200-class logit masks for -A and -R.
 
-Embeddings-only mode: the neighbour evaluators on saved `.npy` features of any model.
+Embeddings-only mode: the neighbour and adaptive-retrieval evaluators on saved `.npy` features
+of any model (embeddings.py: this project's layout or the official dumps, memory-mapped).
 Outputs per query dataset: `<out>/results.json`, `results.csv`, `accuracy_vs_dim.png`.
 """
 
@@ -26,13 +27,12 @@ from mrl_jax import validation
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import class_subsets
+from mrl_jax.evaluation import embeddings
 from mrl_jax.evaluation import evaluators
 from mrl_jax.evaluation import extract as extract_lib
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation import linear
 from mrl_jax.evaluation import report
-
-EMBEDDING_FILES = ("database_X.npy", "database_y.npy", "queries_X.npy", "queries_y.npy")
 
 # Eval datasets whose labels are not under config.input.label_key: ImageNet-ReaL's reassessed,
 # multi-label labels (Beyer et al. 2020), as the ViT / big_vision evaluations read them.
@@ -73,7 +73,8 @@ def evaluate_checkpoint(config, workdir, *, checkpoint_step: int | None = None,
                                                        checkpoint_step)
   readers = {name: pipeline.make_reader(config.input, source) for name, source in
              sources.items()}
-  todo = evaluators.from_config(ev, spec)
+  todo = evaluators.from_config(ev, spec, cache_dir=str(
+      paths.join(workdir, "eval", config.input.dataset)))
   database = None
   if any(not isinstance(e, evaluators.Linear) for e in todo):
     database = extract_lib.extract(
@@ -153,72 +154,43 @@ def export_embeddings(config, workdir, out, *, size: int | None = None, dtype: s
   return rows
 
 
-def load_embeddings(directory: str) -> dict[str, np.ndarray]:
-  """The four .npy files of embeddings-only mode, validated (one-line errors)."""
-  arrays = {}
-  for name in EMBEDDING_FILES:
-    path = paths.join(directory, name)
-    if not path.exists():
-      raise ConfigError(f"missing {path}; embeddings-only mode needs "
-                        f"{', '.join(EMBEDDING_FILES)} in --embeddings")
-    try:
-      arrays[name[:-4]] = paths.load_npy(path)
-    except ValueError as e:
-      raise ConfigError(f"{path} is not a plain numeric .npy array ({e})") from None
-  for part in ("database", "queries"):
-    x, y = arrays[f"{part}_X"], arrays[f"{part}_y"]
-    if x.ndim != 2:
-      raise ConfigError(f"{part}_X.npy has shape {x.shape}; allowed: [N, d]")
-    if y.ndim != 1:
-      raise ConfigError(f"{part}_y.npy has shape {y.shape}; allowed: [N] integer labels")
-    if len(x) != len(y):
-      raise ConfigError(f"{part}_X.npy has {len(x)} rows but {part}_y.npy has {len(y)} labels; "
-                        "they must match")
-    if not np.issubdtype(y.dtype, np.integer):
-      raise ConfigError(f"{part}_y.npy has dtype {y.dtype}; labels must be integers (save them "
-                        "with y.astype(np.int64))")
-    if len(y) and y.min() < 0:
-      raise ConfigError(f"{part}_y.npy has a negative label {int(y.min())}; allowed: >= 0")
-    if not np.issubdtype(x.dtype, np.floating):
-      raise ConfigError(f"{part}_X.npy has dtype {x.dtype}; features must be floating point")
-    finite = np.isfinite(x)
-    if not finite.all():
-      row = int(np.argwhere(~finite)[0][0])
-      raise ConfigError(f"{part}_X.npy has a NaN/inf value (first in row {row}); features must "
-                        "be finite")
-  d_db, d_q = arrays["database_X"].shape[1], arrays["queries_X"].shape[1]
-  if d_db != d_q:
-    raise ConfigError(f"database_X.npy has d={d_db} but queries_X.npy has d={d_q}; they must "
-                      "match")
-  return arrays
-
-
-def evaluate_embeddings(directory: str, sizes: Sequence[int], out: str, *,
-                        knn_ks: Sequence[int] = (1,), retrieval_ks: Sequence[int] = (10,),
-                        query_block: int = 1024, database_block: int = 65536,
-                        database_chunk_rows: int | None = None, devices=None) -> dict:
-  """Neighbour metrics of saved features (no model): writes the reports to `out`."""
-  arrays = load_embeddings(directory)
-  d = arrays["database_X"].shape[1]
+def evaluate_embeddings(location: embeddings.Location | str, sizes: Sequence[int], out: str,
+                        *, knn_ks: Sequence[int] = (1,), retrieval_ks: Sequence[int] = (10,),
+                        query_block: int = 1024, database_block: int = 4096,
+                        database_chunk_rows: int | None = None, adaptive=None,
+                        devices=None) -> dict:
+  """Neighbour metrics (and, with `adaptive`, adaptive retrieval) of saved features, no model:
+  writes the reports to `out`. `location`: a folder or embeddings.locate(...); `adaptive`: the
+  adaptive-retrieval fields of config.eval (shortlist_sizes, rerank_sizes, shortlist_k,
+  funnels, shortlist_engines, hnsw_*) as a ConfigDict."""
+  if isinstance(location, str):
+    location = embeddings.locate(location)
+  sizes = tuple(sizes)
+  if len(set(sizes)) != len(sizes):
+    raise ConfigError(f"--sizes={list(sizes)} has a duplicate")
+  parts = embeddings.load(location, max_size=max(sizes) if sizes else None)
+  database, queries = parts["database"], parts["queries"]
+  d = database.z.shape[1]
   for m in sizes:
     if not 1 <= m <= d:
       raise ConfigError(f"size {m} is outside [1, {d}] (--sizes; d of the saved features)")
-  if len(set(sizes)) != len(sizes):
-    raise ConfigError(f"--sizes={list(sizes)} has a duplicate")
   sizes = tuple(sorted(sizes))
+  todo = [evaluators.Neighbors(sizes, tuple(knn_ks), tuple(retrieval_ks))]
+  if adaptive is not None:
+    validation.validate_eval_adaptive(adaptive, d)
+    x_dir = str(paths.path(location.files["database"][0]).parent)
+    todo.append(evaluators.AdaptiveRetrieval.from_config(adaptive, d, retrieval_ks, x_dir))
   devices = list(devices) if devices is not None else jax.devices()
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices)
   inputs = evaluators.Inputs(
-      query_sets={"queries": extract_lib.Features(arrays["queries_X"], arrays["queries_y"])},
-      database=extract_lib.Features(arrays["database_X"], arrays["database_y"]),
+      query_sets={"queries": queries}, database=database,
       search=knn.ExactSearch(mesh, query_block=query_block, database_block=database_block,
                              chunk_rows=database_chunk_rows))
-  body = evaluators.collect(evaluators.run(
-      [evaluators.Neighbors(sizes, tuple(knn_ks), tuple(retrieval_ks))], inputs), sizes)
+  body = evaluators.collect(evaluators.run(todo, inputs), sizes)
   results = {
-      "model": None, "checkpoint_step": None, "dataset": str(paths.path(directory)),
+      "model": None, "checkpoint_step": None, "dataset": location.name,
       "split": "queries", "database_split": "database",
-      "num_queries": int(len(arrays["queries_y"])), "num_database": int(len(arrays["database_y"])),
+      "num_queries": int(len(queries.labels)), "num_database": int(len(database.labels)),
       "flip_tta": False, "trained_sizes": list(sizes),
       "adaptive_retrieval": [], "adaptive_classification": [], **body["queries"],
   }

@@ -18,6 +18,7 @@ from absl import logging
 from mrl_jax import models
 from mrl_jax.evaluation import adaptive_classification
 from mrl_jax.evaluation import adaptive_retrieval
+from mrl_jax.evaluation import ann
 from mrl_jax.evaluation import baselines
 from mrl_jax.evaluation import class_subsets
 from mrl_jax.evaluation import extract
@@ -84,13 +85,24 @@ class AdaptiveRetrieval:
   """Shortlist at Ds, rerank at Dr (and funnels) on the main query set (paper Sec. 5.2)."""
   funnels: list
   retrieval_ks: tuple[int, ...]
+  engines: tuple[str, ...] = ("exact",)
+  hnsw: ann.HnswParams = ann.HnswParams()
+  cache_dir: str | None = None  # where HNSW indexes are cached (None: not cached)
 
   def run(self, inputs: Inputs) -> Iterator[tuple[str, object]]:
     queries = inputs.query_sets[inputs.main]
     yield f"{inputs.main}/adaptive_retrieval", adaptive_retrieval.evaluate(
         self.funnels, inputs.database.z, inputs.database.labels, queries.z, queries.labels,
         search=inputs.search, num_classes=inputs.num_classes,
-        retrieval_ks=[k for k in self.retrieval_ks if k <= 10] or [10])
+        retrieval_ks=[k for k in self.retrieval_ks if k <= 10] or [10], engines=self.engines,
+        hnsw=self.hnsw, cache_dir=self.cache_dir)
+
+  @classmethod
+  def from_config(cls, ev, feature_dim: int, retrieval_ks, cache_dir=None):
+    return cls(adaptive_retrieval.funnels_from_config(ev, feature_dim), tuple(retrieval_ks),
+               tuple(ev.get("shortlist_engines", ("exact",))),
+               ann.HnswParams(ev.get("hnsw_m", 32), ev.get("hnsw_ef_construction", 200),
+                              ev.get("hnsw_ef_search", 256)), cache_dir)
 
 
 @dataclasses.dataclass
@@ -144,9 +156,10 @@ class FewShot:
 SINGLE_LABEL_ONLY = (AdaptiveClassification, Baselines, FewShot)
 
 
-def from_config(ev, spec: models.ModelSpec, *, heads: bool = True) -> list:
+def from_config(ev, spec: models.ModelSpec, *, heads: bool = True,
+                cache_dir: str | None = None) -> list:
   """The evaluators config.eval enables, in results order; `heads=False` (features without a
-  model) leaves out those that read the heads."""
+  model) leaves out those that read the heads; `cache_dir` keeps HNSW indexes."""
   knn_ks = tuple(ev.knn_k) if ev.knn else ()
   retrieval_ks = tuple(ev.retrieval_k) if ev.knn else ()
   out = []
@@ -155,8 +168,7 @@ def from_config(ev, spec: models.ModelSpec, *, heads: bool = True) -> list:
   if knn_ks or retrieval_ks:
     out.append(Neighbors(spec.eval_sizes, knn_ks, retrieval_ks))
     if ev.adaptive_retrieval:
-      out.append(AdaptiveRetrieval(adaptive_retrieval.funnels_from_config(ev, spec.feature_dim),
-                                   retrieval_ks))
+      out.append(AdaptiveRetrieval.from_config(ev, spec.feature_dim, retrieval_ks, cache_dir))
     if ev.baselines:  # at every nesting size, also for an FF-d (standard) model
       out.append(Baselines(tuple(ev.baselines), spec.nesting, knn_ks, retrieval_ks,
                            ev.probe_steps, ev.probe_l2))

@@ -3,24 +3,32 @@
 As the official MRL evaluation: truncate to the first m dimensions, L2-normalise database and
 queries, and rank by L2 distance, which on unit vectors is ranking by cosine similarity (we
 return the cosine, higher = nearer). Database rows stay on device as stored (float32, bfloat16
-or float16) with their inverse norms; each block's scores are (q / |q|) . x * (1 / |x|),
-computed in float32, so no normalised copy of the database is ever written. The search is exact
-and never materialises the Q x N score matrix:
-- the database is split by rows over every device of the mesh; each device scans its rows in
-  blocks of `block` rows, keeping a running top-k ([query_block, k]) per query;
-- selection within a block prunes before any top-k: the block's scores are cut into sub-blocks
-  of `sub_block` rows, and only the k sub-blocks with the largest maxima can hold the block's
-  top k (any other element is beaten by k sub-block maxima), so the top-k runs over k x
-  sub_block candidates instead of the whole block -- exact, ties included (below);
-- the per-device top-k lists are merged into the global top-k; queries go through in blocks of
-  `query_block`; a database larger than device memory streams from host in chunks of
-  `chunk_rows` rows, merged the same way.
+or float16) with their inverse norms, so no normalised copy of the database is ever written.
+
+Selecting the top k out of N scores costs far more than computing them when m is small (an
+8-d score is 8 multiply-adds; a top-k pass over it is a data-dependent sort). So the search
+computes every score once, in a matmul, but only keeps maxima, and selects on those:
+1. each device scans its rows in blocks of `block` rows: scores of a query block against a
+   block ([query_block, block], a matmul at full float32 precision), reduced on the fly to the
+   maximum of every sub-block of `sub_block` consecutive rows; nothing else is kept;
+2. the top k of a query's scores lie in the k sub-blocks with the largest maxima (any other
+   row is beaten by k sub-block maxima), and those k sub-blocks lie in the k super-blocks
+   (`group` sub-blocks) with the largest maxima; two small top-k's on maxima pick them;
+3. the k x sub_block candidate rows are gathered and scored again (one fixed formula per
+   pair, below) and the top k of those is the device's answer; the devices' answers are
+   merged, queries go through in blocks of `query_block`, and a database larger than device
+   memory streams from host in chunks of `chunk_rows` rows, merged the same way.
 Order and ties: results are sorted by score, equal scores by lower database index, as a stable
-full sort would (candidates are always kept in index order and `lax.top_k` is stable). Every
-score is computed by the same [query_block, m] x [m, block] product whatever the device count or
-chunking (XLA rounds a product differently for different shapes), and `block` depends only on
-the database size, so duplicate rows score bitwise-equally and results do not depend on the
-layout.
+full sort would (candidates are kept in index order and `lax.top_k` is stable). Every pair in
+a search is scored by one formula whatever its place (the float32 sum over the prefix of
+q_i x_i, times 1/|x|: `score_rows`), so duplicate rows score bitwise-equally and keep index
+order. Pruning
+uses the matmul's scores, which round differently in the last bits, and a different device
+count may round a reduction differently: two distinct rows whose scores agree to ~1e-7 may
+swap at the k-th place, as they may between any two float implementations (faiss, numpy).
+
+On a CPU the search costs 1.5-2.5x the matmul alone at m <= 64, is 3.5-5x faster than
+faiss's flat index there and about as fast at m = 2048 (benchmarks/knn.py, BENCHMARKS.md).
 """
 
 import dataclasses
@@ -55,17 +63,66 @@ def _merge(scores_a, index_a, scores_b, index_b, k):
                jnp.concatenate([index_a, index_b], axis=-1), k)
 
 
+def _select(values: jax.Array, k: int) -> jax.Array:
+  """Positions of the k largest values per row, ascending (so later ties keep index order)."""
+  _, positions = jax.lax.top_k(values, k)
+  return jnp.sort(positions, axis=-1)
+
+
+def _expand(ids: jax.Array, width: int) -> jax.Array:
+  """[qb, n] group ids -> [qb, n * width] ids of their members, ascending if ids are."""
+  return (ids[:, :, None] * width + jnp.arange(width, dtype=ids.dtype)).reshape(ids.shape[0], -1)
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+# Elements of the gathered [queries, C, m] block scored at once: 1 MiB of float32, in cache.
+_SCORE_ELEMENTS = 1 << 18
+
+
+def score_groups(fn, queries, *per_query):
+  """fn(q [g, m], *args [g, ...]) -> [g, C] over groups of g queries whose [g, C, m] block
+  stays in cache (a [b, C, m] product at once is ~3x slower at m = 2048); g depends on C and m
+  only, so a row's score does not depend on how many queries there are."""
+  b, size = queries.shape
+  num = per_query[0].shape[1]
+  # At least 4: XLA CPU compiles a group of 1 (a unit dimension) ~8x slower.
+  g = max(4, 1 << max(0, (_SCORE_ELEMENTS // max(1, num * size)).bit_length() - 1))
+  pad = -b % g
+  pad_rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+  groups = [pad_rows(x).reshape(-1, g, *x.shape[1:]) for x in (queries, *per_query)]
+  return jax.lax.map(lambda args: fn(*args), tuple(groups)).reshape(-1, num)[:b]
+
+
+def dot_rows(q, x):
+  """[g, C] sum_i x_i q_i in float32 for q [g, m], x [g, C, m]: elementwise products summed
+  along each row round the same wherever the row sits (a matrix-vector product does not), so
+  duplicate rows score bitwise-equally."""
+  return jnp.sum(x.astype(jnp.float32) * q[:, None, :], axis=-1)
+
+
+def score_rows(queries, positions, rows, inv_norms):
+  """[b, C] cosine of each normalised query [b, m] with the rows at `positions` [b, C],
+  gathering only those rows: the one scoring formula of the search's rescoring and of
+  adaptive retrieval's rerank."""
+  return score_groups(lambda q, pos: dot_rows(q, rows[pos]) * inv_norms[pos],
+                      queries, positions)
+
+
 class ExactSearch:
   """Blocked, sharded exact top-k by cosine similarity of L2-normalised prefixes."""
 
   def __init__(self, mesh: jax.sharding.Mesh, *, query_block: int = 1024,
-               database_block: int = 65536, chunk_rows: int | None = None,
-               sub_block: int = 128):
+               database_block: int = 4096, chunk_rows: int | None = None,
+               sub_block: int = 32, group: int = 16):
     self.mesh = mesh
     self.query_block = query_block
     self.database_block = database_block
     self.chunk_rows = chunk_rows
     self.sub_block = sub_block
+    self.group = group
     self.num_shards = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
     self.rows_sharding = NamedSharding(mesh, P(sharding_lib.BATCH_AXES, None))
     self.replicated = NamedSharding(mesh, P())
@@ -82,47 +139,69 @@ class ExactSearch:
     """Rows each device holds: its share, padded to whole blocks (padding scores -inf)."""
     return -(-math.ceil(rows / self.num_shards) // block) * block
 
+  def _candidates(self, queries, rows, inv_norms, limit, block, k):
+    """[qb, k * sub] ascending positions of the device's rows that hold its top k (steps 1-2
+    of the module docstring); rows at positions >= limit are padding."""
+    qb, size = queries.shape
+    sub = self._sub_rows(block)
+    per_block = block // sub  # sub-blocks per block
+    group = _divisor_at_most(per_block, self.group)  # sub-blocks per super-block
+    columns = jnp.arange(block)
+
+    def block_maxima(_, j):
+      start = j * block
+      x = jax.lax.dynamic_slice_in_dim(rows, start, block).astype(jnp.float32)
+      inv_norm = jax.lax.dynamic_slice_in_dim(inv_norms, start, block)
+      scores = jnp.dot(queries, x.T, precision=jax.lax.Precision.HIGHEST) * inv_norm
+      scores = jnp.where(start + columns < limit, scores, -jnp.inf)
+      maxima = scores.reshape(qb, per_block, sub).max(axis=-1)
+      return None, (maxima, maxima.reshape(qb, per_block // group, group).max(-1))
+
+    # [blocks, qb, per_block] sub-block maxima, [blocks, qb, per_block / group] super-block's
+    _, (maxima, super_maxima) = jax.lax.scan(
+        block_maxima, None, jnp.arange(rows.shape[0] // block))
+    num_sub = maxima.shape[0] * per_block  # > k (else the caller does not prune)
+    if num_sub // group > k:  # the k best super-blocks hold the k best sub-blocks
+      super_maxima = super_maxima.transpose(1, 0, 2).reshape(qb, -1)  # in index order
+      ids = _expand(_select(super_maxima, k), group)
+    else:
+      ids = jnp.broadcast_to(jnp.arange(num_sub), (qb, num_sub))
+    values = maxima[ids // per_block, jnp.arange(qb)[:, None], ids % per_block]
+    best = jnp.take_along_axis(ids, _select(values, k), 1)
+    return _expand(best, sub)
+
+  def _sub_rows(self, block: int) -> int:
+    return min(self.sub_block, block)
+
+  @staticmethod
+  def _rescore(queries, rows, inv_norms, positions, limit):
+    """[qb, C] float32 scores of the rows at `positions` [qb, C] (score_rows: one formula for
+    every pair whatever C or the layout); -inf at padding rows."""
+    scores = score_rows(queries, positions, rows, inv_norms)
+    return jnp.where(positions < limit, scores, -jnp.inf)
+
   @functools.cache
   def _chunk_topk_fn(self, block: int, per_device: int, k: int) -> Callable:
     """jit: (queries [qb, m], rows [D*per_device, m], inv_norms, offset, valid, running top-k)
     -> running top-k merged with this chunk's."""
     axes = sharding_lib.BATCH_AXES
-    num_blocks = per_device // block
-    sub = min(self.sub_block, block)
-    num_sub = block // sub
-    kk = min(k, block)
-    kk_sub = min(k, num_sub)
-    prune = kk_sub * sub < block  # else the whole block is no larger than the candidates
-
-    def block_topk(scores, index):
-      """Top-kk of one block, [qb, block] -> ([qb, kk], [qb, kk]), ties by lower index."""
-      if not prune:
-        return _topk(scores, jnp.broadcast_to(index, scores.shape), kk)
-      qb = scores.shape[0]
-      grouped = scores.reshape(qb, num_sub, sub)
-      _, best_subs = jax.lax.top_k(grouped.max(-1), kk_sub)
-      best_subs = jnp.sort(best_subs, axis=-1)  # index order: ties stay with the lower index
-      candidates = jnp.take_along_axis(grouped, best_subs[:, :, None], axis=1).reshape(qb, -1)
-      positions = (best_subs[:, :, None] * sub + jnp.arange(sub)).reshape(qb, -1)
-      return _topk(candidates, index[positions], kk)
+    prune = k * self._sub_rows(block) < per_device  # else every row is a candidate
 
     def local(queries, rows, inv_norms, offset, valid):
-      base = offset + jax.lax.axis_index(axes) * per_device
-
-      def body(carry, j):
-        start = j * block
-        rows_block = jax.lax.dynamic_slice_in_dim(rows, start, block)
-        inv_norm = jax.lax.dynamic_slice_in_dim(inv_norms, start, block)
-        index = base + start + jnp.arange(block, dtype=jnp.int32)
-        scores = (queries @ rows_block.astype(jnp.float32).T) * inv_norm  # [qb, block]
-        scores = jnp.where(index < offset + valid, scores, -jnp.inf)
-        return _merge(*carry, *block_topk(scores, index), k), None
-
-      # The carry differs per device ("varying" over the mesh axes), as the scores do.
-      init = jax.lax.pcast((jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
-                            jnp.zeros((queries.shape[0], k), jnp.int32)), axes, to="varying")
-      (scores, index), _ = jax.lax.scan(body, init, jnp.arange(num_blocks))
-      return scores[None], index[None]
+      base = offset + jax.lax.axis_index(axes) * per_device  # index of the device's first row
+      limit = offset + valid - base
+      if prune:
+        positions = self._candidates(queries, rows, inv_norms, limit, block, k)
+      else:
+        positions = jnp.broadcast_to(jnp.arange(per_device, dtype=jnp.int32),
+                                     (queries.shape[0], per_device))
+      scores = self._rescore(queries, rows, inv_norms, positions, limit)
+      if scores.shape[1] < k:  # a device with fewer rows than k: pad (never chosen)
+        pad = [(0, 0), (0, k - scores.shape[1])]
+        scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
+        positions = jnp.pad(positions, pad, constant_values=per_device)
+      scores, positions = _topk(scores, positions, k)
+      return scores[None], (base + positions)[None]
 
     search = jax.shard_map(local, mesh=self.mesh,
                            in_specs=(P(), P(axes, None), P(axes), P(), P()),
@@ -144,26 +223,25 @@ class ExactSearch:
     return jax.jit(lambda x: normalize_prefix(x, size), out_shardings=out_sharding)
 
   @functools.cache
-  def _inv_norm_fn(self) -> Callable:
+  def _inv_norm_fn(self, block: int) -> Callable:
+    """jit: rows -> 1 / |row|, a block at a time (a float32 copy of a whole float16 shard
+    would triple its memory)."""
     def inv_norm(x):
-      norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
+      norm = jax.lax.map(lambda b: jnp.linalg.norm(b.astype(jnp.float32), axis=-1),
+                         x.reshape(-1, block, x.shape[1])).reshape(-1)
       return 1.0 / jnp.maximum(norm, 1e-12)
     return jax.jit(inv_norm, out_shardings=NamedSharding(self.mesh, P(sharding_lib.BATCH_AXES)))
 
   def _put_rows(self, rows_np: np.ndarray, total_rows: int) -> jax.Array:
-    """rows_np [valid, m] -> [total_rows, m] split by rows over the devices; only the padding
-    is zeros, so the host never copies the whole database."""
+    """rows_np [valid, m] -> [total_rows, m] on the devices, split by rows, zeros after the
+    valid rows; built one device share at a time (no host copy of the whole database)."""
     valid, size = rows_np.shape
-    if valid == total_rows and self.num_shards == 1:
-      return jax.device_put(np.ascontiguousarray(rows_np), self.rows_sharding)
 
     def part(index):
       start, stop, _ = index[0].indices(total_rows)
-      if stop <= valid:
-        return np.ascontiguousarray(rows_np[start:stop])
       out = np.zeros((stop - start, size), rows_np.dtype)
       if start < valid:
-        out[:valid - start] = rows_np[start:valid]
+        out[:min(stop, valid) - start] = rows_np[start:min(stop, valid)]
       return out
 
     return jax.make_array_from_callback((total_rows, size), self.rows_sharding, part)
@@ -190,7 +268,7 @@ class ExactSearch:
     per_device = self._per_device(valid, block)
     with jax.set_mesh(self.mesh):
       rows = self._put_rows(rows_np, per_device * self.num_shards)
-      inv_norms = self._inv_norm_fn()(rows)
+      inv_norms = self._inv_norm_fn(block)(rows)
     return _Chunk(offset=offset, valid=valid, block=block, per_device=per_device, rows=rows,
                   inv_norms=inv_norms)
 
@@ -215,6 +293,7 @@ class ExactSearch:
     num_queries = queries.shape[0]
     starts = list(range(0, num_queries, self.query_block))
     running = [None] * len(starts)
+    previous = None
     with jax.set_mesh(self.mesh):
       for chunk in chunks:
         fn = self._chunk_topk_fn(chunk.block, chunk.per_device, k)
@@ -232,6 +311,11 @@ class ExactSearch:
                           np.int32(chunk.valid), *running[b])
           if progress is not None and last:
             progress(n)
+        # Dispatch is asynchronous: without this wait the loop would copy every chunk to the
+        # device before the first is searched. Waiting for the previous chunk's results keeps
+        # two chunks in memory (one searched while the next is copied).
+        jax.block_until_ready(previous)
+        previous = list(running)
     sizes = [min(self.query_block, num_queries - q0) for q0 in starts]
     scores = np.concatenate([np.asarray(s)[:n] for (s, _), n in zip(running, sizes)])
     index = np.concatenate([np.asarray(i)[:n] for (_, i), n in zip(running, sizes)])

@@ -36,9 +36,9 @@ def write(outdir: str, results: dict) -> None:
   if results.get("adaptive_retrieval"):
     rows = results["adaptive_retrieval"]
     _write_rows(outdir / "adaptive_retrieval.csv", rows,
-                ["name", "kind", "shortlist_size", "mflops", "ms_per_query_block", "map@10",
-                 "map@10_standard", "precision@10", "top1", "mflops_speedup_vs_exact",
-                 "wallclock_speedup_vs_exact"])
+                ["name", "kind", "engine", "shortlist_size", "mflops", "seconds",
+                 "ms_per_query_block", "map@10", "map@10_standard", "precision@10", "top1",
+                 "shortlist_recall", "mflops_speedup_vs_exact", "wallclock_speedup_vs_exact"])
     plot_retrieval_vs_mflops(outdir / "retrieval_vs_mflops.png", rows)
   if results.get("adaptive_classification"):
     _write_rows(outdir / "adaptive_classification.csv",
@@ -56,8 +56,8 @@ def write(outdir: str, results: dict) -> None:
   if results.get("fewshot"):
     rows = results["fewshot"]
     _write_rows(outdir / "fewshot.csv", rows,
-                sorted({k for r in rows for k in r}, key=lambda k: (k not in ("size", "shots"),
-                                                                      k)))
+                sorted({k for r in rows for k in r},
+                       key=lambda k: ({"size": 0, "shots": 1}.get(k, 2), k)))
 
 
 def _write_rows(path, rows: list[dict], columns: list[str]) -> None:
