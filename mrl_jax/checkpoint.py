@@ -9,6 +9,9 @@ files) is reported and the previous one is tried. Restores target the abstract s
 shardings, so a checkpoint restores onto any mesh.
 """
 
+import logging as py_logging
+import re
+
 import jax
 from absl import logging
 import orbax.checkpoint as ocp
@@ -24,6 +27,8 @@ class Checkpointer:
   def __init__(self, directory: paths.PathLike, *, every_steps: int, keep: int,
                async_save: bool = True):
     self.directory = paths.path(directory)  # local (absolute) or remote (gs://...)
+    self._writing = None  # the step an asynchronous save is writing
+    _report_write_failures_once()
     self._report_incomplete()
     policies = [ocp.checkpoint_managers.FixedIntervalPolicy(max(every_steps, 1))]
     self.manager = ocp.CheckpointManager(
@@ -52,9 +57,34 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-    """Saves when the interval policy says so, or always with force. Returns whether it did."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    """Saves when the interval policy says so, or always with force. Returns whether it did.
+
+    A failed write (this save, or the previous asynchronous one) is a CheckpointError."""
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+    if saved:
+      self._writing = step
+    return saved
+
+  def complete_steps(self) -> list[int]:
+    """Steps whose directories are complete on disk (orbax renames them when done)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+  def _write_error(self, step, error: BaseException) -> CheckpointError:
+    """One line: the step and path that failed, the cause, the last complete checkpoint."""
+    step = step if self._writing is None else self._writing
+    complete = [s for s in self.complete_steps() if s != step]
+    last = (f"the last complete checkpoint is step {complete[-1]} "
+            f"({self.directory / str(complete[-1])}); free the space or fix the cause and "
+            "rerun the same command to resume from it") if complete else (
+                "no complete checkpoint yet")
+    return CheckpointError(f"checkpoint step {step} could not be written to "
+                           f"{self.directory / str(step)}: {write_cause(error)}; {last}")
 
   def restore(self, abstract_state, expected_signature: dict | None = None,
               step: int | None = None):
@@ -112,11 +142,77 @@ class Checkpointer:
     return jax.device_get(restored["state"]), dict(restored["meta"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the asynchronous save is done; its failure is a CheckpointError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(None, e) from e
+    self._writing = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save and stops orbax's threads, whether or not the save failed."""
+    try:
+      self.wait()
+    finally:
+      self._close_manager()
+
+  def abort(self) -> None:
+    """On an error path: finish what can finish, stop the threads, raise nothing (the error
+    being handled is the one to report)."""
+    try:
+      self.wait()
+    except CheckpointError as e:
+      logging.warning("%s", e)
+    self._close_manager()
+
+  def _close_manager(self) -> None:
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except  # already reported by wait()
+      logging.warning("closing the checkpoint manager: %s: %s", type(e).__name__, e)
+
+
+class _OrbaxWriteErrors(py_logging.Filter):
+  """Drops orbax's own ERROR records (with tracebacks, from its save threads) and asyncio's
+  "exception never retrieved" records of orbax tasks: a failed write reaches the user as one
+  CheckpointError line (`Checkpointer._write_error`) instead of hundreds of lines."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.ERROR:
+      return True
+    if "/orbax/" in (record.pathname or ""):
+      return False
+    return not (record.name == "asyncio" and "orbax" in record.getMessage())
+
+
+def _report_write_failures_once() -> None:
+  """Installs the filter above on the loggers orbax and asyncio write to."""
+  if getattr(_report_write_failures_once, "done", False):
+    return
+  _report_write_failures_once.done = True
+  for name in ("absl", "asyncio"):
+    py_logging.getLogger(name).addFilter(_OrbaxWriteErrors())
+
+
+_OS_CAUSES = ("No space left on device", "Disk quota exceeded", "Permission denied",
+              "Read-only file system", "File too large", "Input/output error")
+
+
+def write_cause(error: BaseException) -> str:
+  """The reason a write failed, in a few words: the OS error when one is in the chain (orbax
+  and TensorStore wrap it in their own messages, often with a traceback), else the last line."""
+  seen, e = [], error
+  while e is not None and e not in seen:
+    seen.append(e)
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror
+    for cause in _OS_CAUSES:
+      if cause in str(e):
+        return cause
+    e = e.__cause__ or e.__context__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[-1] if lines else type(error).__name__
+  return re.sub(r"\s+", " ", f"{type(error).__name__}: {text}")[:300]
 
 
 def check_signature(saved: dict, expected: dict, directory: str, step: int) -> None:

@@ -68,6 +68,8 @@ def run(fn, *, verbose: bool = False) -> int:
   """
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  # Kept after fn returns: orbax's threads may still raise while the interpreter shuts down.
+  sys.unraisablehook = _unraisable(sys.unraisablehook)
   try:
     return fn() or 0
   except ConfigError as e:
@@ -81,6 +83,18 @@ def run(fn, *, verbose: bool = False) -> int:
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_CHECKPOINT
+
+
+def _unraisable(previous):
+  """sys.unraisablehook minus the "Event loop is closed" errors TensorStore's write callbacks
+  raise into orbax's event loop after a failed save (printed as bare tracebacks, dozens of
+  them): the failure itself is reported as one CheckpointError line. Others are printed."""
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+  return hook
 
 
 def _one_line(error: BaseException) -> str:

@@ -30,6 +30,7 @@ from mrl_jax import sharding
 from mrl_jax import state as state_lib
 from mrl_jax import utils
 from mrl_jax import validation
+from mrl_jax import lock as lock_lib
 from mrl_jax import workdir as workdir_lib
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
@@ -218,6 +219,12 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   if source.num_classes and source.num_classes != config.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset {source.name!r} has "
                       f"{source.num_classes} classes")
+  with lock_lib.WorkdirLock(workdir):  # one job per workdir, before anything is touched
+    return _train_and_evaluate(config, workdir, spec, source, devices, overwrite=overwrite)
+
+
+def _train_and_evaluate(config, workdir, spec, source, devices, *, overwrite: bool) -> dict:
+  num_devices = len(devices)
   workdir_lib.check(workdir, config, overwrite=overwrite)
   info = run_info(config, source)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -318,12 +325,14 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
           break
       if pending is not None:
         _check_finite(config, *pending)
-
-  finally:
-    ckpt.wait()  # a raised error still leaves complete checkpoints behind
+    ckpt.wait()
+    if stopped_by is not None:
+      save(step, force=True)
+      ckpt.close()
+  except BaseException:
+    ckpt.abort()  # complete checkpoints stay behind; orbax's threads stop before exit
+    raise
   if stopped_by is not None:
-    save(step, force=True)
-    ckpt.close()
     writer.flush()
     utils.console(f"Received {stopped_by}: saved a checkpoint at step {step} in "
                   f"{ckpt.directory}. Rerun the same command to resume.")

@@ -3,9 +3,11 @@
 The resolved config is saved as `<workdir>/config.json` once a run is sure to start (its
 config and any checkpoint in the workdir checked). A later run in the
 same workdir must have the same config, except for fields that only change how long or how
-verbosely it runs (ALLOWED_CHANGES), which is what resuming with more steps needs. Anything else
-is refused with the first differing field, unless `--overwrite` is given; then (and only then)
-the old checkpoints, metrics and summaries are deleted and the run starts from scratch.
+verbosely it runs, or how the state is laid out over devices (ALLOWED_CHANGES: resuming with
+more steps, on another mesh, device count or sharding strategy). Anything else changes the
+training trajectory and is refused with the first differing field and how to start a new run
+without touching this one; `--overwrite` (and only it) deletes the old checkpoints, metrics and
+summaries and starts from scratch.
 """
 
 import fnmatch
@@ -21,7 +23,10 @@ from mrl_jax.errors import ConfigError
 ALLOWED_CHANGES = (
     "total_steps", "total_epochs", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite", "input.data_dir",
-    "input.num_workers", "input.prefetch", "input.eval_batch_size", "eval.*", "mesh.*",
+    "input.num_workers", "input.prefetch", "input.eval_batch_size", "eval.*",
+    # Layout only: the mesh and the partition rules change where the state lives, not its
+    # values; checkpoints restore into any target sharding (checkpoint.py).
+    "mesh.*", "sharding.*",
 )
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "config.json", "parameters.txt",
                "model_summary.json", "eval")
@@ -50,8 +55,9 @@ def check(workdir, config, *, overwrite: bool = False) -> None:
       more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
       raise ConfigError(
           f"workdir {workdir} holds a run with {key}={was!r} but this config has {key}={now!r}"
-          f"{more}; use another --workdir, or pass --overwrite to delete that run and start "
-          "from scratch")
+          f"{more}, which changes the training trajectory; to resume, keep {key}={was!r}; to "
+          f"start a new run, keep this one and give another --workdir (add "
+          f"--config.init_from={workdir} to start from its weights)")
     if diffs and overwrite and utils.is_main_process():
       _delete_run(workdir)
   if jax.process_count() > 1:

@@ -1,0 +1,107 @@
+"""The workdir lock: one training job per workdir, stale locks taken over."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mrl_jax import lock as lock_lib
+from mrl_jax.errors import ConfigError
+from tests.conftest import REPO
+
+
+def _dead_pid() -> int:
+  """A pid that ran and is gone (a finished child)."""
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def _write_lock(workdir, **record):
+  os.makedirs(workdir, exist_ok=True)
+  base = {"host": socket.gethostname(), "pid": os.getpid(), "job_start": time.time(),
+          "heartbeat": time.time(), "token": "other"}
+  with open(os.path.join(workdir, "LOCK"), "w") as f:
+    json.dump({**base, **record}, f)
+
+
+def test_a_held_lock_refuses_a_second_job_naming_the_holder(tmp_path):
+  workdir = str(tmp_path / "run")
+  with lock_lib.WorkdirLock(workdir) as held:
+    record = json.load(open(os.path.join(workdir, "LOCK")))
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    assert record["process_start"] == lock_lib._process_start_time(os.getpid())
+    with pytest.raises(ConfigError) as e:
+      lock_lib.WorkdirLock(workdir).__enter__()
+    message = str(e.value)
+    assert message.startswith(f"workdir {workdir} is in use by another training job (pid "
+                              f"{os.getpid()} on {socket.gethostname()}, started ")
+    assert "\n" not in message
+    assert held.record["token"] == record["token"]
+  assert not os.path.exists(os.path.join(workdir, "LOCK"))  # released at exit
+
+
+def _half_written(workdir):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "LOCK"), "w") as f:
+    f.write('{"host": "no')
+
+
+@pytest.mark.parametrize("make_stale, reason", [
+    (lambda w: _write_lock(w, pid=_dead_pid()), "no longer runs"),  # kill -9 on this host
+    (lambda w: _write_lock(w, process_start="1"), "no longer runs"),  # pid now another process
+    (lambda w: _write_lock(w, host="preempted-vm", heartbeat=time.time() - 3600),
+     "no heartbeat for 3600 s"),
+    (_half_written, "no heartbeat for"),  # the holder died while writing it
+])
+def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, capsys, make_stale, reason):
+  workdir = str(tmp_path / "run")
+  make_stale(workdir)
+  with lock_lib.WorkdirLock(workdir) as held:
+    assert json.load(open(os.path.join(workdir, "LOCK")))["token"] == held.token
+  out = capsys.readouterr().out
+  assert out.startswith(f"Taking over the stale lock {workdir}/LOCK of pid ") and reason in out
+  assert len(out.strip().splitlines()) == 1
+
+
+def test_a_live_holder_on_another_host_is_respected(tmp_path):
+  workdir = str(tmp_path / "run")
+  _write_lock(workdir, host="node-7", pid=1234, heartbeat=time.time() - 30)
+  with pytest.raises(ConfigError, match="in use by another training job .pid 1234 on node-7"):
+    lock_lib.WorkdirLock(workdir).__enter__()
+  assert json.load(open(os.path.join(workdir, "LOCK")))["host"] == "node-7"  # untouched
+
+
+@pytest.mark.slow
+def test_two_train_py_processes_on_one_workdir_one_trains(data_dir, tmp_path):
+  """The same command twice into one new workdir: the second exits 2 with one line naming the
+  first; the first's checkpoints and metrics.jsonl are those of one run."""
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  cmd = [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
+         f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
+         "--config.total_steps=6", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=3"]
+  first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not os.path.exists(os.path.join(workdir, "LOCK")):
+    assert time.time() < deadline and first.poll() is None, first.communicate()[1][-2000:]
+    time.sleep(0.05)
+  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-2000:]
+  assert second.returncode == 2, second.stderr[-2000:]
+  lines = second.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: workdir {workdir} is in use by another training job (pid {first.pid} on ")
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))
+           if "train/loss" in l]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert not os.path.exists(os.path.join(workdir, "LOCK"))
