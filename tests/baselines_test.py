@@ -45,6 +45,26 @@ def test_random_baselines_are_seeded_and_have_m_dimensions():
     baselines.projector("ica", 5, database=x, head_kernel=None)
 
 
+def test_random_subset_picks_distinct_coordinates_and_projection_is_linear():
+  """random_subset: each output column is one distinct input coordinate, unchanged;
+  random_projection: a fixed linear map (f(ax + by) = a f(x) + b f(y)) of rank m, with
+  columns of variance ~1/m per unit input (R ~ N(0, 1/m))."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(200, 32))
+  subset = baselines.projector("random_subset", 6, database=x, head_kernel=None)(x)
+  columns = [int(np.flatnonzero(np.all(x == subset[:, [j]], axis=0))[0]) for j in range(6)]
+  assert len(set(columns)) == 6 and columns == sorted(columns)
+  project = baselines.projector("random_projection", 6, database=x, head_kernel=None)
+  y = rng.normal(size=(200, 32))
+  np.testing.assert_allclose(project(2 * x - 3 * y), 2 * project(x) - 3 * project(y),
+                             atol=1e-10)
+  r = project(np.eye(32))  # the matrix itself
+  assert np.linalg.matrix_rank(r) == 6
+  assert 0.5 / 6 < r.var() < 2 / 6
+
+
+
+
 def test_linear_probe_reaches_the_least_squares_accuracy_on_separable_data():
   rng = np.random.default_rng(3)
   centers = rng.normal(size=(4, 8)) * 4

@@ -24,11 +24,30 @@ CONFIGS = [
 ]
 
 
+R50 = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+DIGITS = (2, 4, 8, 16, 32, 64, 128)
+VIT = (12, 24, 48, 96, 192, 384, 768)
+# (feature dim, head type, sizes with a head, classes) each config must resolve to: the paper's
+# nesting for ResNet-50 (8..2048) and ViT-B/16 (12..768), the built-ins' own.
+EXPECTED = {
+    "configs/digits_resnet_mrl.py": (128, "mrl", DIGITS, 10),
+    "configs/digits_resnet_mrl.py:mrle": (128, "mrle", DIGITS, 10),
+    "configs/digits_resnet_mrl.py:ff=8": (128, "ff", (8,), 10),
+    "configs/resnet50_imagenet.py:mrl": (2048, "mrl", R50, 1000),
+    "configs/resnet50_imagenet.py:mrle": (2048, "mrle", R50, 1000),
+    "configs/resnet50_imagenet.py:ff=64": (2048, "ff", (64,), 1000),
+    "configs/vit_b16_imagenet21k.py:mrl": (768, "mrl", VIT, 21843),
+}
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_validates_for_8_devices(name):
   config = load_config(name)
   spec = validation.validate(config, num_devices=8)
-  assert spec.nesting and spec == models.resolve(config)
+  assert spec == models.resolve(config)
+  assert config.input.batch_size % 8 == 0
+  if name in EXPECTED:
+    assert (spec.feature_dim, spec.head, spec.head_sizes, spec.num_classes) == EXPECTED[name]
 
 
 def test_resnet50_mrl_dry_run_counts(tmp_path):

@@ -10,6 +10,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as mrl_jax/cli.py
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Set by optimized_build_test.py: run with XLA's normal optimisations, as users do.
+OPTIMIZED = os.environ.get("MRL_JAX_TEST_OPTIMIZED") == "1"
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,9 @@ def pytest_configure(config):
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   # Tests compare numbers, not speed: compile ~2.5x faster with fewer XLA optimisations.
-  jax.config.update("jax_disable_most_optimizations", True)
+  # optimized_build_test.py reruns one test of each equality family with them (OPTIMIZED).
+  if not OPTIMIZED:
+    jax.config.update("jax_disable_most_optimizations", True)
   # Many tests compile the same programs (same config, new closure): reuse them from disk.
   cache = os.environ.get("MRL_JAX_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="jax_cache_")
   jax.config.update("jax_compilation_cache_dir", cache)

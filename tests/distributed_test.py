@@ -10,7 +10,6 @@ plugin) applied to CUDA_VISIBLE_DEVICES.
 
 import http.server
 import os
-import subprocess
 import sys
 import threading
 import types
@@ -22,8 +21,7 @@ from jax._src import xla_bridge
 
 from mrl_jax import distributed
 from mrl_jax.errors import ConfigError
-from tests.conftest import REPO
-from tests.multihost_test import free_port
+from tests.multihost_test import run_processes
 
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]",
              "SLURM_NODELIST": "node[001-002]", "SLURM_STEP_NUM_NODES": "2",
@@ -237,17 +235,14 @@ def test_a_gpu_process_seeing_fewer_gpus_than_given_is_refused(monkeypatch):
 @pytest.mark.slow
 def test_processes_with_different_device_counts_stop_with_one_line(data_dir, tmp_path):
   """Two real processes, 1 and 2 CPU devices: both exit 2 naming each process's count."""
-  port = free_port()
-  procs = []
-  for i, devices in enumerate((1, 2)):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    procs.append(subprocess.Popen(
-        [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
-         f"--workdir={tmp_path / 'run'}", f"--config.input.data_dir={data_dir}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=300) for p in procs]
-  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+  done = run_processes(
+      lambda port: [[sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
+                     f"--workdir={tmp_path / 'run'}", f"--config.input.data_dir={data_dir}",
+                     f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}"] for i in range(2)],
+      [dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}")
+       for d in (1, 2)], timeout=300)
+  for i, (p, out, err) in enumerate(done):
     assert p.returncode == 2, err[-2000:]
     assert f"process {i}/2 on " in out and "global devices" in out
     assert err.strip().splitlines()[-1].startswith(

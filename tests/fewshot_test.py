@@ -29,3 +29,20 @@ def test_rare_classes_are_reported_when_the_training_split_is_imbalanced():
   assert "rare_accuracy" not in rows[0]  # no query of a rare class: nothing to report
 
 
+
+
+def test_classes_smaller_than_the_shot_count_use_all_their_examples():
+  """Class 1 has 2 training examples, shots = 5: its mean is the mean of those 2 (every draw),
+  the other classes' means are of 5 of theirs."""
+  rng = np.random.default_rng(0)
+  feats = np.concatenate([rng.normal(size=(20, 4)) + [5, 0, 0, 0],
+                          np.array([[0, 5.0, 0, 0], [0, 4.0, 1, 0]]),
+                          rng.normal(size=(20, 4)) + [0, 0, 5, 0]])
+  labels = np.array([0] * 20 + [1] * 2 + [2] * 20)
+  for draw in range(3):
+    means = fewshot.class_means(feats, labels, 4, 5, 3, np.random.default_rng(draw))
+    two = feats[20:22] / np.linalg.norm(feats[20:22], axis=1, keepdims=True)
+    want = two.mean(0) / np.linalg.norm(two.mean(0))
+    np.testing.assert_allclose(means[1], want, atol=1e-12)
+  rows = fewshot.evaluate(feats, labels, feats[20:22], labels[20:22], [4], [5], draws=3)
+  assert rows[0]["accuracy"] == 1.0 and rows[0]["accuracy_std"] == 0.0

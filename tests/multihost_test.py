@@ -12,6 +12,7 @@ import pytest
 
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import train_lib
+from tests.conftest import OPTIMIZED
 from tests.conftest import REPO
 from tests.conftest import load_config
 
@@ -20,6 +21,24 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+_PORT_TAKEN = ("Address already in use", "Failed to bind", "failed to bind")
+
+
+def run_processes(commands, envs, attempts: int = 3, timeout: int = 600):
+  """Starts one process per command (`commands(port)` -> argv lists) and waits for all; a port
+  taken by someone else between choosing and binding it (the coordinator fails to bind) is
+  retried with another port. Returns [(process, stdout, stderr)]."""
+  for attempt in range(attempts):
+    port = free_port()
+    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for argv, env in zip(commands(port), envs)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    if attempt + 1 < attempts and any(m in err for _, err in outs for m in _PORT_TAKEN):
+      continue
+    return [(p, out, err) for p, (out, err) in zip(procs, outs)]
 
 
 def _cmd(data_dir, workdir, *extra):
@@ -33,7 +52,7 @@ def _env(tmp_path, devices):
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # as in this process (conftest)
+              JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(not OPTIMIZED)))  # as in this process (conftest)
 
 
 def _losses(workdir):
@@ -61,13 +80,12 @@ def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp
   train_lib.train_and_evaluate(config, one, devices=jax.devices()[:2])
 
   two = str(tmp_path / "two")
-  port = free_port()
-  procs = [subprocess.Popen(_cmd(data_dir, two, f"--coordinator_address=127.0.0.1:{port}",
-                                 "--num_processes=2", f"--process_id={i}"),
-                            cwd=REPO, env=_env(tmp_path, 1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  done = run_processes(
+      lambda port: [_cmd(data_dir, two, f"--coordinator_address=127.0.0.1:{port}",
+                         "--num_processes=2", f"--process_id={i}") for i in range(2)],
+      [_env(tmp_path, 1)] * 2)
+  outs = [(out, err) for _, out, err in done]
+  for p, out, err in done:
     assert p.returncode == 0, err[-3000:]
   assert "step 8/8" in outs[0][0] and "step 8/8" not in outs[1][0]  # console: process 0 only
 

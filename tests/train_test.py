@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -90,3 +91,33 @@ def test_loss_curve_on_8_devices_equals_1_device(data_dir, tmp_path, one_device_
   assert sorted(ref) == sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)],
                              rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_periodic_eval_and_metrics_after_a_resume_from_an_older_checkpoint(data_dir, tmp_path):
+  """eval_every_steps=2 logs val/ records at steps 2 and 4 (and the final eval at 6). Resuming
+  from step 2 after the later checkpoints are lost (e.g. a crash before they reached storage)
+  re-runs steps 3-6: metrics.jsonl then holds every step once, with the values an
+  uninterrupted run logs (same device, same data order)."""
+  workdir = str(tmp_path / "run")
+  config = _config(data_dir, 6, checkpoint_every_steps=2, eval_every_steps=2,
+                   keep_checkpoints=5)
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+  def records():
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line) for line in f]
+
+  first = records()
+  train_steps = [r["step"] for r in first if "train/loss" in r]
+  eval_steps = [r["step"] for r in first if "val/top1@2" in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6] and eval_steps == [2, 4, 6]
+  for step in (4, 6):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  second = records()
+  assert [r["step"] for r in second if "train/loss" in r] == train_steps
+  assert [r["step"] for r in second if "val/top1@2" in r] == eval_steps
+  drop = ("train/images_per_second", "train/step_time")  # wall-clock
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
+  assert strip(second) == strip(first)

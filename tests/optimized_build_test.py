@@ -1,0 +1,38 @@
+"""One test of each equality family on a normally optimised XLA build, as users run.
+
+The suite compiles with `jax_disable_most_optimizations` (conftest: ~2.5x faster compiles);
+what users run has XLA's optimisations on, which may fuse and reorder float arithmetic. This
+reruns, in a fresh pytest process with MRL_JAX_TEST_OPTIMIZED=1 (no such flag), one test of
+each family: 8 devices vs 1, 2 processes vs 1, remat vs none, gradient accumulation vs the full
+batch, and bitwise resume (a ViT with dropout and sampled sizes). Their tolerances hold on both
+builds: the device-count and accumulation families compare with rtol 1e-5 - 1e-4 (reductions
+in another order), remat within its test's tolerance, resume bitwise.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import OPTIMIZED
+from tests.conftest import REPO
+
+FAMILIES = [
+    "tests/train_test.py::test_loss_curve_on_8_devices_equals_1_device[data4xfsdp2]",
+    "tests/multihost_test.py::test_two_processes_train_to_the_same_parameters_as_one_process",
+    "tests/models_test.py::test_remat_gives_the_same_outputs_and_gradients",
+    "tests/sharding_test.py::test_gradient_accumulation_equals_the_full_batch_step",
+    "tests/train_step_test.py::test_resume_is_bitwise_with_sampled_sizes_and_dropout",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(OPTIMIZED, reason="already the optimised run")
+def test_equality_families_hold_on_an_optimised_build(data_dir):
+  env = dict(os.environ, MRL_JAX_TEST_OPTIMIZED="1", MRL_JAX_TEST_DATA_DIR=data_dir)
+  done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
+                         *FAMILIES], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=1500, check=False)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+  assert f"{len(FAMILIES) + 1} passed" in done.stdout  # remat: resnet and vit

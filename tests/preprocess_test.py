@@ -1,0 +1,109 @@
+"""Preprocessing geometry against hand-made images whose pixels encode their coordinates."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mrl_jax.data import pipeline
+from mrl_jax.data import preprocess
+from tests.conftest import load_config
+
+PLAIN = dict(mean=(0.0,), std=(1.0,), channels=1)
+
+
+def _coordinates(h, w):
+  """uint8 [h, w, 1]: pixel (y, x) holds 1 + y * w + x (so 0 only ever comes from padding)."""
+  assert h * w < 255
+  return (1 + np.arange(h * w, dtype=np.uint8).reshape(h, w, 1))
+
+
+def _seed(i):
+  return tf.constant([3, i], tf.int64)
+
+
+def test_flip_mirrors_left_right_about_half_the_time():
+  image = _coordinates(6, 9)
+  pp = preprocess.Preprocess(name="random_crop", image_size=6, pad=0, flip=True, **PLAIN)
+  flipped = 0
+  for i in range(200):
+    out = pp(tf.constant(image[:6, :6]), _seed(i)).numpy()
+    if np.array_equal(out, image[:6, :6]):
+      continue
+    np.testing.assert_array_equal(out, image[:6, :6][:, ::-1])  # the width axis, exactly
+    flipped += 1
+  assert 70 <= flipped <= 130  # Binomial(200, 1/2): ~5 sigma either way
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+  image = _coordinates(8, 8)
+  pp = preprocess.Preprocess(name="random_crop", image_size=8, pad=2, **PLAIN)
+  padded = np.pad(image, [(2, 2), (2, 2), (0, 0)])
+  offsets = set()
+  for i in range(300):
+    out = pp(tf.constant(image), _seed(i)).numpy()
+    matches = [(dy, dx) for dy in range(5) for dx in range(5)
+               if np.array_equal(out, padded[dy:dy + 8, dx:dx + 8])]
+    assert len(matches) == 1, i
+    offsets |= set(matches)
+  assert len(offsets) == 25  # every offset in [0, 2 * pad] x [0, 2 * pad] is drawn
+
+
+def test_inception_crop_area_and_aspect_stay_in_their_bounds(monkeypatch):
+  """The crop window (recorded where it is cut) has area in [0.08, 1] of the image and aspect
+  w/h in [3/4, 4/3] (up to the rounding of integer sides), and spans those ranges."""
+  windows = []
+  crop = tf.image.crop_to_bounding_box
+
+  def record(image, y0, x0, h, w):
+    windows.append((int(h), int(w)))
+    return crop(image, y0, x0, h, w)
+
+  monkeypatch.setattr(tf.image, "crop_to_bounding_box", record)
+  image = np.zeros((120, 160, 1), np.uint8)
+  pp = preprocess.Preprocess(name="inception_crop", image_size=16, **PLAIN)
+  for i in range(300):
+    assert pp(tf.constant(image), _seed(i)).shape == (16, 16, 1)
+  h, w = np.asarray(windows, np.float64).T
+  area, aspect = h * w / (120 * 160), w / h
+  whole = area == 1.0  # the fallback after 10 failed attempts: the whole image
+  assert np.all((area[~whole] >= 0.08 - 0.01) & (area[~whole] <= 1.0))
+  assert np.all((aspect[~whole] >= 3 / 4 - 0.05) & (aspect[~whole] <= 4 / 3 + 0.05))
+  assert area.min() < 0.15 and area[~whole].max() > 0.7 and whole.mean() < 0.2
+  assert aspect.min() < 0.8 and aspect.max() > 1.25
+
+
+def test_eval_preprocessing_never_flips_even_when_training_does():
+  config = load_config("configs/digits_resnet_mrl.py")
+  config.input.pp_train.flip = True
+  assert preprocess.from_config(config.input, train=True, channels=1).flip
+  pp = preprocess.from_config(config.input, train=False, channels=1)
+  assert not pp.flip
+  image = tf.constant(_coordinates(8, 8))
+  outs = {pp(image, _seed(i)).numpy().tobytes() for i in range(20)}
+  assert len(outs) == 1
+
+
+@pytest.mark.parametrize("reader", ["grain", "tf_data"])
+def test_progressive_resizing_inside_both_readers(data_dir, reader):
+  """Batches before the change step have the first size, from it on the second, in the
+  stream each reader really produces (and from a resumed position)."""
+  config = load_config("configs/digits_resnet_mrl.py")
+  config.input.data_dir = data_dir
+  config.input.reader = reader
+  source = pipeline.open_source(config.input)
+  r = pipeline.make_reader(config.input, source)
+  base = preprocess.from_config(config.input, train=True, channels=1)
+  base = dataclasses.replace(base, name="resize", image_size=8)  # any size from 8x8 digits
+  tp = preprocess.TrainPreprocess(base, sizes=(8, 16),
+                                  change_steps=(3,))
+
+  def shapes(start, n):
+    stream = r.train_batches("train", local_batch=16, start_batch=start, seed=0,
+                             train_preprocess=tp, process_index=0, process_count=1,
+                             shuffle_buffer=64)
+    return [b["image"].shape[1:3] for _, b in zip(range(n), stream)]
+
+  assert shapes(0, 5) == [(8, 8)] * 3 + [(16, 16)] * 2
+  assert shapes(2, 2) == [(8, 8), (16, 16)]

@@ -1,0 +1,111 @@
+"""The random parts of the train step: sampled nesting sizes, ViT dropout, and their exact
+resume."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import optim
+from mrl_jax import sharding
+from mrl_jax import state as state_lib
+from mrl_jax import train_lib
+from mrl_jax import validation
+from tests.conftest import digits_config
+from tests.conftest import load_config
+
+
+def _vit(config):
+  """A one-layer ViT-Ti/8 on the 8x8 digits (one patch + CLS), dropout 0.5."""
+  config.model_name = "vit"
+  config.model.update(variant="Ti/8", image_size=8, num_layers=1, dropout_rate=0.5)
+  return config
+
+
+@functools.cache
+def _setup(kind: str):
+  config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  config.optim.update(weight_decay=0.0, momentum=0.0, nesterov=False)  # plain SGD
+  config.schedule.update(name="constant", warmup_epochs=0.0)  # lr > 0 from the first step
+  config.mrl.update(sizes_per_step=2, keep_smallest=False, keep_largest=False)
+  if kind == "vit":
+    _vit(config)
+  spec = validation.validate(config, 1, 1)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  model, abstract_params, _ = state_lib.build_model(config, spec)
+  schedule = optim.make_schedule(config, 10, 100)
+  tx = optim.make_optimizer(config, spec, abstract_params, schedule)
+  state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding)
+  return model, state, step, mesh
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.normal(size=(128, 8, 8, 1)).astype(np.float32),
+          "label": rng.integers(0, 10, 128).astype(np.int32)}
+
+
+def test_sizes_per_step_updates_exactly_that_many_heads_and_varies_them():
+  """sizes_per_step=2 of 6 heads, none kept: each step moves exactly 2 heads' kernels (plain
+  SGD, no decay: the other heads get no gradient), and different steps pick different pairs."""
+  model, state, step, mesh = _setup("resnet")
+  chosen = []
+  with jax.set_mesh(mesh):
+    kernels = lambda s: {m: np.array(s.params["heads"][f"head_{m}"]["kernel"])
+                         for m in model.nesting}  # copies: the step donates its input state
+    for i in range(6):
+      before = kernels(state)
+      new_state, _ = step(state, _batch(i))
+      after = kernels(new_state)
+      moved = tuple(m for m in model.nesting if not np.array_equal(before[m], after[m]))
+      assert len(moved) == 2, moved
+      chosen.append(moved)
+      state = new_state
+  assert len(set(chosen)) > 1
+
+
+def test_vit_dropout_is_random_in_training_and_off_in_eval():
+  model, state, _, _ = _setup("vit")
+  images = _batch(0)["image"][:16]
+  apply = lambda key, train: np.asarray(model.apply(
+      state.params, state.batch_stats, images, train=train, rngs=nnx.Rngs(dropout=key))[0])
+  a, b = apply(jax.random.key(1), True), apply(jax.random.key(2), True)
+  assert not np.allclose(a, b, atol=1e-4)  # another key, other units dropped
+  np.testing.assert_array_equal(a, apply(jax.random.key(1), True))  # same key, same mask
+  e1, e2 = apply(jax.random.key(1), False), apply(jax.random.key(2), False)
+  np.testing.assert_array_equal(e1, e2)  # eval: deterministic
+  assert not np.allclose(a, e1, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_with_sampled_sizes_and_dropout(data_dir, tmp_path):
+  """A ViT with dropout and sizes_per_step=2, constant lr: 2 steps, then resumed to 4, gives
+  bitwise the parameters of 4 uninterrupted steps (the step's RNG derives from the step)."""
+  def config(steps):
+    c = _vit(digits_config(data_dir, steps))
+    c.mrl.update(sizes_per_step=2, keep_smallest=False, keep_largest=False)
+    c.schedule.update(name="constant", warmup_epochs=0.0)
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 0
+    return c
+
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train_lib.train_and_evaluate(config(4), straight, devices=jax.devices()[:1])
+  train_lib.train_and_evaluate(config(2), resumed, devices=jax.devices()[:1])
+  summary = train_lib.train_and_evaluate(config(4), resumed, devices=jax.devices()[:1])
+  assert summary["final_step"] == 4
+
+  def params(workdir):
+    ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", every_steps=1, keep=9)
+    try:
+      return ckpt.read(4)[0]["params"]
+    finally:
+      ckpt.close()
+
+  for x, y in zip(jax.tree.leaves(params(straight)), jax.tree.leaves(params(resumed)),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
