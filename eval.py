@@ -111,8 +111,7 @@ def _adaptive_flags():
       shortlist_sizes=tuple(cli.ints(FLAGS.shortlist_sizes, "shortlist_sizes")),
       rerank_sizes=tuple(cli.ints(FLAGS.rerank_sizes, "rerank_sizes")),
       shortlist_k=tuple(cli.ints(FLAGS.shortlist_k, "shortlist_k")), funnels=tuple(funnels),
-      shortlist_engines=tuple(FLAGS.shortlist_engines), hnsw_m=32, hnsw_ef_construction=200,
-      hnsw_ef_search=256))
+      shortlist_engines=tuple(FLAGS.shortlist_engines)))  # HNSW: ann.HnswParams' defaults
 
 
 def _print(results):

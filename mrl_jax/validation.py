@@ -104,10 +104,7 @@ def validate_eval_adaptive(ev, feature_dim: int) -> None:
   """The adaptive-retrieval fields of config.eval (also embeddings-only mode's flags)."""
   positive_ints(ev.shortlist_k, "config.eval.shortlist_k")
   adaptive_retrieval.funnels_from_config(ev, feature_dim)  # sizes, K and funnel shapes
-  for engine in ev.get("shortlist_engines", ("exact",)):
-    if engine not in adaptive_retrieval.SHORTLIST_ENGINES:
-      raise ConfigError(f"shortlist engine {engine!r} (config.eval.shortlist_engines); "
-                        f"allowed: {list(adaptive_retrieval.SHORTLIST_ENGINES)}")
+  adaptive_retrieval.check_engines(ev.get("shortlist_engines", ("exact",)))
   for field in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
     if field in ev and ev[field] < 1:
       raise ConfigError(f"config.eval.{field}={ev[field]}; allowed: >= 1")

@@ -118,14 +118,14 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, st
   """Applies the funnel stages to candidate lists [Q, K0]; returns [Q, K_last] database ids.
 
   Stage j re-sorts the first K_j and keeps only the K_{j+1} the next stage reads. `prepared`
-  (search, size -> PreparedDatabase in one chunk, or None): gather the candidates' rows on the
-  device from the database prepared at the stage's size; otherwise from `database` on the host
-  (a memory map reads only those rows)."""
+  (size -> knn.PreparedDatabase on one device, in one chunk; or None): gather the candidates'
+  rows on the device from the database prepared at the stage's size; otherwise from
+  `database` on the host (a memory map reads only those rows)."""
   order = candidates
   for j, (size, k) in enumerate(stages):
     keep = stages[j + 1][1] if j + 1 < len(stages) else k
     top = order[:, :k]
-    on_device = prepared[1](size) if prepared is not None else None
+    on_device = prepared(size) if prepared is not None else None
     out = np.empty((len(top), keep), top.dtype)
     for q0 in range(0, len(top), block):
       ids, q = top[q0:q0 + block], np.asarray(queries[q0:q0 + block, :size], np.float32)
@@ -134,9 +134,8 @@ def rerank(queries: np.ndarray, database: np.ndarray, candidates: np.ndarray, st
         ids, q = np.pad(ids, [(0, block - n), (0, 0)]), np.pad(q, [(0, block - n), (0, 0)])
       if on_device is not None:
         chunk, = on_device.chunks
-        fn = _device_rerank_fn(size, keep)
-        with jax.set_mesh(prepared[0].mesh):
-          result = fn(q, ids.astype(np.int32), chunk.rows, chunk.inv_norms)
+        result = _device_rerank_fn(size, keep)(q, ids.astype(np.int32), chunk.rows,
+                                               chunk.inv_norms)
       else:
         result = _rerank_fn(size, keep)(q, database[ids, :size], ids)
       out[q0:q0 + n] = np.asarray(result)[:n]
@@ -155,6 +154,13 @@ def _warmup_slices(num_queries: int, block: int) -> list[slice]:
 SHORTLIST_ENGINES = ("exact", "hnsw")
 
 
+def check_engines(engines: Sequence[str]) -> None:
+  for engine in engines:
+    if engine not in SHORTLIST_ENGINES:
+      raise ConfigError(f"shortlist engine {engine!r} (config.eval.shortlist_engines); "
+                        f"allowed: {list(SHORTLIST_ENGINES)}")
+
+
 def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queries_y, *,
              search: knn.ExactSearch, num_classes: int | None = None,
              retrieval_ks: Sequence[int] = (10,), engines: Sequence[str] = ("exact",),
@@ -168,9 +174,7 @@ def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queri
   fine) is streamed through the search chunk by chunk, and the rerank reads only the
   candidates' rows; the timed pass then also includes compilation (a warm-up pass would read
   the whole database once more)."""
-  for engine in engines:
-    if engine not in SHORTLIST_ENGINES:
-      raise ConfigError(f"shortlist engine {engine!r}; allowed: {', '.join(SHORTLIST_ENGINES)}")
+  check_engines(engines)
   counts = metrics_lib.relevant_counts(database_y, queries_y, num_classes)
   n_db, n_q = len(database_y), len(queries_y)
   n_blocks = -(-n_q // search.query_block)
@@ -217,9 +221,9 @@ def evaluate(funnels: Sequence[Funnel], database_z, database_y, queries_z, queri
       else:
         ids, seconds = hnsw_shortlist(*key)
       # One device holding the whole database: gather there; else from the host array.
-      on_device = None if streamed or search.num_shards > 1 else (search, prepared_at)
-      for stage_size, _ in f.stages:  # prepared outside the timer, as the shortlist's
-        if on_device is not None:
+      on_device = None if streamed or search.num_shards > 1 else prepared_at
+      if on_device is not None:
+        for stage_size, _ in f.stages:  # prepared outside the timer, as the shortlist's
           prepared_at(stage_size)
       rerank(queries_z[:search.query_block], database_z, ids[:search.query_block], f.stages,
              prepared=on_device)

@@ -24,6 +24,12 @@ class HnswParams:
   ef_construction: int = 200
   ef_search: int = 256  # at least the shortlist K is used
 
+  @classmethod
+  def from_config(cls, ev) -> "HnswParams":
+    """From config.eval's `hnsw_<field>` entries; absent ones keep the defaults above."""
+    return cls(**{f.name: ev[f"hnsw_{f.name}"] for f in dataclasses.fields(cls)
+                  if f"hnsw_{f.name}" in ev})
+
 
 def _normalized(x: np.ndarray, size: int) -> np.ndarray:
   x = np.ascontiguousarray(x[:, :size], np.float32)

@@ -100,9 +100,8 @@ class AdaptiveRetrieval:
   @classmethod
   def from_config(cls, ev, feature_dim: int, retrieval_ks, cache_dir=None):
     return cls(adaptive_retrieval.funnels_from_config(ev, feature_dim), tuple(retrieval_ks),
-               tuple(ev.get("shortlist_engines", ("exact",))),
-               ann.HnswParams(ev.get("hnsw_m", 32), ev.get("hnsw_ef_construction", 200),
-                              ev.get("hnsw_ef_search", 256)), cache_dir)
+               tuple(ev.get("shortlist_engines", ("exact",))), ann.HnswParams.from_config(ev),
+               cache_dir)
 
 
 @dataclasses.dataclass

@@ -22,10 +22,10 @@ Order and ties: results are sorted by score, equal scores by lower database inde
 full sort would (candidates are kept in index order and `lax.top_k` is stable). Every pair in
 a search is scored by one formula whatever its place (the float32 sum over the prefix of
 q_i x_i, times 1/|x|: `score_rows`), so duplicate rows score bitwise-equally and keep index
-order. Pruning
-uses the matmul's scores, which round differently in the last bits, and a different device
-count may round a reduction differently: two distinct rows whose scores agree to ~1e-7 may
-swap at the k-th place, as they may between any two float implementations (faiss, numpy).
+order. Pruning uses the matmul's scores, which round differently in the last bits, and a
+different device count may round a reduction differently: two distinct rows whose scores
+agree to ~1e-7 may swap at the k-th place, as they may between any two float
+implementations (faiss, numpy).
 
 On a CPU the search costs 1.5-2.5x the matmul alone at m <= 64, is 3.5-5x faster than
 faiss's flat index there and about as fast at m = 2048 (benchmarks/knn.py, BENCHMARKS.md).
@@ -239,6 +239,8 @@ class ExactSearch:
 
     def part(index):
       start, stop, _ = index[0].indices(total_rows)
+      if stop <= valid:  # a share of real rows: a view when the rows are contiguous
+        return np.ascontiguousarray(rows_np[start:stop])
       out = np.zeros((stop - start, size), rows_np.dtype)
       if start < valid:
         out[:min(stop, valid) - start] = rows_np[start:min(stop, valid)]
