@@ -17,6 +17,7 @@ from absl import logging
 import orbax.checkpoint as ocp
 
 from mrl_jax import paths
+from mrl_jax import utils
 from mrl_jax.errors import CheckpointError
 from mrl_jax.errors import ConfigError
 
@@ -48,10 +49,8 @@ class Checkpointer:
       return
     for name in sorted(p.name for p in self.directory.iterdir()):
       if ".orbax-checkpoint-tmp" in name:
-        message = (f"incomplete checkpoint {name} in {self.directory} (a save was interrupted);"
-                   " it is ignored and removed")
-        logging.warning(message)
-        print(f"WARNING: {message}", flush=True)
+        utils.warn(f"incomplete checkpoint {name} in {self.directory} (a save was "
+                   "interrupted); it is ignored and removed")
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -115,11 +114,9 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # pylint: disable=broad-except  # Corrupt arrays: try older.
-        logging.warning("checkpoint step %d in %s failed to restore (%s: %s); trying the "
-                        "previous one", step, self.directory, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
-        print(f"WARNING: checkpoint step {step} in {self.directory} is corrupted "
-              f"({type(e).__name__}); falling back to the previous checkpoint", flush=True)
+        cause = str(e).splitlines()[0] if str(e) else ""
+        utils.warn(f"checkpoint step {step} in {self.directory} is corrupted "
+                   f"({type(e).__name__}: {cause[:200]}); falling back to the previous one")
         continue
       return restored["state"], meta, step
     if steps:

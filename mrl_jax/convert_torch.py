@@ -1,8 +1,9 @@
 r"""Converts a released PyTorch MRL / MRL-E / FF ResNet checkpoint into this project's checkpoint.
 
   python -m mrl_jax.convert_torch --checkpoint=r50_mrl1_e0_ff2048.pt \
-      --config=configs/resnet50_imagenet.py:mrl --workdir=runs/r50_mrl_official
-  python eval.py --config=configs/resnet50_imagenet.py:mrl --workdir=runs/r50_mrl_official
+      --config=configs/resnet50_imagenet.py:mrl,dtype=float32 --workdir=runs/r50_mrl_official
+  python eval.py --config=configs/resnet50_imagenet.py:mrl,dtype=float32 \
+      --workdir=runs/r50_mrl_official
 
 The official checkpoints (github.com/RAIVNLab/MRL, "Our model checkpoints") are state dicts of
 torchvision's ResNet-50 saved through DDP (`module.` prefix), with FFCV's BlurPool wrappers and

@@ -215,16 +215,18 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   devices = list(devices) if devices is not None else jax.devices()
   num_devices = len(devices)
   spec = validation.validate(config, num_devices, jax.process_count())
+  # One job per workdir, before any expensive work (opening or preparing the dataset) and
+  # before anything in the workdir is touched.
+  with lock_lib.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, spec, devices, overwrite=overwrite)
+
+
+def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> dict:
+  num_devices = len(devices)
   source = pipeline.open_source(config.input)
   if source.num_classes and source.num_classes != config.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset {source.name!r} has "
                       f"{source.num_classes} classes")
-  with lock_lib.WorkdirLock(workdir):  # one job per workdir, before anything is touched
-    return _train_and_evaluate(config, workdir, spec, source, devices, overwrite=overwrite)
-
-
-def _train_and_evaluate(config, workdir, spec, source, devices, *, overwrite: bool) -> dict:
-  num_devices = len(devices)
   workdir_lib.check(workdir, config, overwrite=overwrite)
   info = run_info(config, source)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -371,8 +373,7 @@ def _check_finite(config, step: int, metrics) -> None:
   message = (f"non-finite loss or gradient at step {step} (loss={float(values['loss']):.4g}; "
              f"{per_size}); the update was not applied")
   if config.on_nonfinite == "skip":
-    logging.warning("%s; continuing (config.on_nonfinite='skip')", message)
-    print(f"WARNING: {message}; continuing (config.on_nonfinite='skip')", flush=True)
+    utils.warn(f"{message}; continuing (config.on_nonfinite='skip')")
     return
   raise NonFiniteError(f"{message}. Stopping (config.on_nonfinite='stop'); the last good "
                        "checkpoint is kept.")

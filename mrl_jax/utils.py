@@ -26,6 +26,12 @@ def console(message: str) -> None:
     print(message, flush=True)
 
 
+def warn(message: str) -> None:
+  """One warning line on the console of process 0 (not also through absl logging, which would
+  print it a second time on stderr)."""
+  console(f"WARNING: {message}")
+
+
 def metric_writer(workdir, resume_step: int | None = None):
   """TensorBoard + metrics.jsonl + log writer on process 0, a logging-only writer elsewhere."""
   return writers.create(workdir, main_process=is_main_process(), resume_step=resume_step)

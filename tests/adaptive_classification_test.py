@@ -58,3 +58,81 @@ def test_cascades_average_over_seeds_and_cover_every_cap():
     assert 4 <= c["expected_size"] <= c["cap"] and 0 <= c["accuracy"] <= 1
 
 
+
+
+def _numpy_cascade_rows(conf, pred, labels, sizes, fit, score):
+  """Thresholds by brute force on `fit` (smallest t of linspace(0.1, 1, 100) with the best
+  accuracy of 'small if conf > t else large'), then each example of `score` walks the sizes."""
+  grid = np.linspace(0.1, 1.0, 100)
+  thresholds = []
+  for i in range(len(sizes) - 1):
+    accuracy = [np.mean([(pred[i, e] if conf[i, e] > t else pred[i + 1, e]) == labels[e]
+                         for e in fit]) for t in grid]
+    thresholds.append(grid[int(np.flatnonzero(np.isclose(accuracy, max(accuracy)))[0])])
+  rows = {}
+  for cap in range(1, len(sizes)):
+    correct, used = [], []
+    for e in score:
+      i = next((i for i in range(cap) if conf[i, e] > thresholds[i]), cap)
+      correct.append(pred[i, e] == labels[e])
+      used.append(sizes[i])
+    rows[sizes[cap]] = (np.mean(correct), np.mean(used), thresholds[:cap])
+  return rows
+
+
+def test_thresholds_are_fitted_on_the_holdout_and_scored_on_the_rest():
+  """One seed against numpy: the holdout is the first round(holdout * n) of the seed's
+  permutation (the official cascades' split) and the cascade is scored on the others only.
+  The data make the two parts disagree, so fitting and scoring on swapped parts fails."""
+  rng = np.random.default_rng(5)
+  n, sizes = 300, [2, 4, 8]
+  labels = rng.integers(0, 4, n)
+  conf = rng.uniform(0.2, 1.0, (3, n))
+  right = rng.uniform(size=(3, n)) < np.where(conf > 0.6, 0.9, 0.4)
+  pred = np.where(right, labels, (labels + 1) % 4)
+  perm = np.random.default_rng(0).permutation(n)
+  fit, score = perm[:90], perm[90:]
+  want = _numpy_cascade_rows(conf, pred, labels, sizes, fit, score)
+  swapped = _numpy_cascade_rows(conf, pred, labels, sizes, score, fit)
+  assert any(not np.isclose(want[c][0], swapped[c][0]) for c in want)  # the parts differ
+  rows = ac.evaluate(conf, pred, labels, sizes, holdout=0.3, seeds=1)
+  for row in rows[:-1]:
+    accuracy, expected_size, thresholds = want[row["cap"]]
+    assert row["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert row["expected_size"] == pytest.approx(expected_size, abs=1e-12)
+    np.testing.assert_allclose(row["mean_thresholds"], thresholds, atol=1e-12)
+    assert row["fixed_size_accuracy"] == pytest.approx(
+        np.mean(pred[sizes.index(row["cap"])] == labels))
+
+
+def test_a_confidence_equal_to_the_threshold_goes_to_the_larger_size():
+  """The official rule is strict: the small head answers only when conf > t. Confidences that
+  sit exactly on a threshold (and on the fitting grid) go on."""
+  sizes = [8, 16]
+  conf = np.array([[0.5, 0.5000001], [1.0, 1.0]])
+  pred = np.array([[1, 1], [2, 2]])
+  out, used = ac.cascade(conf, pred, sizes, thresholds=[0.5], cap=1)
+  np.testing.assert_array_equal(used, [16, 8])
+  # On the grid: the small head is right exactly where conf == GRID[50]; a threshold below
+  # it (GRID[49]) lets those through, GRID[50] itself does not.
+  conf_small = np.full(10, ac.GRID[50])
+  labels = np.zeros(10, int)
+  t = ac.fit_threshold(conf_small, np.zeros(10, int), np.ones(10, int), labels)
+  assert t == ac.GRID[0]  # any t < conf is best; the smallest such t is chosen
+  t = ac.fit_threshold(conf_small, np.ones(10, int), np.zeros(10, int), labels)
+  assert t == ac.GRID[50]  # the small head is wrong: conf must not pass, conf > t is false
+
+
+def test_thirty_seeds_by_default_and_at_least_one_holdout_example():
+  """The official cascades average 30 random held-out splits; a tiny split still fits on one
+  example (round(0.2 * 3) = 1) and scores the other two."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 3)
+  conf, pred = rng.uniform(0.2, 1.0, (2, 3)), rng.integers(0, 2, (2, 3))
+  row = ac.evaluate(conf, pred, labels, [4, 8])[0]
+  assert row["seeds"] == 30 and row["holdout"] == 0.2
+  perm = np.random.default_rng(0).permutation(3)
+  want = _numpy_cascade_rows(conf, pred, labels, [4, 8], perm[:1], perm[1:])
+  row = ac.evaluate(conf, pred, labels, [4, 8], seeds=1)[0]
+  assert row["accuracy"] == pytest.approx(want[8][0]) and row["expected_size"] == (
+      pytest.approx(want[8][1]))

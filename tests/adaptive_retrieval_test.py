@@ -12,6 +12,7 @@ from mrl_jax.evaluation import adaptive_retrieval as ar
 from mrl_jax.evaluation import knn
 from tests.references import canonical_rows
 from tests.references import random_problem
+from tests.references import reference_metrics
 from tests.references import reference_neighbors
 
 
@@ -86,18 +87,55 @@ def test_bad_funnel_specs_are_config_errors():
     ar.funnels_from_config(_ev((8,), (128,), (10,)), 64)
 
 
-def test_adaptive_retrieval_rows_report_metrics_cost_and_speedup():
+def test_adaptive_retrieval_rows_equal_a_numpy_shortlist_and_rerank():
+  """Every row's metrics are those of the numpy funnel's (or exact search's) neighbours on the
+  same features, from the metric definitions (references.py); costs by the paper's formula."""
   db, db_y, q, q_y = random_problem(2)
-  rows = ar.evaluate(ar.funnels_from_config(_ev((3,), (24,), (40,), ((3, (6, 24), (60, 10)),)),
-                                           24), db, db_y, q, q_y, search=_search(),
-                     num_classes=5, retrieval_ks=[10])
+  funnels = ar.funnels_from_config(_ev((3,), (24,), (40,), ((3, (6, 24), (60, 10)),)), 24)
+  rows = ar.evaluate(funnels, db, db_y, q, q_y, search=_search(), num_classes=5,
+                     retrieval_ks=[10])
   names = [r["name"] for r in rows]
   assert names == ["3 (single-shot)", "24 (single-shot)", "3->24 (K=40)",
                    "funnel 3->6->24 (K=60,10)"]
+  counts = np.bincount(db_y, minlength=5)
+  canonical = canonical_rows(db)
+  for row in rows:
+    if row["kind"] == "single_shot":
+      _, order = reference_neighbors(q, db, row["shortlist_size"], 10)
+    else:
+      order = _numpy_funnel(q, db, row["shortlist_size"], [tuple(s) for s in row["stages"]])
+    want = reference_metrics(db_y[order], q_y, counts, [], [10])
+    for key, value in want.items():
+      assert row[key] == pytest.approx(value, abs=1e-9), (row["name"], key)
+    assert row["top1"] == pytest.approx(np.mean(db_y[order[:, 0]] == q_y))
+    assert row["shortlist_recall"] == 1.0 and row["seconds"] > 0
+    # the numpy order differs from the shortlist-only order: the rerank changed something
+    if row["kind"] != "single_shot":
+      _, shortlist = reference_neighbors(q, db, 3, 10)
+      assert not np.array_equal(canonical[order], canonical[shortlist])
   by_name = {r["name"]: r for r in rows}
   assert by_name["3->24 (K=40)"]["mflops"] == pytest.approx((200 * 3 + 40 * 24) / 1e6)
+  assert by_name["funnel 3->6->24 (K=60,10)"]["mflops"] == pytest.approx(
+      (200 * 3 + 60 * 6 + 10 * 24) / 1e6)
   assert by_name["24 (single-shot)"]["mflops_speedup_vs_exact"] == 1.0
-  for r in rows:
-    assert 0 <= r["map@10"] <= r["map@10_standard"] <= 1 and r["seconds"] > 0
+  assert by_name["3 (single-shot)"]["mflops_speedup_vs_exact"] == pytest.approx(8.0)
 
 
+def test_each_exact_search_runs_once_after_a_one_query_warm_up():
+  """Warm-ups compile the (padded) query block with one query; every (size, k) searches the
+  whole query set once and is reused (single-shot row, shortlist and recall reference)."""
+  db, db_y, q, q_y = random_problem(3)
+  search = _search()
+  calls = []
+  original = search.search
+
+  def counting(queries, *args, **kwargs):
+    calls.append((len(queries), *args[1:3]))
+    return original(queries, *args, **kwargs)
+
+  search.search = counting
+  funnels = ar.funnels_from_config(_ev((3,), (24,), (10,), ((3, (6, 24), (10, 10)),)), 24)
+  ar.evaluate(funnels, db, db_y, q, q_y, search=search, num_classes=5, retrieval_ks=[10])
+  full = [c for c in calls if c[0] == len(q)]
+  assert sorted(full) == sorted(set(full)) == [(len(q), 3, 10), (len(q), 24, 10)]
+  assert all(c[0] == 1 for c in calls if c[0] != len(q))

@@ -9,6 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from mrl_jax import sharding
+from mrl_jax import state as state_lib
+from mrl_jax import validation
+from mrl_jax.data import pipeline
+from mrl_jax.data import preprocess
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import evaluate
 from tests.conftest import REPO
@@ -130,15 +135,46 @@ def test_eval_of_a_trained_checkpoint_writes_the_three_reports(trained_digits):
 
 
 @pytest.mark.slow
-def test_flip_tta_is_named_in_the_output(trained_digits):
+def test_flip_tta_adds_the_mirrored_images_logits_on_the_eval_path(trained_digits):
+  """eval.py with config.eval.flip_tta: each head's top-1 is numpy's argmax of
+  head_m(z) + head_m(z of the image mirrored along its width), with z from the model applied to
+  the test split's eval-preprocessed images; without TTA, of head_m(z) alone."""
   config, workdir = trained_digits
   config = config.copy_and_resolve_references()
-  config.eval.update(flip_tta=True, knn=False)
-  results = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
-  r = results["sklearn_digits"]
+  config.eval.update(flip_tta=True, knn=False, adaptive_classification=False,
+                     adaptive_retrieval=False, baselines=(), fewshot_shots=())
+  with_tta = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+  config.eval.flip_tta = False
+  without = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+  r = with_tta["sklearn_digits"]
   assert r["flip_tta"] is True and r["num_database"] == 0
   assert all("knn1_top1" not in m for m in r["sizes"].values())
-  assert 0.0 <= r["sizes"]["64"]["linear_top1"] <= 1.0
+
+  spec = validation.validate(config, 1, 1)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model, params, batch_stats, _ = state_lib.restore(config, spec, workdir, mesh)
+  source = pipeline.open_source(config.input)
+  batches = pipeline.make_reader(config.input, source).eval_batches(
+      "test", local_batch=512, num_batches=1, process_index=0, process_count=1,
+      preprocess=preprocess.from_config(config.input, train=False, channels=1))
+  batch = next(iter(batches))
+  keep = batch["mask"] > 0
+  images, labels = batch["image"][keep], batch["label"][keep]
+  z = np.asarray(model.apply(params, batch_stats, images)[0], np.float64)
+  z_flip = np.asarray(model.apply(params, batch_stats, images[:, :, ::-1])[0], np.float64)
+  heads = model.heads(params, batch_stats)
+  differs = 0
+  for m in model.nesting:
+    head = getattr(heads, f"head_{m}")
+    w, b = np.asarray(head.kernel[...], np.float64), np.asarray(head.bias[...], np.float64)
+    plain = z[:, :m] @ w + b
+    tta = plain + z_flip[:, :m] @ w + b
+    assert r["sizes"][str(m)]["linear_top1"] == pytest.approx(
+        np.mean(tta.argmax(1) == labels), abs=1e-9), m
+    assert without["sklearn_digits"]["sizes"][str(m)]["linear_top1"] == pytest.approx(
+        np.mean(plain.argmax(1) == labels), abs=1e-9), m
+    differs += np.mean(tta.argmax(1) == labels) != np.mean(plain.argmax(1) == labels)
+  assert differs  # TTA changes some size's accuracy: the test can tell them apart
 
 
 def test_unknown_eval_dataset_is_an_error_not_a_fallback(trained_digits):

@@ -68,12 +68,24 @@ def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, capsys, make_stale, 
   assert len(out.strip().splitlines()) == 1
 
 
-def test_a_live_holder_on_another_host_is_respected(tmp_path):
+@pytest.mark.parametrize("age", [30, 61, 300, 599])
+def test_a_live_holder_on_another_host_is_respected(tmp_path, age):
+  """A heartbeat is rewritten every 60 s and a lock is stale after 600 s without one: a holder
+  that missed several beats (a slow file system, a long pause) is still alive until then."""
+  assert (lock_lib.HEARTBEAT_SECONDS, lock_lib.STALE_SECONDS) == (60.0, 600.0)
   workdir = str(tmp_path / "run")
-  _write_lock(workdir, host="node-7", pid=1234, heartbeat=time.time() - 30)
+  _write_lock(workdir, host="node-7", pid=1234, heartbeat=time.time() - age)
   with pytest.raises(ConfigError, match="in use by another training job .pid 1234 on node-7"):
     lock_lib.WorkdirLock(workdir).__enter__()
   assert json.load(open(os.path.join(workdir, "LOCK")))["host"] == "node-7"  # untouched
+
+
+def test_staleness_starts_just_after_the_limit():
+  now = 1_000_000.0
+  record = {"host": "node-7", "pid": 1234}
+  assert lock_lib.stale_reason(dict(record, heartbeat=now - 600.0), now) is None
+  assert lock_lib.stale_reason(dict(record, heartbeat=now - 601.0), now) == (
+      "no heartbeat for 601 s (> 600 s)")
 
 
 @pytest.mark.slow
@@ -105,3 +117,19 @@ def test_two_train_py_processes_on_one_workdir_one_trains(data_dir, tmp_path):
   assert steps == [1, 2, 3, 4, 5, 6]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert not os.path.exists(os.path.join(workdir, "LOCK"))
+
+
+def test_a_held_workdir_is_refused_before_the_dataset_is_opened(tmp_path, monkeypatch):
+  """The lock is the first thing a training job takes after checking its config: opening (or
+  preparing) the dataset is never paid by a job that cannot run."""
+  from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  opened = []
+  monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: opened.append(a))
+  workdir = str(tmp_path / "run")
+  config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  with lock_lib.WorkdirLock(workdir):
+    with pytest.raises(ConfigError, match="is in use by another training job"):
+      train_lib.train_and_evaluate(config, workdir)
+  assert not opened

@@ -90,3 +90,17 @@ def test_class_mean_average_precision_equals_sklearn():
       pytest.approx(want))
 
 
+def test_class_mean_average_precision_ranks_ties_as_sklearn():
+  """Scores rounded to 4 levels (many ties): equal to sklearn, and unchanged when the tied
+  examples are reordered (ties count as one threshold, not by index)."""
+  from sklearn.metrics import average_precision_score  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  truth = (rng.random((80, 6)) < 0.3).astype(int)
+  scores = np.round(rng.random((80, 6)) * 3)
+  want = np.mean([average_precision_score(truth[:, c], scores[:, c]) for c in range(6)])
+  assert metrics.class_mean_average_precision(scores, truth) == pytest.approx(want, abs=1e-12)
+  perm = rng.permutation(80)
+  assert metrics.class_mean_average_precision(scores[perm], truth[perm]) == pytest.approx(
+      want, abs=1e-12)
+
+

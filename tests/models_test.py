@@ -237,3 +237,56 @@ def test_torch_linear_head_init_is_uniform_within_one_over_sqrt_fan_in():
   biased = jit_build(lambda: heads_lib.MatryoshkaHeads(
       8, 5, (4, 8), bias_init=-10.0, rngs=nnx.Rngs(0)))
   assert np.all(np.asarray(biased.head_4.bias[...]) == -10.0)
+
+
+def _torch_vit(params, images, num_heads: int, pool: str):
+  """The original ViT forward transcribed in plain PyTorch from the paper and big_vision's
+  vit.py (independent of our module): patches by a strided conv, CLS token, position
+  embeddings, pre-LN blocks (softmax(q k^T / sqrt(d_h)) v, exact GELU MLP), final LayerNorm,
+  then the CLS token or the mean of the tokens. `params` is our flat {path: array}."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  t = lambda name: torch.from_numpy(np.asarray(params[name], np.float64))
+  x = torch.from_numpy(np.asarray(images, np.float64)).permute(0, 3, 1, 2)  # NCHW
+  kernel = t("embedding/kernel").permute(3, 2, 0, 1)  # [p, p, C, D] -> [D, C, p, p]
+  x = F.conv2d(x, kernel, t("embedding/bias"), stride=kernel.shape[-1])
+  x = x.flatten(2).transpose(1, 2)  # [B, N, D], patches in row-major order
+  b, _, d = x.shape
+  if pool == "cls":
+    x = torch.cat([t("cls").expand(b, 1, d), x], 1)
+  x = x + t("pos_embedding")
+  ln = lambda y, name: F.layer_norm(y, (d,), t(f"{name}/scale"), t(f"{name}/bias"), eps=1e-6)
+  i = 0
+  while f"blocks/{i}/ln1/scale" in params:
+    p = f"blocks/{i}"
+    y = ln(x, f"{p}/ln1") @ t(f"{p}/attn/qkv/kernel") + t(f"{p}/attn/qkv/bias")
+    q, k, v = y.reshape(b, -1, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
+    attention = torch.softmax(q @ k.transpose(-1, -2) / (d // num_heads) ** 0.5, -1) @ v
+    attention = attention.transpose(1, 2).reshape(b, -1, d)
+    x = x + attention @ t(f"{p}/attn/out/kernel") + t(f"{p}/attn/out/bias")
+    y = ln(x, f"{p}/ln2") @ t(f"{p}/mlp/fc1/kernel") + t(f"{p}/mlp/fc1/bias")
+    x = x + F.gelu(y) @ t(f"{p}/mlp/fc2/kernel") + t(f"{p}/mlp/fc2/bias")
+    i += 1
+  x = ln(x, "encoder_norm")
+  return (x[:, 0] if pool == "cls" else x.mean(1)).numpy()
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_vit_forward_equals_a_pytorch_transcription(pool):
+  """ViT-Ti/8 (2 blocks, 3 heads) on 16x16 RGB with every parameter randomised (LayerNorm
+  scales and biases too): z equals the PyTorch transcription within 1e-5."""
+  model = jit_build(lambda: vit.ViT("Ti/8", image_size=16, num_layers=2, pool=pool,
+                                    rngs=nnx.Rngs(3)))
+  rng = np.random.default_rng(0)
+  state = nnx.state(model, nnx.Param)
+  for path, variable in state.flat_state():
+    variable.set_value(jnp.asarray(
+        0.2 * rng.standard_normal(variable.shape) + (1.0 if path[-1] == "scale" else 0.0),
+        jnp.float32))
+  nnx.update(model, state)
+  params = {"/".join(map(str, path)): np.asarray(v.get_value())
+            for path, v in nnx.state(model, nnx.Param).flat_state()}
+  images = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
+  z, _ = jit_call(model, images)
+  want = _torch_vit(params, images, num_heads=3, pool=pool)
+  np.testing.assert_allclose(np.asarray(z), want, rtol=1e-4, atol=1e-5)

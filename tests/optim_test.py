@@ -139,3 +139,31 @@ def test_global_norm_clipping_rescales_all_gradients_together():
   for k in p:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(p[k]) - np.asarray(g[k]) / 10,
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_weight_decay_mask_reaches_every_optimizer(name):
+  """With the `kernels` rule the [1, 2] kernel decays and the [1] bias does not, in each
+  optimizer's own update (one step, no momentum), by hand:
+  sgd   p -= lr (g + wd p [decayed])
+  adamw p -= lr (g / (|g| + eps) + wd p [decayed])   (first Adam step: m_hat = g, v_hat = g^2)
+  lars  p -= lr * tc |p| / |d| * d with d = g + wd p  (decayed, trust ratio)
+        p -= lr * g                                   (masked: neither decay nor trust ratio)
+  Applying the decay to every parameter (the mask dropped) moves the bias and fails this."""
+  p, g = _two_params(), {"w": jnp.asarray([[0.6, 0.8]]), "b": jnp.asarray([0.5])}
+  config = _opt_config(name, momentum=0.0, weight_decay=0.1, trust_coefficient=0.002,
+                       eps=1e-8)
+  config.optim.weight_decay_rule = "kernels"
+  got = _update(config, p, [g], lr=0.5)
+  w, gw, b, gb = (np.asarray(x, np.float64) for x in (p["w"], g["w"], p["b"], g["b"]))
+  if name == "sgd":
+    want_w, want_b = w - 0.5 * (gw + 0.1 * w), b - 0.5 * gb
+  elif name == "adamw":
+    want_w = w - 0.5 * (gw / (np.abs(gw) + 1e-8) + 0.1 * w)
+    want_b = b - 0.5 * gb / (np.abs(gb) + 1e-8)
+  else:
+    d = gw + 0.1 * w
+    want_w = w - 0.5 * 0.002 * np.linalg.norm(w) / np.linalg.norm(d) * d
+    want_b = b - 0.5 * gb
+  np.testing.assert_allclose(np.asarray(got["w"]), want_w, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got["b"]), want_b, rtol=1e-5)

@@ -107,3 +107,52 @@ def test_progressive_resizing_inside_both_readers(data_dir, reader):
 
   assert shapes(0, 5) == [(8, 8)] * 3 + [(16, 16)] * 2
   assert shapes(2, 2) == [(8, 8), (16, 16)]
+
+
+def _ramps(h, w):
+  """uint8 [h, w, 3] PNG bytes: red = row, green = column (linear ramps survive a linear
+  resampling filter unchanged away from the border), blue = 0."""
+  y, x = np.mgrid[:h, :w]
+  image = np.stack([y, x, np.zeros_like(y)], -1).astype(np.uint8)
+  return tf.io.encode_png(image)
+
+
+@pytest.mark.parametrize("h, w", [(60, 90), (90, 60)])  # landscape and portrait
+def test_eval_resize_keeps_the_aspect_ratio_and_the_shorter_side(h, w):
+  """resize_center_crop (the paper's eval: shorter side -> 256, centre 224) on a non-square
+  image: the shorter side becomes resize_size with the aspect kept (both axes scale by the
+  same factor, here 1/2), then the centre crop. Output pixel (i, j) of the crop samples the
+  original at (2 (i + top) + 0.5, 2 (j + left) + 0.5): the ramps read back those coordinates.
+  Squashing to a square, or scaling the longer side, moves them."""
+  config = load_config("configs/resnet50_imagenet.py:mrl")
+  config.input.update(mean=(0.0,), std=(1.0,))
+  config.input.pp_eval.update(name="resize_center_crop", resize_size=30, image_size=24)
+  pp = preprocess.from_config(config.input, train=False, channels=3)
+  out = pp(_ramps(h, w), _seed(0)).numpy()
+  assert out.shape == (24, 24, 3)
+  top, left = ((h // 2) - 24) // 2, ((w // 2) - 24) // 2  # resized to h/2 x w/2
+  i = np.arange(24)
+  np.testing.assert_allclose(out[:, :, 0], np.broadcast_to((2 * (i + top) + 0.5)[:, None],
+                                                           (24, 24)), atol=1e-3)
+  np.testing.assert_allclose(out[:, :, 1], np.broadcast_to((2 * (i + left) + 0.5)[None, :],
+                                                           (24, 24)), atol=1e-3)
+
+
+@pytest.mark.parametrize("h, w", [(60, 90), (90, 60)])
+def test_ffcv_eval_crops_a_centred_square_of_the_shorter_side(h, w):
+  """center_crop_resize (FFCV's validation): the central square of crop_ratio x the shorter
+  side (here 30 of 60), resized to image_size (15: factor 1/2). Inside the crop the ramps
+  read back the sampled coordinates exactly; the outermost rows and columns see the filter
+  clipped at the crop's edge (within 0.25)."""
+  config = load_config("configs/resnet50_imagenet.py:mrl")
+  config.input.update(mean=(0.0,), std=(1.0,))
+  config.input.pp_eval.update(name="center_crop_resize", crop_ratio=0.5, image_size=15)
+  pp = preprocess.from_config(config.input, train=False, channels=3)
+  out = pp(_ramps(h, w), _seed(0)).numpy()
+  top, left = (h - 30) // 2, (w - 30) // 2
+  i = np.arange(15)
+  rows = np.broadcast_to((top + 2 * i + 0.5)[:, None], (15, 15))
+  cols = np.broadcast_to((left + 2 * i + 0.5)[None, :], (15, 15))
+  for got, want in ((out[:, :, 0], rows), (out[:, :, 1], cols)):
+    np.testing.assert_allclose(got[1:-1, 1:-1], want[1:-1, 1:-1], atol=1e-3)
+    np.testing.assert_allclose(got, want, atol=0.25)

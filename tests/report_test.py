@@ -58,3 +58,17 @@ def test_csv_values_equal_results_json(tmp_path):
   assert float(few["accuracy"]) == pytest.approx(0.123457, abs=1e-9)
   for plot in ("accuracy_vs_dim.png", "retrieval_vs_mflops.png"):
     assert os.path.getsize(os.path.join(out, plot)) > 1000
+
+
+def test_a_float_column_is_formatted_one_way(tmp_path):
+  """Speed-ups of 16 and 2048 (and 0.5) read as fixed point with 6 decimals, not '16.000000'
+  beside '2048'."""
+  results = _results()
+  row = results["adaptive_retrieval"][0]
+  results["adaptive_retrieval"] = [dict(row, name=str(v), mflops_speedup_vs_exact=v)
+                                   for v in (16.0, 2048.0, 0.5)]
+  out = str(tmp_path / "out")
+  report.write(out, results)
+  column = [r["mflops_speedup_vs_exact"] for r in _csv(os.path.join(out,
+                                                                     "adaptive_retrieval.csv"))]
+  assert column == ["16.000000", "2048.000000", "0.500000"]

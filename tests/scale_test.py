@@ -78,11 +78,19 @@ def test_resnet50_imagenet_config_trains_and_evaluates_imagenet_real(tmp_path):
     labels = np.concatenate([b["label"] for b in reader.eval_batches(
         "validation", local_batch=24, num_batches=1, process_index=0, process_count=1,
         preprocess=preprocess.from_config(config.input, train=False, channels=3))])
+    raw = [np.asarray(ex["real_label"]) for ex in tfds.data_source(
+        "imagenet2012_real", split="validation", data_dir=mock_dir)]
+    # The reader's multi-hot rows are the raw label lists, in dataset order.
+    want = np.zeros((24, 1000), np.uint8)
+    for i, ids in enumerate(raw):
+      want[i, ids] = 1
+    np.testing.assert_array_equal(labels, want)
     config.eval.update(splits=("imagenet2012_real:validation",), adaptive_retrieval=False,
                        adaptive_classification=False, extra_sizes=(), retrieval_k=(10,))
     results = evaluate.evaluate_checkpoint(config, str(tmp_path / "run"),
                                            devices=jax.devices()[:8])["imagenet2012_real"]
-  unlabelled = int((labels.sum(-1) == 0).sum())
+  unlabelled = sum(len(ids) == 0 for ids in raw)
+  assert unlabelled < 24
   assert results["multi_label"] and results["num_unlabelled_excluded"] == unlabelled
   assert results["num_queries"] == 24 - unlabelled
   for m in ("8", "256"):

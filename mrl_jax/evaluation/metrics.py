@@ -141,10 +141,11 @@ def neighbor_metrics(neighbor_labels: np.ndarray, query_labels: np.ndarray,
 
 
 def class_mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-  """Mean over classes with a positive of AP = mean precision at each positive's rank, ranking
-  the examples by the class's score (ties: lower index first). scores [N, C]; labels [N, C]
-  multi-hot or [N, L] padded lists. The standard multi-label mAP (e.g. sklearn's
-  average_precision_score per class, which it equals without ties)."""
+  """Mean over classes with a positive of AP, ranking the examples by the class's score:
+  sklearn's average_precision_score per class, ties included: examples with equal scores form
+  one threshold, AP = sum over thresholds of (recall gained) x (precision at the threshold),
+  so the result does not depend on the order of tied examples. scores [N, C]; labels [N, C]
+  multi-hot or [N, L] padded lists. The standard multi-label mAP."""
   scores = np.asarray(scores, np.float64)
   truth = np.asarray(labels)
   if truth.shape != scores.shape:  # padded lists -> multi-hot
@@ -155,8 +156,14 @@ def class_mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> floa
   truth = truth > 0
   order = np.argsort(-scores, axis=0, kind="stable")
   ranked = np.take_along_axis(truth, order, axis=0)  # [N, C], best first per class
+  ranked_scores = np.take_along_axis(scores, order, axis=0)
+  last = np.ones(ranked.shape, bool)  # the last example of each group of tied scores
+  last[:-1] = ranked_scores[:-1] != ranked_scores[1:]
   hits = np.cumsum(ranked, axis=0)
+  end_hits = np.where(last, hits, 0)
+  # hits at the previous group's end (hits never decrease down a column)
+  previous = np.maximum.accumulate(np.vstack([np.zeros_like(hits[:1]), end_hits[:-1]]), axis=0)
   precision = hits / np.arange(1, len(scores) + 1)[:, None]
   positives = ranked.sum(0)
-  ap = (precision * ranked).sum(0) / np.maximum(positives, 1)
+  ap = np.where(last, (hits - previous) * precision, 0.0).sum(0) / np.maximum(positives, 1)
   return float(ap[positives > 0].mean()) if (positives > 0).any() else 0.0

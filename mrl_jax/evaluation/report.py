@@ -74,7 +74,8 @@ def _write_csv(path, header: list, rows: list[list]) -> None:
 
 
 def _fmt(value):
-  return "" if value is None else f"{value:.6g}" if abs(value) >= 1e3 else f"{value:.6f}"
+  """Every float the same way (fixed point, 6 decimals), so a column reads one way."""
+  return "" if value is None else f"{value:.6f}"
 
 
 def plot_accuracy_vs_dim(path, results: dict) -> None:
