@@ -114,12 +114,18 @@ def _adaptive_flags():
       shortlist_engines=tuple(FLAGS.shortlist_engines)))  # HNSW: ann.HnswParams' defaults
 
 
+SHOWN = ("linear_top1", "prec@1", "knn1_top1", "map@10", "spearman", "ndcg@10", "mrr@10",
+         "mlm_acc")
+
+
 def _print(results):
-  print(f"{results['dataset']} ({results['split']}): {results['num_queries']} queries, "
-        f"{results['num_database']} database")
+  if "split" in results:
+    print(f"{results['dataset']} ({results['split']}): {results['num_queries']} queries, "
+          f"{results['num_database']} database")
+  else:  # a text set (evaluation/text.py)
+    print(f"{results['dataset']}:")
   for size, m in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
-    shown = {k: v for k, v in m.items() if k in ("linear_top1", "prec@1", "knn1_top1",
-                                                  "map@10")}
+    shown = {k: v for k, v in m.items() if k in SHOWN}
     print(f"  m={size:>5}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
   for r in results.get("adaptive_retrieval") or ():
     print(f"  {r['name']:<32} map@10={r['map@10']:.4f}  MFLOPs={r['mflops']:.2f}  "

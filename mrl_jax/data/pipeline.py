@@ -57,6 +57,8 @@ class Source:
   split_sizes: dict[str, int]
   # "single" (ClassLabel), "ids" (Sequence of ClassLabel ids) or "multi_hot" ([C] Tensor)
   label_format: str = "single"
+  kind: str = "image"  # "image" (an image feature) or "text" (Text features only)
+  text_keys: tuple[str, ...] = ()  # the Text features (text sources)
 
   @property
   def multi_label(self) -> bool:
@@ -110,6 +112,15 @@ def open_source(input_cfg, dataset: str | None = None, label_key: str | None = N
   image_key = input_cfg.get("image_key", "image")
   label_key = label_key or input_cfg.get("label_key", "label")
   features = b.info.features
+  if image_key not in features:
+    text_keys = tuple(k for k, f in features.items() if isinstance(f, tfds.features.Text))
+    if text_keys:  # a text dataset: its Text features, and a label or score when it has one
+      label = label_key if label_key in features else None
+      num_classes, label_format = label_kind(features[label]) if label else (0, "single")
+      return Source(name=name, data_dir=data_dir, image_key="", label_key=label or "",
+                    channels=0, num_classes=num_classes, label_format=label_format,
+                    split_sizes={k: v.num_examples for k, v in b.info.splits.items()},
+                    kind="text", text_keys=text_keys)
   for key, field in ((image_key, "image_key"), (label_key, "label_key")):
     if key not in features:
       raise ConfigError(f"dataset {name!r} has no feature {key!r} (config.input.{field}); "
@@ -190,6 +201,12 @@ class _GrainBatch:
 
   def __call__(self, batch_index: int, records) -> Batch:
     positions = np.asarray([p for p, _ in records], np.int64)  # global stream positions
+    if self.source.kind == "text":  # text.TextPreprocess: numpy, on the raw strings
+      pp = self.preprocess or self.train_preprocess
+      out = pp([r for _, r in records], positions, self.seed)
+      if self.preprocess is not None:
+        out["mask"] = (positions >= 0).astype(np.float32)
+      return out
     pp = self.preprocess or self.train_preprocess.for_step(batch_index)
     seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
     images = np.asarray([_as_bytes(r[self.source.image_key]) for _, r in records], object)
@@ -223,8 +240,9 @@ class GrainReader(Reader):
 
   def _data_source(self, split):
     b = self.source.builder(FILE_FORMAT["grain"])
-    return b.as_data_source(split=split,
-                            decoders={self.source.image_key: tfds.decode.SkipDecoding()})
+    decoders = ({self.source.image_key: tfds.decode.SkipDecoding()}
+                if self.source.kind == "image" else None)
+    return b.as_data_source(split=split, decoders=decoders)
 
   def _iterate(self, ds: grain.MapDataset) -> Iterator[Batch]:
     # Threads, not worker processes: the preprocessing is TF ops, which release the GIL, and
@@ -275,15 +293,33 @@ class TfDataReader(Reader):
     b = self.source.builder(FILE_FORMAT["tf_data"])
     read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16,
                                   add_tfds_id=False)
+    text = self.source.kind == "text"
     ds = b.as_dataset(split=process_split(split, process_index, process_count),
                       shuffle_files=shuffle, read_config=read_config,
-                      decoders={self.source.image_key: tfds.decode.SkipDecoding()})
+                      decoders=None if text else {
+                          self.source.image_key: tfds.decode.SkipDecoding()})
     options = tf.data.Options()
     options.deterministic = True
     if self.num_workers:
       options.threading.private_threadpool_size = self.num_workers
+    if text:  # raw records; text.TextPreprocess runs on each batch of them in numpy
+      return ds.with_options(options)
     return ds.with_options(options).map(
         lambda r: (r[self.source.image_key], self._label(r[self.source.label_key])))
+
+  def _text_batches(self, ds, local_batch, pp, seed, process_index, process_count, *,
+                    evaluation: bool):
+    """Batches of raw records -> pp(records, global positions, seed) (+ mask in eval)."""
+    ds = ds.batch(local_batch, drop_remainder=not evaluation).prefetch(2)
+    for positions, records, *mask in ds.as_numpy_iterator():
+      rows = [{k: v[i] for k, v in records.items()} for i in range(len(positions))]
+      counters = np.asarray(positions, np.int64) * process_count + process_index
+      if evaluation:  # padding examples stand at position -1, as in the grain reader
+        counters = np.where(np.asarray(mask[0]) > 0, counters, -1)
+      out = pp(rows, counters, seed)
+      if evaluation:
+        out["mask"] = np.asarray(mask[0], np.float32)
+      yield out
 
   def _label(self, label):
     """int32 [] or, multi-label, uint8 [C] (ids -> multi-hot; a [C] vector as is)."""
@@ -306,6 +342,10 @@ class TfDataReader(Reader):
     ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     # Skip consumed records before decoding: positions stay those of the uninterrupted run.
     ds = ds.enumerate().skip(start_batch * local_batch)
+    if self.source.kind == "text":
+      yield from self._text_batches(ds, local_batch, train_preprocess, seed, process_index,
+                                    process_count, evaluation=False)
+      return
     sizes = train_preprocess.all_sizes()
 
     def map_fn(position, record):
@@ -329,6 +369,12 @@ class TfDataReader(Reader):
   def eval_batches(self, split, *, local_batch, num_batches, preprocess, process_index,
                    process_count):
     ds = self._dataset(split, process_index, process_count, shuffle=False, seed=0)
+    if self.source.kind == "text":
+      ds = ds.map(lambda r: (r, 1.0))
+      ds = ds.concatenate(ds.take(1).map(lambda r, m: (r, 0.0)).repeat())
+      ds = ds.take(num_batches * local_batch).enumerate().map(lambda p, rm: (p, *rm))
+      return self._text_batches(ds, local_batch, preprocess, 0, process_index, process_count,
+                                evaluation=True)
     ds = ds.map(lambda image, label: (image, label, 1.0))
     ds = ds.concatenate(ds.take(1).map(lambda i, l, m: (i, l, 0.0)).repeat())
     ds = ds.take(num_batches * local_batch).enumerate()

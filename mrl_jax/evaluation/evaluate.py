@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mrl_jax import inference
 from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax import state as state_lib
@@ -33,6 +34,7 @@ from mrl_jax.evaluation import extract as extract_lib
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation import linear
 from mrl_jax.evaluation import report
+from mrl_jax.evaluation import text as text_eval
 
 # Eval datasets whose labels are not under config.input.label_key: ImageNet-ReaL's reassessed,
 # multi-label labels (Beyer et al. 2020), as the ViT / big_vision evaluations read them.
@@ -61,6 +63,9 @@ def evaluate_checkpoint(config, workdir, *, checkpoint_step: int | None = None,
   workdir = paths.path(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   spec = validation.validate(config, len(devices), jax.process_count())
+  if spec.objective != "classify":
+    return evaluate_text_checkpoint(config, spec, workdir, checkpoint_step=checkpoint_step,
+                                    devices=devices)
   ev = config.eval
   dtype = extract_lib.feature_dtype(ev.feature_dtype)
   query_sets = _query_datasets(config)
@@ -196,3 +201,60 @@ def evaluate_embeddings(location: embeddings.Location | str, sizes: Sequence[int
   }
   report.write(out, results)
   return results
+
+
+# --- text models -------------------------------------------------------------------------------
+
+def text_evaluators(config, spec) -> list:
+  """The evaluators of config.eval.text_sets (evaluation/text.py), in that order."""
+  ev = config.eval
+  out = []
+  for kind, dataset, *splits in text_eval.parse_sets(ev.text_sets):
+    if kind == "similarity":
+      out.append(text_eval.Similarity(dataset, splits[0]))
+    elif kind == "retrieval":
+      out.append(text_eval.Retrieval(dataset, splits[0]))
+    elif kind == "mlm":
+      if spec.objective != "mlm":
+        raise ConfigError(f"config.eval.text_sets has {kind}:{dataset}:{splits[0]} but the "
+                          f"model has no MLM head (config.objective={spec.objective!r})")
+      out.append(text_eval.MaskedLM(dataset, splits[0]))
+    else:
+      knn_ks = tuple(ev.knn_k) if ev.knn else ()
+      retrieval_ks = tuple(ev.retrieval_k) if ev.knn else ()
+      inner = [evaluators.Neighbors(spec.eval_sizes, knn_ks, retrieval_ks)]
+      if ev.adaptive_retrieval:
+        inner.append(evaluators.AdaptiveRetrieval.from_config(ev, spec.feature_dim,
+                                                              retrieval_ks))
+      out.append(text_eval.LabelledNeighbors(dataset, splits[0], splits[1], tuple(inner)))
+  return out
+
+
+def text_metrics(config, spec, model, params, batch_stats, mesh, *, quantize: bool = True):
+  """[(name, value)] of every text evaluator on a model state (eval.py and the in-training
+  evaluation of contrastive runs)."""
+  embedder = inference.Embedder(config, spec, model, params, batch_stats, mesh)
+  inputs = text_eval.TextInputs(embedder=embedder, config=config, sizes=spec.eval_sizes,
+                                search=_search(config.eval, mesh),
+                                quantize=tuple(config.eval.quantize) if quantize else ())
+  return list(evaluators.run(text_evaluators(config, spec), inputs))
+
+
+def evaluate_text_checkpoint(config, spec, workdir, *, checkpoint_step=None, devices=None
+                             ) -> dict[str, dict]:
+  """eval.py for text models: every text set's per-size metrics in
+  <workdir>/eval/<dataset>/results.json (+ CSV and plot)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model, params, batch_stats, step = state_lib.restore(config, spec, workdir, mesh,
+                                                       checkpoint_step)
+  pairs = text_metrics(config, spec, model, params, batch_stats, mesh)
+  bodies = evaluators.collect(iter(pairs), spec.eval_sizes)
+  all_results = {}
+  for name, body in bodies.items():
+    results = {"model": spec.signature, "checkpoint_step": step, "dataset": name,
+               "objective": spec.objective, "trained_sizes": list(spec.head_sizes),
+               "quantize": list(config.eval.quantize), "adaptive_retrieval": [],
+               "adaptive_classification": [], **body}
+    report.write(paths.join(workdir, "eval", name), results)
+    all_results[name] = results
+  return all_results

@@ -167,3 +167,39 @@ def class_mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> floa
   positives = ranked.sum(0)
   ap = np.where(last, (hits - previous) * precision, 0.0).sum(0) / np.maximum(positives, 1)
   return float(ap[positives > 0].mean()) if (positives > 0).any() else 0.0
+
+
+# --- text: similarity ratings and query -> document retrieval ----------------------------------
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks with ties given their average rank (as scipy.stats.rankdata)."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  sorted_x = x[order]
+  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+  ends = np.r_[starts[1:], len(x)]
+  ranks = np.empty(len(x), np.float64)
+  for s, e in zip(starts, ends):
+    ranks[order[s:e]] = 0.5 * (s + 1 + e)
+  return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+  """Spearman's rank correlation: Pearson's of the average ranks (the STS / Lee benchmark
+  score of embedding cosines against human ratings)."""
+  rx, ry = average_ranks(x), average_ranks(y)
+  rx, ry = rx - rx.mean(), ry - ry.mean()
+  denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+  return float((rx * ry).sum() / denom) if denom > 0 else 0.0
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Metrics of queries with one relevant document at 1-based `ranks` [Q] (BEIR's definitions):
+  ndcg@10 = 1 / log2(1 + rank) if rank <= 10 (the ideal DCG is 1), mrr@10 = 1 / rank if
+  rank <= 10, recall@k = 1[rank <= k]; means over queries."""
+  ranks = np.asarray(ranks, np.float64)
+  out = {"ndcg@10": float(np.mean(np.where(ranks <= 10, 1.0 / np.log2(1.0 + ranks), 0.0))),
+         "mrr@10": float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0)))}
+  for k in ks:
+    out[f"recall@{k}"] = float(np.mean(ranks <= k))
+  return out

@@ -15,13 +15,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrl_jax import nesting as nesting_lib
+from mrl_jax.data import tokenizers
 from mrl_jax.errors import ConfigError
+from mrl_jax.models import bert
 from mrl_jax.models import heads as heads_lib
+from mrl_jax.models import mlm as mlm_lib
 from mrl_jax.models import resnet
 from mrl_jax.models import torchvision_layout
 from mrl_jax.models import vit
 
-MODELS: dict[str, ModuleType] = {"resnet": resnet, "vit": vit}
+MODELS: dict[str, ModuleType] = {"resnet": resnet, "vit": vit, "bert": bert}
+# What is trained (objectives/): classifier heads, BERT's tied masked-LM head, or the embedding
+# itself with a contrastive loss.
+OBJECTIVES = ("classify", "mlm", "contrastive")
+TEXT_MODELS = ("bert",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -44,11 +51,13 @@ class ModelSpec:
   model_name: str
   encoder: str  # the encoder and its architecture fields, e.g. "resnet50(width=64,...)"
   feature_dim: int
-  head: str  # mrl | mrle | ff
+  head: str  # mrl | mrle | ff (classify); mlm (BERT's tied head); none (contrastive)
   nesting: tuple[int, ...]  # config.mrl.nesting, validated
   head_sizes: tuple[int, ...]  # sizes with a trained head: nesting, or (ff_size,) for FF-m
   eval_sizes: tuple[int, ...]  # nesting, head sizes and config.eval.extra_sizes (<= d)
-  num_classes: int
+  num_classes: int  # classes (classify), the vocabulary (mlm), 0 (contrastive)
+  objective: str = "classify"
+  tokenizer: str | None = None  # text models: the tokenizer's fingerprint
 
   @property
   def efficient(self) -> bool:
@@ -57,26 +66,58 @@ class ModelSpec:
   @property
   def signature(self) -> dict:
     """What makes two checkpoints interchangeable: encoder, head, sizes, classes."""
-    return {"encoder": self.encoder, "head": self.head, "nesting": list(self.head_sizes),
-            "num_classes": self.num_classes, "feature_dim": self.feature_dim}
+    out = {"encoder": self.encoder, "head": self.head, "nesting": list(self.head_sizes),
+           "num_classes": self.num_classes, "feature_dim": self.feature_dim}
+    if self.objective != "classify":  # (absent for classifiers: their checkpoints predate it)
+      out.update(objective=self.objective, tokenizer=self.tokenizer)
+    return out
 
 
 def resolve(config) -> ModelSpec:
   """The ModelSpec of a config, or a one-line ConfigError for the first bad field."""
   module = encoder_module(config.model_name)
   get_dtype(config.dtype)
+  objective = config.get("objective", "classify")
+  if objective not in OBJECTIVES:
+    raise ConfigError(f"unknown objective {objective!r} (config.objective); allowed: "
+                      f"{list(OBJECTIVES)}")
+  text = config.model_name in TEXT_MODELS
+  if text == (objective == "classify"):
+    raise ConfigError(f"config.objective={objective!r} with config.model_name="
+                      f"{config.model_name!r}; allowed: classify for image encoders "
+                      f"{sorted(set(MODELS) - set(TEXT_MODELS))}, mlm or contrastive for text "
+                      f"encoders {list(TEXT_MODELS)}")
   module.check(config)
   d = module.feature_dim_of(config.model)
   nesting = nesting_lib.parse(config.mrl.nesting, d)
+  extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
+  if text:
+    tokenizer = text_tokenizer(config)
+    head = "mlm" if objective == "mlm" else "none"
+    num_classes = int(config.model.vocab_size) if objective == "mlm" else 0
+    return ModelSpec(model_name=config.model_name, encoder=module.describe(config.model),
+                     feature_dim=d, head=head, nesting=nesting, head_sizes=nesting,
+                     eval_sizes=tuple(sorted(set(nesting) | set(extra))),
+                     num_classes=num_classes, objective=objective,
+                     tokenizer=tokenizer.fingerprint)
   head_sizes, _ = heads_lib.head_nesting(config.mrl.head, nesting, config.mrl.get("ff_size"), d)
   if config.num_classes < 1:
     raise ConfigError(f"config.num_classes={config.num_classes}; allowed: >= 1")
-  extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
   trained = head_sizes if config.mrl.head == "ff" else nesting
   eval_sizes = tuple(sorted(set(nesting) | set(extra) | set(trained)))
   return ModelSpec(model_name=config.model_name, encoder=module.describe(config.model),
                    feature_dim=d, head=config.mrl.head, nesting=nesting, head_sizes=head_sizes,
                    eval_sizes=eval_sizes, num_classes=int(config.num_classes))
+
+
+def text_tokenizer(config):
+  """config.text's tokenizer, checked against the model's vocabulary (one-line errors)."""
+  tokenizer = tokenizers.from_config(config.text)
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ConfigError(f"the tokenizer {config.text.vocab} has {tokenizer.vocab_size} tokens but "
+                      f"config.model.vocab_size={config.model.vocab_size}; they must match "
+                      "(the embedding table is indexed by token id)")
+  return tokenizer
 
 
 class MatryoshkaModel(nnx.Module):
@@ -91,10 +132,25 @@ class MatryoshkaModel(nnx.Module):
     return z, self.heads(z)
 
 
-def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> MatryoshkaModel:
-  """The encoder of config.model and the Matryoshka heads of the spec."""
+class TextEmbedder(nnx.Module):
+  """A text encoder trained through its embedding (contrastive objectives): tokens -> (z, aux)."""
+
+  def __init__(self, encoder: nnx.Module):
+    self.encoder = encoder
+
+  def __call__(self, tokens: dict, *, rngs: nnx.Rngs | None = None):
+    return self.encoder(tokens, rngs=rngs)
+
+
+def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
+  """The model an objective trains: the encoder of config.model with the Matryoshka heads of
+  the spec (classify), with BERT's tied MLM head (mlm), or alone (contrastive)."""
   encoder = encoder_module(spec.model_name).build(config.model, dtype=get_dtype(config.dtype),
                                                  rngs=rngs)
+  if spec.objective == "mlm":
+    return mlm_lib.MatryoshkaMlm(encoder, spec.head_sizes, rngs=rngs)
+  if spec.objective == "contrastive":
+    return TextEmbedder(encoder)
   # Heads in float32 whatever config.dtype: they cost ~nothing next to the encoder and the
   # smallest sizes need the precision (bf16 heads: 49% vs 89% top-1 at m=2 on digits).
   heads = heads_lib.MatryoshkaHeads(spec.feature_dim, spec.num_classes, spec.head_sizes,

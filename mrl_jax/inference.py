@@ -1,0 +1,147 @@
+"""One inference API for every model: load a workdir, embed inputs at any size.
+
+  from mrl_jax import inference
+  model = inference.load("runs/text")                 # a workdir, or a converted checkpoint's
+  z = model.embed(["a sentence", "another"], dim=64)  # float32 [2, 64], unit rows
+  q = model.embed(texts, dim=256, quantize="int8")    # int8 [N, 256] (ranges from these texts)
+  b = model.embed(images, dim=32, quantize="binary")  # uint8 [N, 4], sign bits (image models)
+
+`embed` runs the encoder once (eval mode, batches sharded over the devices) and returns the
+first `dim` coordinates of z, L2-renormalised (dim=None: all d), stored as float32, int8
+(per-dimension calibrated; quantize.py) or packed sign bits. Text models take strings
+(tokenized as in training: config.text); image models take uint8 images [N, H, W, C] or
+encoded image bytes, with the config's eval preprocessing. eval.py's text evaluation embeds
+through this class.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from mrl_jax import models
+from mrl_jax import paths
+from mrl_jax import sharding
+from mrl_jax import state as state_lib
+from mrl_jax import validation
+from mrl_jax.data import preprocess
+from mrl_jax.data import text
+from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import quantize as quantize_lib
+
+
+def config_from_workdir(workdir) -> ml_collections.ConfigDict:
+  """The run's config from <workdir>/config.json (lists back to tuples)."""
+  path = paths.join(workdir, "config.json")
+  if not path.exists():
+    raise ConfigError(f"no config.json in {workdir}: not a training or converted workdir")
+  nested: dict = {}
+  for key, value in paths.read_json(path).items():
+    node = nested
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = _tuples(value)
+  return ml_collections.ConfigDict(nested)
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load(workdir, *, config=None, step: int | None = None, devices=None) -> "Embedder":
+  """The Embedder of a workdir's checkpoint (latest, or `step`); config defaults to the
+  workdir's config.json."""
+  config = config or config_from_workdir(workdir)
+  devices = list(devices) if devices is not None else jax.devices()
+  spec = validation.validate_model(config)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices)
+  model, params, batch_stats, _ = state_lib.restore(config, spec, paths.path(workdir), mesh,
+                                                    step)
+  return Embedder(config, spec, model, params, batch_stats, mesh)
+
+
+@functools.cache
+def _encode_fn(model, mesh):
+  """jit: (params, batch_stats, inputs) -> z float32, replicated (inputs sharded on batch)."""
+  def encode(params, batch_stats, inputs):
+    z, _ = model.encode(params, batch_stats, inputs)
+    return z.astype(jnp.float32)
+  return jax.jit(encode, in_shardings=(None, None, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+class Embedder:
+  """embed(inputs, dim=m, quantize=None | 'int8' | 'binary') for a restored model."""
+
+  def __init__(self, config, spec: models.ModelSpec, model, params, batch_stats, mesh, *,
+               batch_size: int | None = None):
+    self.config, self.spec, self.model = config, spec, model
+    self.params, self.batch_stats, self.mesh = params, batch_stats, mesh
+    shards = sharding.num_batch_shards(mesh)
+    batch = batch_size or config.input.get("eval_batch_size") or config.input.batch_size
+    self.batch_size = max(shards, -(-batch // shards) * shards)
+    self.text = spec.model_name in models.TEXT_MODELS
+    self._text_pp = None
+
+  @property
+  def feature_dim(self) -> int:
+    return self.spec.feature_dim
+
+  def _text_batches(self, texts):
+    if self._text_pp is None:
+      self._text_pp = text.from_config(self.config, task="embed", keys=("text",), train=False)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i in range(0, len(texts), self.batch_size):
+      chunk = texts[i:i + self.batch_size]
+      out = self._text_pp([{"text": t} for t in chunk], np.arange(i, i + len(chunk)), 0)
+      yield len(chunk), {k.removeprefix("text_"): v for k, v in out.items()}
+
+  def _image_batches(self, images):
+    first = images[0]
+    channels = (np.asarray(first).shape[-1] if not isinstance(first, bytes)
+                else self.config.model.in_channels)
+    pp = preprocess.from_config(self.config.input, train=False, channels=channels)
+    for i in range(0, len(images), self.batch_size):
+      chunk = images[i:i + self.batch_size]
+      yield len(chunk), np.stack([pp(tf.constant(x), tf.constant([0, i + j], tf.int64)).numpy()
+                                  for j, x in enumerate(chunk)])
+
+  def encode(self, inputs) -> np.ndarray:
+    """Full-size z [N, d] float32 (not normalised) of texts or images."""
+    batches = self._text_batches(inputs) if self.text else self._image_batches(inputs)
+    encode = _encode_fn(self.model, self.mesh)
+    parts = []
+    with jax.set_mesh(self.mesh):
+      for n, batch in batches:
+        pad = self.batch_size - n  # one compiled shape: the last batch is padded
+        batch = jax.tree.map(lambda x: np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), batch)
+        parts.append(np.asarray(encode(self.params, self.batch_stats, batch))[:n])
+    if not parts:
+      return np.zeros((0, self.feature_dim), np.float32)
+    return np.concatenate(parts)
+
+  def embed(self, inputs, dim: int | None = None, quantize: str | None = None,
+            ranges: np.ndarray | None = None) -> np.ndarray:
+    """The first `dim` coordinates of z, L2-renormalised, as float32 / int8 / packed bits.
+
+    int8 ranges (quantize.int8_ranges of some calibration embeddings at this dim) default to
+    these inputs' own."""
+    quantize_lib.check_kind(quantize)
+    dim = self.feature_dim if dim is None else dim
+    if not 1 <= dim <= self.feature_dim:
+      raise ConfigError(f"dim={dim} is outside [1, {self.feature_dim}] (the feature dim)")
+    return embeddings_at(self.encode(inputs), dim, quantize, ranges)
+
+
+def embeddings_at(z: np.ndarray, dim: int, quantize: str | None = None,
+                  ranges: np.ndarray | None = None) -> np.ndarray:
+  """z [N, d] -> the renormalised size-dim prefix, stored as `quantize` (Embedder.embed)."""
+  x = np.asarray(z[:, :dim], np.float32)
+  x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return x if quantize is None else quantize_lib.quantize(x, quantize, ranges)
