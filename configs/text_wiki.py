@@ -41,7 +41,8 @@ def get_config(arg=None):
   c.mrl.nesting = "halving:8"
   c.text.update(tokenizer="wordpiece", vocab="builtin:bert-base-uncased", lowercase=True,
                 max_length=128, max_predictions=20)
-  if arg.contrastive:
+  if arg.contrastive:  # no heads: init_from takes the encoder
+    c.init_from_heads = False
     c.text.update(features=("query", "document"), pair_mode="columns")
     c.contrastive.update(scale=20.0, symmetric=False, two_d=arg.two_d)
   else:

@@ -116,11 +116,17 @@ class Embedder:
     """Full-size z [N, d] float32 (not normalised) of texts or images."""
     batches = self._text_batches(inputs) if self.text else self._image_batches(inputs)
     encode = _encode_fn(self.model, self.mesh)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+
+    def to_global(x):  # every process holds the whole batch: it serves its devices' rows
+      return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
+
     parts = []
     with jax.set_mesh(self.mesh):
       for n, batch in batches:
         pad = self.batch_size - n  # one compiled shape: the last batch is padded
-        batch = jax.tree.map(lambda x: np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), batch)
+        batch = jax.tree.map(lambda x: to_global(
+            np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))), batch)
         parts.append(np.asarray(encode(self.params, self.batch_stats, batch))[:n])
     if not parts:
       return np.zeros((0, self.feature_dim), np.float32)

@@ -149,11 +149,12 @@ def _flat_str(tree) -> dict[tuple[str, ...], Any]:
 
 
 def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
-  """The state with its encoder (and, with config.init_from_heads, its heads) and BatchNorm
-  statistics taken from config.init_from: a workdir, its checkpoints folder, or a converted
-  PyTorch checkpoint (convert_torch.py). Fine-tuning and linear-probe runs start here; the
-  optimizer state, step and RNG stay fresh. The source must be the same encoder; heads only
-  when head type, nesting and classes match too."""
+  """The state with its encoder (and, with config.init_from_heads, its heads: everything but
+  the encoder) and BatchNorm statistics taken from config.init_from: a workdir, its
+  checkpoints folder, or a converted checkpoint (convert_torch.py, convert_hf.py). Fine-tuning
+  and linear-probe runs start here; the optimizer state, step and RNG stay fresh. The source
+  must be the same encoder (and, text models, the same tokenizer); heads only when head type,
+  nesting and classes match too."""
   source = paths.path(config.init_from)
   directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
   ckpt = checkpoint_lib.Checkpointer(directory, every_steps=1, keep=1, async_save=False)
@@ -165,7 +166,7 @@ def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
   finally:
     ckpt.close()
   saved_signature = meta.get("signature", {})
-  keys = ["encoder", "feature_dim"] + (
+  keys = ["encoder", "feature_dim"] + (["tokenizer"] if spec.tokenizer else []) + (
       ["head", "nesting", "num_classes"] if config.init_from_heads else [])
   for key in keys:
     if saved_signature.get(key) != spec.signature[key]:
@@ -180,7 +181,7 @@ def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
   def take(source_leaves, keep_heads):
     def pick(path, leaf):
       key = tuple(str(getattr(k, "key", k)) for k in path)
-      if key[0] == "heads" and not keep_heads:
+      if key[0] != "encoder" and not keep_heads:  # heads: classifiers, the MLM head
         return leaf
       return jax.device_put(np.asarray(source_leaves[key], leaf.dtype), leaf.sharding)
     return pick

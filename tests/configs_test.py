@@ -21,6 +21,10 @@ CONFIGS = [
     "configs/resnet50_imagenet.py:ff=64", "configs/resnet50_imagenet.py:mrl,recipe=standard90",
     "configs/resnet50_imagenet.py:mrl,progressive", "configs/vit_b16_imagenet21k.py:mrl",
     "configs/vit_b16_imagenet21k.py:mrle", "configs/vit_b16_imagenet21k.py:mrl,runlocal",
+    "configs/text_wiki.py", "configs/text_wiki.py:contrastive",
+    "configs/text_wiki.py:contrastive,two_d", "configs/text_wiki.py:standard",
+    "configs/text_wiki.py:contrastive,minilm", "configs/bert_base_mlm.py",
+    "configs/bert_base_mlm.py:standard",
 ]
 
 
@@ -37,6 +41,11 @@ EXPECTED = {
     "configs/resnet50_imagenet.py:mrle": (2048, "mrle", R50, 1000),
     "configs/resnet50_imagenet.py:ff=64": (2048, "ff", (64,), 1000),
     "configs/vit_b16_imagenet21k.py:mrl": (768, "mrl", VIT, 21843),
+    # Text: the MLM head is tied over the 30,522-token vocabulary; contrastive has none.
+    "configs/bert_base_mlm.py": (768, "mlm", VIT, 30522),
+    "configs/bert_base_mlm.py:standard": (768, "mlm", (768,), 30522),
+    "configs/text_wiki.py": (128, "mlm", (8, 16, 32, 64, 128), 30522),
+    "configs/text_wiki.py:contrastive,minilm": (384, "none", (24, 48, 96, 192, 384), 0),
 }
 
 
@@ -174,3 +183,65 @@ def test_resnet50_progressive_resolution_follows_ffcvs_get_resolution():
   for epoch in range(40):
     assert pp.for_step(epoch * spe).image_size == ffcv(epoch), epoch
     assert pp.for_step(epoch * spe + spe - 1).image_size == ffcv(epoch), epoch
+
+
+# The paper's BERT-Base MRL run, field by field. Sources (public):
+#   MRL = Kusupati et al. 2022 (arXiv 2205.13147) Sec. 3 ("MLM reduces to MRL-E") and
+#         Appendix C (BERT-Base on English Wikipedia + BooksCorpus, AdamW, lr 1e-4, batch 1024,
+#         450K steps, nesting 12..768 as for the other 768-d models)
+#   BERT = Devlin et al. 2019 (arXiv 1810.04805) §3.1 (15 % masking, 80/10/10) and A.2
+#         (Adam beta 0.9/0.999, L2 weight decay 0.01, 10,000 warmup steps then linear decay,
+#         dropout 0.1, GELU, sequence length 128 for most steps); google-research/bert
+#         `create_pretraining_data.py` (max_predictions_per_seq 20 at 128 tokens),
+#         `optimization.py` (AdamWeightDecayOptimizer eps 1e-6, no decay on LayerNorm / bias,
+#         clip_by_global_norm 1.0), `modeling.py` (BertConfig: 768 / 12 / 12 / 3072, vocab
+#         30522, 512 positions, 2 token types, initializer_range 0.02, pooler)
+PAPER_BERT = [
+    ("model_name", "bert", "MRL Appendix C: BERT-Base"),
+    ("objective", "mlm", "MRL Sec. 3: masked LM, tied output layer -> MRL-E"),
+    ("model.variant", "base", "BERT modeling.py BertConfig 768 / 12 layers / 12 heads"),
+    ("model.vocab_size", 30522, "BERT uncased vocab.txt"),
+    ("model.max_len", 512, "BERT max_position_embeddings 512"),
+    ("model.type_vocab_size", 2, "BERT type_vocab_size 2"),
+    ("model.pooler", True, "BERT modeling.py pooled_output"),
+    ("model.dropout_rate", 0.1, "BERT A.2 dropout 0.1"),
+    ("model.attention_dropout_rate", 0.1, "BERT attention_probs_dropout_prob 0.1"),
+    ("mrl.nesting", "12,24,48,96,192,384,768", "MRL Appendix C: 12..768"),
+    ("mrl.weights", (), "MRL: weights 1"),
+    ("text.mask_rate", 0.15, "BERT §3.1 15 %"),
+    ("text.max_predictions", 20, "BERT create_pretraining_data max_predictions_per_seq 20"),
+    ("text.max_length", 128, "BERT A.2 sequence length 128"),
+    ("text.lowercase", True, "BERT uncased"),
+    ("input.batch_size", 1024, "MRL Appendix C: batch 1024"),
+    ("total_steps", 450_000, "MRL Appendix C: 450K steps"),
+    ("optim.name", "adamw", "MRL Appendix C: AdamW"),
+    ("optim.b1", 0.9, "BERT A.2 beta1 0.9"),
+    ("optim.b2", 0.999, "BERT A.2 beta2 0.999"),
+    ("optim.eps", 1e-6, "BERT optimization.py epsilon 1e-6"),
+    ("optim.weight_decay", 0.01, "BERT A.2 weight decay 0.01"),
+    ("optim.weight_decay_rule", "kernels", "BERT optimization.py: not LayerNorm, not bias"),
+    ("optim.clip_grad_norm", 1.0, "BERT optimization.py clip_by_global_norm 1.0"),
+    ("schedule.base_lr", 1e-4, "MRL Appendix C / BERT A.2: lr 1e-4"),
+    ("schedule.lr_batch_size", 1024, "the paper's lr at its batch: no rescaling"),
+    ("schedule.name", "linear", "BERT A.2: linear decay"),
+    ("schedule.warmup_steps", 10_000, "BERT A.2: 10,000 warmup steps"),
+    ("schedule.end_lr_factor", 0.0, "BERT optimization.py polynomial_decay to 0"),
+]
+
+
+@pytest.mark.parametrize("field, official, source", PAPER_BERT, ids=[r[0] for r in PAPER_BERT])
+def test_bert_base_config_is_the_papers_run(field, official, source):
+  config = load_config("configs/bert_base_mlm.py:mrl")
+  value = config
+  for key in field.split("."):
+    value = value[key]
+  assert value == official, source
+
+
+def test_bert_base_dry_run_counts_the_published_parameters(tmp_path):
+  """109,482,240 encoder parameters (HF bert-base-uncased, pooler included) plus BERT's MLM
+  head: transform 768 x 768 + 768, LayerNorm 2 x 768, output bias 30,522 (the decoder is
+  the tied token embedding)."""
+  summary = train_lib.dry_run(load_config("configs/bert_base_mlm.py:mrl"), str(tmp_path))
+  assert summary["num_params_encoder"] == 109_482_240
+  assert summary["num_params_heads"] == 768 * 768 + 768 + 2 * 768 + 30522

@@ -104,3 +104,24 @@ def test_class_mean_average_precision_ranks_ties_as_sklearn():
       want, abs=1e-12)
 
 
+
+
+def test_spearman_equals_scipy_with_ties():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(4)
+  x = np.round(rng.normal(size=200), 1)  # many ties
+  y = x + rng.normal(size=200)
+  assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+  np.testing.assert_allclose(metrics.average_ranks([3.0, 1.0, 3.0, 2.0]), [3.5, 1, 3.5, 2])
+  assert metrics.spearman([1, 1, 1], [1, 2, 3]) == 0.0  # no variation: no correlation
+
+
+def test_ranking_metrics_on_hand_made_ranks():
+  """Ranks 1, 3, 12 of the one relevant document: nDCG@10 = (1 + 1/log2(4) + 0) / 3,
+  MRR@10 = (1 + 1/3 + 0) / 3, recall@1 = 1/3, recall@5 = recall@10 = 2/3."""
+  got = metrics.ranking_metrics(np.array([1, 3, 12]), ks=(1, 5, 10))
+  assert got["ndcg@10"] == pytest.approx((1 + 0.5) / 3)
+  assert got["mrr@10"] == pytest.approx((1 + 1 / 3) / 3)
+  assert (got["recall@1"], got["recall@5"], got["recall@10"]) == pytest.approx((1 / 3, 2 / 3,
+                                                                                2 / 3))
+  assert metrics.ranking_metrics(np.array([np.inf]))["ndcg@10"] == 0.0

@@ -18,6 +18,7 @@ and embedded once at full size through inference.Embedder; every size slices the
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def parse_sets(text_sets) -> list[tuple[str, ...]]:
                       "('similarity:lee_similarity:test',)")
   out = []
   for item in text_sets:
-    parts = tuple(item.split(":"))
+    parts = tuple(re.split(r":(?![^\[]*\])", item))  # not the ':' of a slice train[:100]
     if parts[0] not in KINDS or len(parts) != KINDS[parts[0]]:
       raise ConfigError(f"config.eval.text_sets entry {item!r}; allowed: "
                         "similarity:<dataset>:<split>, retrieval:<dataset>:<split>, "
