@@ -115,7 +115,7 @@ def _adaptive_flags():
 
 
 SHOWN = ("linear_top1", "prec@1", "knn1_top1", "map@10", "spearman", "ndcg@10", "mrr@10",
-         "mlm_acc")
+         "mlm_acc", "recall@1_i2t", "recall@1_t2i", "zeroshot_top1", "cosine_gap")
 
 
 def _print(results):

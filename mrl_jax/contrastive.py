@@ -5,8 +5,9 @@ At each size m both embeddings are truncated to their first m coordinates and L2
 contrasted"); their cosines, times a scale (1 / temperature), are the logits of a softmax over
 the batch: row i's positive is column i (InfoNCE). With one direction this is
 sentence-transformers' MultipleNegativesRankingLoss (scale 20); with both directions, averaged,
-CLIP/ALIGN's loss (optionally with label smoothing, as ALIGN). The Matryoshka loss is the
-weighted sum over sizes (sentence-transformers' MatryoshkaLoss), with k-of-n size sampling.
+CLIP/ALIGN's loss (optionally with label smoothing, as ALIGN); or SigLIP's sigmoid loss (every
+pair a binary problem, a learned bias). The Matryoshka loss is the weighted sum over sizes
+(sentence-transformers' MatryoshkaLoss), with k-of-n size sampling.
 
 All sizes' cosine matrices come from one pass: the dot products and squared norms of the blocks
 between consecutive sizes are accumulated (cos_{m_k} = (dots_{m_(k-1)} + a_blk b_blk^T) /
@@ -65,18 +66,38 @@ def info_nce(logits: jax.Array, *, symmetric: bool = False,
   return 0.5 * (rows + optax.softmax_cross_entropy(logits.T, targets))
 
 
+def sigmoid_pairs(logits: jax.Array) -> jax.Array:
+  """SigLIP (Zhai et al. 2023; big_vision's sigmoid loss): every pair is a binary problem,
+  label +1 on the diagonal and -1 elsewhere; -sum_j log sigmoid(label_ij * logit_ij) per row
+  [B] (its mean over rows is big_vision's loss)."""
+  labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1)
+
+
+LOSSES = ("softmax", "sigmoid")
+
+
 def matryoshka_contrastive_loss(a: jax.Array, b: jax.Array, sizes: Sequence[int],
-                                weights, *, scale: float = 20.0, symmetric: bool = False,
-                                label_smoothing: float = 0.0
+                                weights, *, scale=20.0, bias=None, loss: str = "softmax",
+                                symmetric: bool = False, label_smoothing: float = 0.0
                                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """sum_m w_m * mean_i InfoNCE_i(scale * cos_m); metrics `loss@m` and `acc@m` (the row's top
-  column is its positive: in-batch top-1 retrieval)."""
+  """sum_m w_m * mean_i loss_i(scale_m * cos_m + bias_m) over the nested cosines of a and b.
+
+  `loss`: "softmax" (InfoNCE, one or both directions, label smoothing) or "sigmoid" (SigLIP).
+  `scale`, `bias`: one value for every size, or one per size ([S], sizes ascending).
+  Metrics: `loss@m` and `acc@m` (the row's top column is its positive: in-batch top-1)."""
   sizes = sorted(sizes)
   total, metrics = jnp.zeros((), jnp.float32), {}
   diagonal = jnp.arange(a.shape[0])
+  per_size = lambda x, i: x if jnp.ndim(x) == 0 else x[i if x.shape[0] > 1 else 0]
   for i, (m, cos) in enumerate(nested_cosines(a, b, sizes).items()):
-    logits = scale * cos
-    value = info_nce(logits, symmetric=symmetric, label_smoothing=label_smoothing).mean()
+    logits = per_size(scale, i) * cos
+    if bias is not None:
+      logits = logits + per_size(bias, i)
+    if loss == "sigmoid":
+      value = sigmoid_pairs(logits).mean()
+    else:
+      value = info_nce(logits, symmetric=symmetric, label_smoothing=label_smoothing).mean()
     total = total + weights[i] * value
     metrics[f"loss@{m}"] = value
     metrics[f"acc@{m}"] = jnp.mean((jnp.argmax(logits, -1) == diagonal).astype(jnp.float32))

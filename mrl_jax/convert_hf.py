@@ -192,7 +192,8 @@ def check_vocabulary(hf_dir: str | None, config, source: str) -> None:
   if path is None or not os.path.exists(path) or config.text.tokenizer != "wordpiece":
     return
   theirs = tokenizers.WordPiece(path, lowercase=config.text.lowercase).fingerprint
-  if theirs != tokenizers.from_config(config.text).fingerprint:
+  ours = tokenizers.from_config(config.text, config.input.get("data_dir")).fingerprint
+  if theirs != ours:
     raise ConfigError(f"{source}'s vocab.txt is not the config's tokenizer vocabulary "
                       f"{config.text.vocab!r}: the checkpoint's token ids would be read with "
                       f"another vocabulary; set --config.text.vocab={path}")

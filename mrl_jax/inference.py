@@ -5,6 +5,7 @@
   z = model.embed(["a sentence", "another"], dim=64)  # float32 [2, 64], unit rows
   q = model.embed(texts, dim=256, quantize="int8")    # int8 [N, 256] (ranges from these texts)
   b = model.embed(images, dim=32, quantize="binary")  # uint8 [N, 4], sign bits (image models)
+  # a dual encoder (ALIGN / CLIP) embeds either: strings -> text tower, images -> image tower
 
 `embed` runs the encoder once (eval mode, batches sharded over the devices) and returns the
 first `dim` coordinates of z, L2-renormalised (dim=None: all d), stored as float32, int8
@@ -87,6 +88,7 @@ class Embedder:
     batch = batch_size or config.input.get("eval_batch_size") or config.input.batch_size
     self.batch_size = max(shards, -(-batch // shards) * shards)
     self.text = spec.model_name in models.TEXT_MODELS
+    self.dual = spec.model_name == models.DUAL  # strings -> text tower, images -> image tower
     self._text_pp = None
 
   @property
@@ -104,8 +106,9 @@ class Embedder:
 
   def _image_batches(self, images):
     first = images[0]
+    image_model = self.config.image_tower if self.dual else self.config.model
     channels = (np.asarray(first).shape[-1] if not isinstance(first, bytes)
-                else self.config.model.in_channels)
+                else image_model.in_channels)
     pp = preprocess.from_config(self.config.input, train=False, channels=channels)
     for i in range(0, len(images), self.batch_size):
       chunk = images[i:i + self.batch_size]
@@ -114,7 +117,13 @@ class Embedder:
 
   def encode(self, inputs) -> np.ndarray:
     """Full-size z [N, d] float32 (not normalised) of texts or images."""
-    batches = self._text_batches(inputs) if self.text else self._image_batches(inputs)
+    strings = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], str))
+    if strings and not (self.text or self.dual):
+      raise ConfigError("this is an image model: embed takes images (uint8 [N, H, W, C] or "
+                        "encoded image bytes), not strings")
+    if self.text and not strings and len(inputs):
+      raise ConfigError("this is a text model: embed takes strings")
+    batches = self._text_batches(inputs) if strings else self._image_batches(inputs)
     encode = _encode_fn(self.model, self.mesh)
     batch_sharding = sharding.batch_sharding(self.mesh)
 

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule from config.optim / config.schedule (optax).
 
 - sgd: PyTorch-style SGD (weight decay added to the gradient before momentum), as the official
-  MRL/FFCV ResNet-50 recipe. adamw: decoupled weight decay. lars: optax.lars.
+  MRL/FFCV ResNet-50 recipe. adamw: decoupled weight decay. lars: optax.lars. lamb: optax.lamb
+  (ALIGN's optimizer).
 - Weight decay (config.optim.weight_decay_rule): `kernels` skips BatchNorm/LayerNorm parameters
   and biases (every parameter with fewer than two dimensions); `official` is the official MRL /
   FFCV rule, no decay for parameters whose PyTorch name contains "bn" (so the shortcut's
@@ -19,7 +20,7 @@ import optax
 from mrl_jax import models
 from mrl_jax.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adamw", "lars")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 SCHEDULES = ("cosine", "linear", "one_cycle", "constant")
 DECAY_RULES = ("kernels", "official", "all")
 
@@ -94,8 +95,19 @@ def make_optimizer(config, spec, params,
   elif opt.name == "adamw":
     chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                              weight_decay=opt.weight_decay, mask=mask))
+  elif opt.name == "lamb":  # You et al. 2020, as ALIGN trains (Adam + layer-wise trust ratio)
+    chain.append(optax.lamb(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                            weight_decay=opt.weight_decay, mask=mask))
   else:
     chain.append(optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=mask,
                             trust_coefficient=opt.trust_coefficient, trust_ratio_mask=mask,
                             momentum=opt.momentum, nesterov=opt.nesterov))
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  frozen = (config.model.get("freeze") if getattr(spec, "model_name", None) == "two_towers"
+            else "")
+  if not frozen:
+    return tx
+  # LiT: the locked tower's parameters get exactly zero updates (no decay either).
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if path[0].key == frozen else "trained", params)
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

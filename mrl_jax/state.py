@@ -26,6 +26,7 @@ from mrl_jax import utils
 from mrl_jax import workdir as workdir_lib
 from mrl_jax.errors import ConfigError
 from mrl_jax.models import heads as heads_lib
+from mrl_jax.models import two_towers
 
 
 @flax.struct.dataclass
@@ -68,8 +69,13 @@ class Model:
     return z, outputs
 
   def encode(self, params, batch_stats, inputs):
-    """(z [B, d], aux) of the encoder alone, eval mode (text models: aux["layers"])."""
-    return self.module(params, batch_stats).encoder(inputs)
+    """(z [B, d], aux) of the encoder alone, eval mode (text models: aux["layers"]); a dual
+    encoder's text tower for token dicts, its image tower for images."""
+    module = self.module(params, batch_stats)
+    if isinstance(module, two_towers.TwoTowers):
+      z = module.embed_text(inputs) if isinstance(inputs, dict) else module.embed_image(inputs)
+      return z, {}
+    return module.encoder(inputs)
 
   def heads(self, params, batch_stats) -> heads_lib.MatryoshkaHeads:
     """The heads module with these parameters (eval mode)."""
@@ -86,7 +92,13 @@ def _split(module):
 def build_model(config, spec: models.ModelSpec) -> tuple[Model, Any, Any]:
   """(Model, abstract params, abstract batch_stats) without allocating any parameter."""
   abstract = nnx.eval_shape(lambda: models.create_model(config, spec, nnx.Rngs(config.seed)))
-  train_graphdef, params, batch_stats = _split(abstract)
+  frozen = config.model.get("freeze") if spec.model_name == models.DUAL else ""
+  # A locked tower (LiT) runs in eval mode in training too: BatchNorm running statistics, no
+  # dropout (its parameters get no update: optim.py).
+  train_view = abstract if not frozen else nnx.view(
+      abstract, only=nnx.PathContains(frozen), use_running_average=True, deterministic=True,
+      raise_if_not_found=False)
+  train_graphdef, params, batch_stats = _split(train_view)
   eval_view = nnx.view(abstract, use_running_average=True, deterministic=True,
                        raise_if_not_found=False)
   eval_graphdef, _, _ = _split(eval_view)

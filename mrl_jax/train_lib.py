@@ -38,8 +38,9 @@ from mrl_jax.errors import NonFiniteError
 
 
 # Per-size eval metrics summary.json keeps: head accuracy (classify), masked-token accuracy
-# (mlm), Spearman with human similarity ratings (contrastive).
-SUMMARY_METRICS = ("top1", "top5", "prec1", "mlm_acc", "spearman")
+# (mlm), Spearman with human similarity ratings (text), retrieval and zero-shot (image-text).
+SUMMARY_METRICS = ("top1", "top5", "prec1", "mlm_acc", "spearman", "recall@1_i2t",
+                   "recall@1_t2i", "zeroshot_top1")
 
 
 def dry_run(config, workdir) -> dict:
@@ -397,5 +398,5 @@ def format_duration(seconds: float | None) -> str:
 def _log_eval(step, results, writer) -> None:
   writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
   hits = sorted((int(k.split("@")[1]), k.split("@")[0], v) for k, v in results.items()
-                if k.startswith(("top1@", "prec1@", "mlm_acc@", "spearman@")))
+                if k.startswith(("top1@", "prec1@", "mlm_acc@", "spearman@", "zeroshot_top1@")))
   utils.console(f"eval step {step}: " + " ".join(f"{h}@{m}={v:.4f}" for m, h, v in hits))

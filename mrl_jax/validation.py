@@ -6,6 +6,7 @@ is allowed. Dataset-level checks (name, splits, prepared files, classes) happen 
 is opened, still before compilation.
 """
 
+from mrl_jax import contrastive
 from mrl_jax import losses
 from mrl_jax import models
 from mrl_jax import optim
@@ -16,6 +17,7 @@ from mrl_jax.data import text
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import adaptive_retrieval
 from mrl_jax.evaluation import baselines
+from mrl_jax.evaluation import image_text as image_text_eval
 from mrl_jax.evaluation import quantize
 from mrl_jax.evaluation import text as text_eval
 
@@ -113,12 +115,13 @@ def validate_text(config, spec: models.ModelSpec) -> None:
                       "features, e.g. ('text',) or ('anchor', 'positive')")
   if t.pair_mode not in text.PAIR_MODES:
     raise ConfigError(f"config.text.pair_mode={t.pair_mode!r}; allowed: {list(text.PAIR_MODES)}")
-  if spec.objective == "contrastive" and t.pair_mode == "columns" and len(t.features) != 2:
+  if (spec.objective == "contrastive" and spec.model_name != models.DUAL
+      and t.pair_mode == "columns" and len(t.features) != 2):
     raise ConfigError(f"config.text.features={tuple(t.features)} with pair_mode='columns' "
                       "needs two text features (anchor, positive); or set pair_mode='crop'")
   if not 0.0 < t.mask_rate < 1.0:
     raise ConfigError(f"config.text.mask_rate={t.mask_rate}; allowed: 0 < rate < 1")
-  if not 1 <= t.max_predictions <= t.max_length:
+  if spec.objective == "mlm" and not 1 <= t.max_predictions <= t.max_length:
     raise ConfigError(f"config.text.max_predictions={t.max_predictions}; allowed: 1 .. "
                       f"config.text.max_length ({t.max_length})")
   if t.crop_tokens < 0 or t.crop_tokens > t.max_length - 2:
@@ -138,10 +141,23 @@ def validate_text(config, spec: models.ModelSpec) -> None:
   for kind in config.eval.quantize:
     quantize.check_kind(kind)
   text_eval.parse_sets(config.eval.text_sets)
+  if spec.model_name == models.DUAL:
+    image_text_eval.parse_sets(config.eval.image_text_sets)
+    if config.contrastive.loss not in contrastive.LOSSES:
+      raise ConfigError(f"config.contrastive.loss={config.contrastive.loss!r}; allowed: "
+                        f"{list(contrastive.LOSSES)}")
+    if config.contrastive.scale <= 0:
+      raise ConfigError(f"config.contrastive.scale={config.contrastive.scale}; allowed: > 0")
 
 
 def validate_source(config, spec: models.ModelSpec, source) -> None:
   """The training dataset has what the objective reads (text features for text models)."""
+  if spec.model_name == models.DUAL:
+    if source.kind != "image_text":
+      raise ConfigError(f"dataset {source.name!r} has no image and text feature "
+                        f"{config.input.caption_key!r} (config.input.caption_key); an image-text "
+                        "model needs both")
+    return
   if spec.objective == "classify":
     if source.kind != "image":
       raise ConfigError(f"dataset {source.name!r} has no image feature "

@@ -24,7 +24,9 @@ CONFIGS = [
     "configs/text_wiki.py", "configs/text_wiki.py:contrastive",
     "configs/text_wiki.py:contrastive,two_d", "configs/text_wiki.py:standard",
     "configs/text_wiki.py:contrastive,minilm", "configs/bert_base_mlm.py",
-    "configs/bert_base_mlm.py:standard",
+    "configs/bert_base_mlm.py:standard", "configs/image_text_digits.py",
+    "configs/image_text_digits.py:sigmoid", "configs/align_vit_bert.py:mrl",
+    "configs/align_vit_bert.py:siglip", "configs/align_vit_bert.py:lit",
 ]
 
 
@@ -41,11 +43,14 @@ EXPECTED = {
     "configs/resnet50_imagenet.py:mrle": (2048, "mrle", R50, 1000),
     "configs/resnet50_imagenet.py:ff=64": (2048, "ff", (64,), 1000),
     "configs/vit_b16_imagenet21k.py:mrl": (768, "mrl", VIT, 21843),
-    # Text: the MLM head is tied over the 30,522-token vocabulary; contrastive has none.
+    # Text: the MLM head is tied over the vocabulary (BERT: 30,522); contrastive has none.
     "configs/bert_base_mlm.py": (768, "mlm", VIT, 30522),
     "configs/bert_base_mlm.py:standard": (768, "mlm", (768,), 30522),
-    "configs/text_wiki.py": (128, "mlm", (8, 16, 32, 64, 128), 30522),
+    "configs/text_wiki.py": (128, "mlm", (8, 16, 32, 64, 128), 8000),  # its sentencepiece
     "configs/text_wiki.py:contrastive,minilm": (384, "none", (24, 48, 96, 192, 384), 0),
+    # Dual encoders: both towers projected to the common width, nested at the paper's sizes.
+    "configs/align_vit_bert.py:mrl": (768, "none", VIT, 0),
+    "configs/align_vit_bert.py:lit": (2048, "none", R50, 0),
 }
 
 
@@ -245,3 +250,53 @@ def test_bert_base_dry_run_counts_the_published_parameters(tmp_path):
   summary = train_lib.dry_run(load_config("configs/bert_base_mlm.py:mrl"), str(tmp_path))
   assert summary["num_params_encoder"] == 109_482_240
   assert summary["num_params_heads"] == 768 * 768 + 768 + 2 * 768 + 30522
+
+
+# The paper's ALIGN-MRL run. Sources (public):
+#   MRL = Kusupati et al. 2022 Sec. 3 ("MRL is applied to both the embeddings that are being
+#         contrasted") and Appendix C (ViT-B/16 + BERT-Base, nesting 12..768 as the 768-d models)
+#   ALIGN = Jia et al. 2021 (arXiv 2102.05918) §3 (normalized softmax loss both ways, learned
+#         temperature, label smoothing) and §5 (projection of BERT's [CLS] to the image width,
+#         LAMB, weight decay 1e-5, lr 1e-3 warmed up for 10k steps then linear decay, batch
+#         16384, 1.2M steps, 64 text tokens, label smoothing 0.1)
+PAPER_ALIGN = [
+    ("model_name", "two_towers", "MRL Appendix C: a dual encoder"),
+    ("image_tower.model_name", "vit", "MRL Appendix C: ViT-B/16"),
+    ("image_tower.variant", "B/16", "MRL Appendix C: ViT-B/16"),
+    ("text_tower.model_name", "bert", "MRL Appendix C: BERT-Base"),
+    ("text_tower.variant", "base", "MRL Appendix C: BERT-Base"),
+    ("text_tower.pool", "cls", "ALIGN §5: the [CLS] token embedding"),
+    ("model.projection", 768, "ALIGN §5: a linear layer to the image embedding's width"),
+    ("mrl.nesting", "12,24,48,96,192,384,768", "MRL Appendix C: 12..768"),
+    ("mrl.weights", (), "MRL: weights 1"),
+    ("contrastive.loss", "softmax", "ALIGN §3: normalized softmax"),
+    ("contrastive.label_smoothing", 0.1, "ALIGN §5: label smoothing 0.1"),
+    ("text.max_length", 64, "ALIGN §5: 64 tokens"),
+    ("optim.name", "lamb", "ALIGN §5: LAMB"),
+    ("optim.weight_decay", 1e-5, "ALIGN §5: weight decay 1e-5"),
+    ("schedule.base_lr", 1e-3, "ALIGN §5: lr 1e-3"),
+    ("schedule.name", "linear", "ALIGN §5: linear decay"),
+    ("schedule.warmup_steps", 10_000, "ALIGN §5: 10k warmup steps"),
+    ("input.batch_size", 16_384, "ALIGN §5: batch 16384"),
+    ("total_steps", 1_200_000, "ALIGN §5: 1.2M steps"),
+]
+
+
+@pytest.mark.parametrize("field, official, source", PAPER_ALIGN, ids=[r[0] for r in PAPER_ALIGN])
+def test_align_config_is_the_papers_run(field, official, source):
+  config = load_config("configs/align_vit_bert.py:mrl")
+  value = config
+  for key in field.split("."):
+    value = value[key]
+  assert value == official, source
+
+
+def test_siglip_and_lit_variants():
+  """SigLIP (Zhai et al. 2023): sigmoid loss, bias -10, scale 10; LiT (Zhai et al. 2022): the
+  image tower locked, the MRL ResNet-50's nesting."""
+  siglip = load_config("configs/align_vit_bert.py:siglip")
+  assert (siglip.contrastive.loss, siglip.contrastive.bias_init, siglip.contrastive.scale) == (
+      "sigmoid", -10.0, 10.0)
+  lit = load_config("configs/align_vit_bert.py:lit")
+  assert lit.model.freeze == "image" and lit.image_tower.model_name == "resnet"
+  assert models.resolve(lit).head_sizes == R50

@@ -38,7 +38,7 @@ def tiny_config(vocab: str, objective="mlm", pool="cls", pooler=False, vocab_siz
                        "runlocal")
   config.model.update(variant="tiny", num_layers=0, vocab_size=vocab_size, max_len=64,
                       pool=pool, pooler=pooler)
-  config.text.update(vocab=vocab, max_length=16)
+  config.text.update(tokenizer="wordpiece", vocab=vocab, max_length=16)
   return config
 
 

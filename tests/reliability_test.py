@@ -179,7 +179,7 @@ BAD_CONFIGS = [
      "['bert', 'resnet', 'vit']"),
     ({"input.dataset": "digitz"}, "unknown dataset 'digitz' (config.input.dataset)"),
     ({"optim.name": "adam"}, "unknown optimizer 'adam' (config.optim.name); allowed: "
-     "['sgd', 'adamw', 'lars']"),
+     "['sgd', 'adamw', 'lars', 'lamb']"),
     ({"mrl.nesting": "2,4,64"}, "nesting size 64 exceeds feature_dim 32 (config.mrl.nesting); "
      "allowed: 1 <= m <= 32"),
     ({"mrl.nesting": "4,2,8"}, "nesting size 2 follows 4 (config.mrl.nesting); sizes must be "

@@ -177,26 +177,27 @@ def test_bad_text_input_is_one_line_exit_2(text_dir, tmp_path):
   match the checkpoint, an empty text: one line on stderr, exit code 2."""
   run = lambda config, workdir: _run_cli(lambda: train_lib.train_and_evaluate(
       config, str(tmp_path / workdir), devices=jax.devices()[:1]))
-  code, _, err = run(_config(text_dir, "mlm", **{"text.vocab": str(tmp_path / "nope.txt")}),
-                     "a")
+  code, _, err = run(_config(text_dir, "contrastive",
+                             **{"text.vocab": str(tmp_path / "nope.txt")}), "a")
   _one_line(code, err, f"vocabulary {tmp_path / 'nope.txt'} not found (config.text.vocab)")
   code, _, err = run(_config(text_dir, "mlm", **{"text.max_length": 600}), "b")
   _one_line(code, err, "config.text.max_length=600 is longer than the position table "
                        "config.model.max_len=512")
   # The same vocabulary size, two tokens swapped: another tokenizer for the same checkpoint.
-  trained = _config(text_dir, "mlm")
+  trained = _config(text_dir, "contrastive")
   assert run(trained, "c")[0]["final_step"] == 4
   swapped = str(tmp_path / "vocab.txt")
   lines = open(tokenizers.builtin_vocab()).read().splitlines()
   lines[2000], lines[2001] = lines[2001], lines[2000]
   open(swapped, "w").write("\n".join(lines) + "\n")
-  code, _, err = run(_config(text_dir, "mlm", total_steps=8, **{"text.vocab": swapped}), "c")
+  other = _config(text_dir, "contrastive", total_steps=8, **{"text.vocab": swapped})
+  code, _, err = run(other, "c")
   _one_line(code, err, "workdir")
   assert "text.vocab" in err
+  other.total_steps = 4
   code, _, err = _run_cli(lambda: state_lib.restore(
-      _config(text_dir, "mlm", **{"text.vocab": swapped}),
-      validation.validate_model(_config(text_dir, "mlm", **{"text.vocab": swapped})),
-      str(tmp_path / "c"), sharding.make_mesh({"data": 1}, jax.devices()[:1])))
+      other, validation.validate_model(other), str(tmp_path / "c"),
+      sharding.make_mesh({"data": 1}, jax.devices()[:1])))
   _one_line(code, err, "checkpoint step 4 in")
   assert "tokenizer='wordpiece:" in err
   # A dataset with an empty text.
@@ -204,7 +205,10 @@ def test_bad_text_input_is_one_line_exit_2(text_dir, tmp_path):
   builtin.prepare_both_formats(TextWithAnEmptyOne, empty_dir)
   config = _config(text_dir, "mlm", **{"input.dataset": "text_with_an_empty_one",
                                        "input.data_dir": empty_dir, "input.batch_size": 4,
-                                       "schedule.lr_batch_size": 4, "eval.text_sets": ()})
+                                       "schedule.lr_batch_size": 4, "eval.text_sets": (),
+                                       "text.tokenizer": "wordpiece",
+                                       "text.vocab": tokenizers.builtin_vocab(),
+                                       "model.vocab_size": 30522})
   code, _, err = run(config, "d")
   _one_line(code, err, "empty text in feature 'text'")
   shutil.rmtree(empty_dir, ignore_errors=True)

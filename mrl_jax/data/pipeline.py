@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mrl_jax.data import builtin
+from mrl_jax.data import image_text
 from mrl_jax.data import preprocess as preprocess_lib
 from mrl_jax.errors import ConfigError
 
@@ -57,7 +58,7 @@ class Source:
   split_sizes: dict[str, int]
   # "single" (ClassLabel), "ids" (Sequence of ClassLabel ids) or "multi_hot" ([C] Tensor)
   label_format: str = "single"
-  kind: str = "image"  # "image" (an image feature) or "text" (Text features only)
+  kind: str = "image"  # "image" | "text" (Text features only) | "image_text" (image + caption)
   text_keys: tuple[str, ...] = ()  # the Text features (text sources)
 
   @property
@@ -121,6 +122,20 @@ def open_source(input_cfg, dataset: str | None = None, label_key: str | None = N
                     channels=0, num_classes=num_classes, label_format=label_format,
                     split_sizes={k: v.num_examples for k, v in b.info.splits.items()},
                     kind="text", text_keys=text_keys)
+  caption_key = input_cfg.get("caption_key") or ""
+  has_captions = caption_key and caption_key.split("/")[0] in features
+  if caption_key and image_key in features and not has_captions and name == input_cfg.dataset:
+    raise ConfigError(f"dataset {name!r} has no text feature {caption_key!r} "
+                      f"(config.input.caption_key); available: {sorted(features.keys())}")
+  if has_captions and image_key in features:  # an image-text dataset: the label is optional
+    label = label_key if label_key in features else None
+    num_classes, label_format = label_kind(features[label]) if label else (0, "single")
+    shape = features[image_key].shape
+    return Source(name=name, data_dir=data_dir, image_key=image_key, label_key=label or "",
+                  channels=int(shape[-1]) if shape and shape[-1] else 3,
+                  num_classes=num_classes, label_format=label_format,
+                  split_sizes={k: v.num_examples for k, v in b.info.splits.items()},
+                  kind="image_text", text_keys=(caption_key,))
   for key, field in ((image_key, "image_key"), (label_key, "label_key")):
     if key not in features:
       raise ConfigError(f"dataset {name!r} has no feature {key!r} (config.input.{field}); "
@@ -201,11 +216,20 @@ class _GrainBatch:
 
   def __call__(self, batch_index: int, records) -> Batch:
     positions = np.asarray([p for p, _ in records], np.int64)  # global stream positions
-    if self.source.kind == "text":  # text.TextPreprocess: numpy, on the raw strings
+    record_level = self.preprocess is not None and not isinstance(self.preprocess,
+                                                                   preprocess_lib.Preprocess)
+    if self.source.kind == "text" or record_level:  # numpy on the raw records (text.py)
       pp = self.preprocess or self.train_preprocess
       out = pp([r for _, r in records], positions, self.seed)
       if self.preprocess is not None:
         out["mask"] = (positions >= 0).astype(np.float32)
+      return out
+    if self.source.kind == "image_text":  # data/image_text.py: the image, then one caption
+      tp = self.train_preprocess
+      seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
+      images = np.asarray([_as_bytes(r[self.source.image_key]) for _, r in records], object)
+      out = tp.text_batch([r for _, r in records], positions, self.seed)
+      out["image"] = _batch_fn(tp.image.for_step(batch_index))(images, seeds).numpy()
       return out
     pp = self.preprocess or self.train_preprocess.for_step(batch_index)
     seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
@@ -298,6 +322,8 @@ class TfDataReader(Reader):
                       shuffle_files=shuffle, read_config=read_config,
                       decoders=None if text else {
                           self.source.image_key: tfds.decode.SkipDecoding()})
+    if self.source.kind == "image_text":  # the encoded image and the raw captions
+      return ds.with_options(tf.data.Options())
     options = tf.data.Options()
     options.deterministic = True
     if self.num_workers:
@@ -306,6 +332,33 @@ class TfDataReader(Reader):
       return ds.with_options(options)
     return ds.with_options(options).map(
         lambda r: (r[self.source.image_key], self._label(r[self.source.label_key])))
+
+  def _image_text_batches(self, ds, local_batch, tp, seed, process_index, process_count):
+    """Images preprocessed per example in the graph (as image batches), captions drawn and
+    tokenized per batch in numpy (as text batches), both seeded by stream position."""
+    key = self.source.image_key
+    if len(tp.image.all_sizes()) > 1:
+      raise ConfigError("progressive resizing of image-text data is not supported by the "
+                        "tf_data reader; use config.input.reader='grain'")
+
+    def map_fn(position, record):
+      seed_vec = self._seeds(position, seed, process_index, process_count)
+      captions = record
+      for part in tp.caption_key.split("/"):
+        captions = captions[part]
+      if captions.shape.rank:
+        captions = tf.strings.reduce_join(captions, separator=image_text.SEPARATOR)
+      return position, {key: tp.image.preprocess(record[key], seed_vec),
+                        image_text.JOINED_KEY: captions}
+
+    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for positions, records in ds.batch(local_batch, drop_remainder=True).prefetch(2) \
+        .as_numpy_iterator():
+      rows = [{k: v[i] for k, v in records.items()} for i in range(len(positions))]
+      counters = np.asarray(positions, np.int64) * process_count + process_index
+      out = tp.text_batch(rows, counters, seed)
+      out["image"] = records[key]
+      yield out
 
   def _text_batches(self, ds, local_batch, pp, seed, process_index, process_count, *,
                     evaluation: bool):
@@ -346,6 +399,10 @@ class TfDataReader(Reader):
       yield from self._text_batches(ds, local_batch, train_preprocess, seed, process_index,
                                     process_count, evaluation=False)
       return
+    if self.source.kind == "image_text":
+      yield from self._image_text_batches(ds, local_batch, train_preprocess, seed,
+                                          process_index, process_count)
+      return
     sizes = train_preprocess.all_sizes()
 
     def map_fn(position, record):
@@ -369,7 +426,7 @@ class TfDataReader(Reader):
   def eval_batches(self, split, *, local_batch, num_batches, preprocess, process_index,
                    process_count):
     ds = self._dataset(split, process_index, process_count, shuffle=False, seed=0)
-    if self.source.kind == "text":
+    if self.source.kind in ("text", "image_text"):  # records -> numpy preprocessing
       ds = ds.map(lambda r: (r, 1.0))
       ds = ds.concatenate(ds.take(1).map(lambda r, m: (r, 0.0)).repeat())
       ds = ds.take(num_batches * local_batch).enumerate().map(lambda p, rm: (p, *rm))

@@ -148,7 +148,7 @@ def from_config(config, *, task: str, keys=None, label_key=None, train: bool = T
   """The TextPreprocess of config.text for a task ('mlm' | 'pair' | 'embed')."""
   text = config.text
   return TextPreprocess(
-      tokenizer=tokenizers_lib.from_config(text), task=task,
+      tokenizer=tokenizers_lib.from_config(text, config.input.get("data_dir")), task=task,
       keys=tuple(keys if keys is not None else text.features), max_length=text.max_length,
       label_key=label_key, pair_mode=text.pair_mode, crop_tokens=text.crop_tokens,
       mask_rate=text.mask_rate, max_predictions=text.max_predictions, random_crop=train)

@@ -12,6 +12,8 @@ Both turn a list of strings into lists of ids without special tokens; text.py ad
     python -m mrl_jax.data.tokenizers --dataset=wiki_passages --vocab_size=8000 \
         --out=runs/spm/wiki8k       # writes runs/spm/wiki8k.model, deterministic
 
+  or name one as config.text.vocab='builtin:wiki_passages-sp8000': trained on first use.
+
 Each tokenizer has a `fingerprint` (a hash of its vocabulary), recorded in checkpoints, so a
 checkpoint is never read with another vocabulary.
 """
@@ -124,7 +126,12 @@ class SentencePiece:
     for name, token in zip(("pad_id", "unk_id", "cls_id", "sep_id", "mask_id"), SPECIALS):
       object.__setattr__(self, name, ids[token])
     object.__setattr__(self, "vocab_size", sp.get_piece_size())
-    object.__setattr__(self, "fingerprint", f"sentencepiece:{_hash(self.model)}")
+    # The vocabulary (pieces and scores), not the file: the model file also records where it
+    # was trained from, which differs between two identical trainings.
+    pieces = "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}"
+                       for i in range(sp.get_piece_size()))
+    object.__setattr__(self, "fingerprint",
+                       f"sentencepiece:{hashlib.sha1(pieces.encode()).hexdigest()[:12]}")
 
   def encode(self, texts):
     return _sentencepiece(self.model).encode(list(texts))
@@ -136,13 +143,38 @@ def _sentencepiece(model: str):
   return sentencepiece.SentencePieceProcessor(model_proto=paths.path(model).read_bytes())
 
 
-def from_config(text_cfg) -> Tokenizer:
-  """The tokenizer of config.text (kind, vocab, lowercase)."""
+def builtin_sentencepiece(vocab: str, data_dir: str | None) -> str:
+  """`builtin:<dataset>-sp<size>`: a sentencepiece model of <size> pieces trained on a built-in
+  text dataset's train `text` (once, under <TFDS data_dir>/tokenizers/; deterministic)."""
+  dataset, _, size = vocab.removeprefix("builtin:").rpartition("-sp")
+  if dataset not in builtin.BUILTIN or not size.isdigit():
+    raise ConfigError(f"config.text.vocab={vocab!r}; allowed builtin sentencepiece models: "
+                      "builtin:<built-in text dataset>-sp<vocab size>, e.g. "
+                      "builtin:wiki_passages-sp8000")
+  data_dir = builtin.prepare(dataset, data_dir)
+  prefix = paths.join(data_dir, "tokenizers", f"{dataset}-sp{size}")
+  model = f"{prefix}.model"
+  if not paths.path(model).exists():
+    with builtin.file_lock(f"{prefix}.lock"):
+      if not paths.path(model).exists():
+        source = tfds.data_source(dataset, split="train", data_dir=data_dir)
+        texts = [r["text"].decode() if isinstance(r["text"], bytes) else r["text"]
+                 for r in source]
+        train_sentencepiece(texts, str(prefix), int(size))
+  return model
+
+
+def from_config(text_cfg, data_dir: str | None = None) -> Tokenizer:
+  """The tokenizer of config.text (kind, vocab, lowercase); `data_dir` (config.input.data_dir)
+  holds built-in sentencepiece models."""
   if text_cfg.tokenizer not in KINDS:
     raise ConfigError(f"unknown tokenizer {text_cfg.tokenizer!r} (config.text.tokenizer); "
                       f"allowed: {list(KINDS)}")
   if text_cfg.tokenizer == "sentencepiece":
-    return SentencePiece(text_cfg.vocab)
+    vocab = text_cfg.vocab
+    if vocab.startswith("builtin:"):
+      vocab = builtin_sentencepiece(vocab, data_dir)
+    return SentencePiece(vocab)
   vocab = builtin_vocab() if text_cfg.vocab == DEFAULT_VOCAB else text_cfg.vocab
   return WordPiece(vocab, lowercase=text_cfg.lowercase)
 

@@ -21,16 +21,19 @@ import numpy as np
 from absl import logging
 
 from mrl_jax import inference
+from mrl_jax import models
 from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax import state as state_lib
 from mrl_jax import validation
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import adaptive_retrieval
 from mrl_jax.evaluation import class_subsets
 from mrl_jax.evaluation import embeddings
 from mrl_jax.evaluation import evaluators
 from mrl_jax.evaluation import extract as extract_lib
+from mrl_jax.evaluation import image_text as image_text_eval
 from mrl_jax.evaluation import knn
 from mrl_jax.evaluation import linear
 from mrl_jax.evaluation import report
@@ -63,7 +66,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint_step: int | None = None,
   workdir = paths.path(workdir)
   devices = list(devices) if devices is not None else jax.devices()
   spec = validation.validate(config, len(devices), jax.process_count())
-  if spec.objective != "classify":
+  if spec.objective != "classify":  # text and image-text models
     return evaluate_text_checkpoint(config, spec, workdir, checkpoint_step=checkpoint_step,
                                     devices=devices)
   ev = config.eval
@@ -230,14 +233,40 @@ def text_evaluators(config, spec) -> list:
   return out
 
 
+def image_text_evaluators(config, spec) -> list:
+  """The evaluators of config.eval.image_text_sets (evaluation/image_text.py), in order."""
+  ev = config.eval
+  out = []
+  for kind, dataset, *splits in image_text_eval.parse_sets(ev.image_text_sets):
+    if kind == "retrieval":
+      out.append(image_text_eval.Retrieval(dataset, splits[0]))
+    elif kind == "zeroshot":
+      out.append(image_text_eval.ZeroShot(dataset, splits[0]))
+    elif kind == "crossmodal":
+      out.append(image_text_eval.CrossModal(
+          dataset, splits[0], tuple(adaptive_retrieval.funnels_from_config(ev,
+                                                                           spec.feature_dim))))
+    else:
+      knn_ks = tuple(ev.knn_k) if ev.knn else ()
+      retrieval_ks = tuple(ev.retrieval_k) if ev.knn else ()
+      out.append(image_text_eval.ImageNeighbors(
+          dataset, splits[0], splits[1],
+          (evaluators.Neighbors(spec.eval_sizes, knn_ks, retrieval_ks),)))
+  return out
+
+
 def text_metrics(config, spec, model, params, batch_stats, mesh, *, quantize: bool = True):
-  """[(name, value)] of every text evaluator on a model state (eval.py and the in-training
-  evaluation of contrastive runs)."""
+  """[(name, value)] of every text (and, dual encoders, image-text) evaluator on a model
+  state (eval.py and the in-training evaluation of contrastive runs)."""
   embedder = inference.Embedder(config, spec, model, params, batch_stats, mesh)
   inputs = text_eval.TextInputs(embedder=embedder, config=config, sizes=spec.eval_sizes,
                                 search=_search(config.eval, mesh),
                                 quantize=tuple(config.eval.quantize) if quantize else ())
-  return list(evaluators.run(text_evaluators(config, spec), inputs))
+  todo = text_evaluators(config, spec)
+  if spec.model_name == models.DUAL:
+    todo += image_text_evaluators(config, spec)
+  return list(evaluators.run(todo, inputs))
+
 
 
 def evaluate_text_checkpoint(config, spec, workdir, *, checkpoint_step=None, devices=None

@@ -23,6 +23,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mrl_jax import sharding
 from mrl_jax.data import pipeline
@@ -36,6 +37,11 @@ from mrl_jax.evaluation import quantize as quantize_lib
 KINDS = {"similarity": 3, "retrieval": 3, "neighbors": 4, "mlm": 3}
 
 
+def split_spec(item: str) -> list[str]:
+  """'kind:dataset:split' -> its parts; the ':' of a split slice ('train[:100]') stays."""
+  return re.split(r":(?![^\[]*\])", item)
+
+
 def parse_sets(text_sets) -> list[tuple[str, ...]]:
   """config.eval.text_sets -> [(kind, dataset, split[, split])]; one-line errors."""
   if isinstance(text_sets, str):
@@ -43,7 +49,7 @@ def parse_sets(text_sets) -> list[tuple[str, ...]]:
                       "('similarity:lee_similarity:test',)")
   out = []
   for item in text_sets:
-    parts = tuple(re.split(r":(?![^\[]*\])", item))  # not the ':' of a slice train[:100]
+    parts = tuple(split_spec(item))
     if parts[0] not in KINDS or len(parts) != KINDS[parts[0]]:
       raise ConfigError(f"config.eval.text_sets entry {item!r}; allowed: "
                         "similarity:<dataset>:<split>, retrieval:<dataset>:<split>, "
@@ -61,7 +67,12 @@ class _Raw:
 
   def __call__(self, records, positions, seed):
     del positions, seed
-    return {k: np.asarray([r[k] for r in records], object) for k in self.keys}
+    out = {}
+    for k in self.keys:
+      out[k] = np.empty(len(records), object)  # one entry per record, whatever it holds
+      for i, r in enumerate(records):
+        out[k][i] = r[k]
+    return out
 
 
 def read_split(input_cfg, dataset: str, split: str, keys) -> dict[str, list]:
@@ -76,11 +87,13 @@ def read_split(input_cfg, dataset: str, split: str, keys) -> dict[str, list]:
   reader = pipeline.make_reader(input_cfg, source)
   out = {k: [] for k in keys}
   batch = 256
+  strings = {k for k in keys if isinstance(features[k], tfds.features.Text)}
   for b in reader.eval_batches(split, local_batch=batch, num_batches=-(-n // batch),
                                preprocess=_Raw(keys), process_index=0, process_count=1):
     keep = np.asarray(b["mask"]) > 0
     for k in keys:
-      out[k] += [v.decode() if isinstance(v, bytes) else v for v in b[k][keep]]
+      out[k] += [v.decode() if k in strings and isinstance(v, bytes) else v
+                 for v in b[k][keep]]
   return {k: v[:n] for k, v in out.items()}
 
 

@@ -22,9 +22,13 @@ from mrl_jax.models import heads as heads_lib
 from mrl_jax.models import mlm as mlm_lib
 from mrl_jax.models import resnet
 from mrl_jax.models import torchvision_layout
+from mrl_jax.models import two_towers
 from mrl_jax.models import vit
 
 MODELS: dict[str, ModuleType] = {"resnet": resnet, "vit": vit, "bert": bert}
+# A dual encoder (models/two_towers.py) holds an image encoder of MODELS (config.image_tower)
+# and the text encoder (config.text_tower).
+DUAL = "two_towers"
 # What is trained (objectives/): classifier heads, BERT's tied masked-LM head, or the embedding
 # itself with a contrastive loss.
 OBJECTIVES = ("classify", "mlm", "contrastive")
@@ -32,11 +36,19 @@ TEXT_MODELS = ("bert",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def encoder_module(model_name: str) -> ModuleType:
+def encoder_module(model_name: str, field: str = "config.model_name") -> ModuleType:
   if model_name not in MODELS:
-    raise ConfigError(f"unknown encoder {model_name!r} (config.model_name); allowed: "
-                      f"{sorted(MODELS)}")
+    raise ConfigError(f"unknown encoder {model_name!r} ({field}); allowed: "
+                      f"{sorted(MODELS) + ([DUAL] if field == 'config.model_name' else [])}")
   return MODELS[model_name]
+
+
+def tower_config(config, tower: str):
+  """The config a tower's encoder module reads: config.model replaced by config.<tower>_tower."""
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model = config[f"{tower}_tower"]
+  return out
 
 
 def get_dtype(name: str):
@@ -75,6 +87,8 @@ class ModelSpec:
 
 def resolve(config) -> ModelSpec:
   """The ModelSpec of a config, or a one-line ConfigError for the first bad field."""
+  if config.model_name == DUAL:
+    return _resolve_dual(config)
   module = encoder_module(config.model_name)
   get_dtype(config.dtype)
   objective = config.get("objective", "classify")
@@ -110,9 +124,47 @@ def resolve(config) -> ModelSpec:
                    eval_sizes=eval_sizes, num_classes=int(config.num_classes))
 
 
+def _resolve_dual(config) -> ModelSpec:
+  """A dual encoder: an image encoder and BERT, projected to a common width, contrastive."""
+  get_dtype(config.dtype)
+  if config.objective != "contrastive":
+    raise ConfigError(f"config.objective={config.objective!r} with config.model_name="
+                      f"{DUAL!r}; allowed: contrastive")
+  image_name, text_name = config.image_tower.model_name, config.text_tower.model_name
+  image = encoder_module(image_name, "config.image_tower.model_name")
+  text = encoder_module(text_name, "config.text_tower.model_name")
+  if image_name in TEXT_MODELS or text_name not in TEXT_MODELS:
+    raise ConfigError(f"config.image_tower.model_name={image_name!r}, "
+                      f"config.text_tower.model_name={text_name!r}; allowed: an image encoder "
+                      f"{sorted(set(MODELS) - set(TEXT_MODELS))} and a text encoder "
+                      f"{list(TEXT_MODELS)}")
+  image.check(tower_config(config, "image"))
+  text.check(tower_config(config, "text"))
+  d_image = image.feature_dim_of(config.image_tower)
+  d_text = text.feature_dim_of(config.text_tower)
+  width = int(config.model.projection)
+  if width < 0 or (not width and d_image != d_text):
+    raise ConfigError(f"the towers' widths differ (image {d_image}, text {d_text}) and "
+                      f"config.model.projection={width}; allowed: a common width > 0 "
+                      "(both towers are projected to it) or 0 when the widths are equal")
+  d = width or d_image
+  if config.model.freeze not in two_towers.FREEZE:
+    raise ConfigError(f"config.model.freeze={config.model.freeze!r}; allowed: "
+                      f"{list(two_towers.FREEZE)}")
+  nesting = nesting_lib.parse(config.mrl.nesting, d)
+  extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
+  encoder = (f"{DUAL}({image.describe(config.image_tower)},{text.describe(config.text_tower)},"
+             f"projection={width})")
+  return ModelSpec(model_name=DUAL, encoder=encoder, feature_dim=d, head="none",
+                   nesting=nesting, head_sizes=nesting,
+                   eval_sizes=tuple(sorted(set(nesting) | set(extra))), num_classes=0,
+                   objective="contrastive", tokenizer=text_tokenizer(
+                       tower_config(config, "text")).fingerprint)
+
+
 def text_tokenizer(config):
   """config.text's tokenizer, checked against the model's vocabulary (one-line errors)."""
-  tokenizer = tokenizers.from_config(config.text)
+  tokenizer = tokenizers.from_config(config.text, config.input.get("data_dir"))
   if tokenizer.vocab_size != config.model.vocab_size:
     raise ConfigError(f"the tokenizer {config.text.vocab} has {tokenizer.vocab_size} tokens but "
                       f"config.model.vocab_size={config.model.vocab_size}; they must match "
@@ -145,8 +197,19 @@ class TextEmbedder(nnx.Module):
 def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
   """The model an objective trains: the encoder of config.model with the Matryoshka heads of
   the spec (classify), with BERT's tied MLM head (mlm), or alone (contrastive)."""
-  encoder = encoder_module(spec.model_name).build(config.model, dtype=get_dtype(config.dtype),
-                                                 rngs=rngs)
+  dtype = get_dtype(config.dtype)
+  if spec.model_name == DUAL:
+    c = config.contrastive
+    sigmoid = c.loss == "sigmoid"
+    return two_towers.TwoTowers(
+        encoder_module(config.image_tower.model_name).build(config.image_tower, dtype=dtype,
+                                                            rngs=rngs),
+        encoder_module(config.text_tower.model_name).build(config.text_tower, dtype=dtype,
+                                                           rngs=rngs),
+        projection=int(config.model.projection),
+        num_scales=len(spec.head_sizes) if c.per_size_scale else 1, scale_init=c.scale,
+        bias_init=c.bias_init if sigmoid else None, freeze=config.model.freeze, rngs=rngs)
+  encoder = encoder_module(spec.model_name).build(config.model, dtype=dtype, rngs=rngs)
   if spec.objective == "mlm":
     return mlm_lib.MatryoshkaMlm(encoder, spec.head_sizes, rngs=rngs)
   if spec.objective == "contrastive":

@@ -1,0 +1,220 @@
+"""The image-text dual encoder: CLIP / ALIGN / SigLIP losses at every size against numpy, the
+evaluators' definitions, locked towers, the step on other layouts, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrl_jax import contrastive
+from mrl_jax import inference
+from mrl_jax import models
+from mrl_jax import optim
+from mrl_jax import sharding
+from mrl_jax import state as state_lib
+from mrl_jax import train_lib
+from mrl_jax import validation
+from mrl_jax.data import builtin
+from mrl_jax.data import pipeline
+from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import image_text as image_text_eval
+from mrl_jax.evaluation import text as text_eval
+from mrl_jax.objectives import contrastive_image_text
+from tests.conftest import load_config
+from tests.contrastive_test import np_info_nce
+from tests.contrastive_test import np_unit
+from tests.reliability_test import _final_state
+from tests.reliability_test import _run_cli
+
+
+def np_siglip(logits):
+  """big_vision sigmoid loss: -sum_j log sigmoid(z_ij * l_ij) / B with z = 2 I - 1."""
+  labels = 2 * np.eye(len(logits)) - 1
+  return float(np.sum(np.logaddexp(0.0, -labels * logits)) / len(logits))
+
+
+def _pairs(seed=0, b=8, d=16):
+  rng = np.random.default_rng(seed)
+  img = rng.normal(size=(b, d)).astype(np.float32) * 2
+  txt = img + rng.normal(size=(b, d)).astype(np.float32)
+  txt[5] = txt[4]  # repeated captions
+  return img, txt
+
+
+@pytest.mark.parametrize("loss, eps", [("softmax", 0.0), ("softmax", 0.1), ("sigmoid", 0.0)])
+def test_image_text_loss_per_size_equals_numpy(loss, eps):
+  """CLIP / ALIGN: the mean of the image->text and text->image cross-entropies of
+  scale_m * cos_m (smoothed targets); SigLIP: big_vision's sigmoid loss of scale_m * cos_m +
+  b_m. One scale and bias per size, large logits."""
+  img, txt = _pairs(1)
+  sizes, weights = (4, 8, 16), np.array([1.0, 0.5, 2.0], np.float32)
+  scale, bias = np.array([30.0, 50.0, 80.0]), np.array([-5.0, -8.0, -10.0])
+  got, metrics = contrastive.matryoshka_contrastive_loss(
+      img, txt, sizes, weights, scale=jnp.asarray(scale), loss=loss, symmetric=True,
+      bias=jnp.asarray(bias) if loss == "sigmoid" else None, label_smoothing=eps)
+  want = 0.0
+  for i, m in enumerate(sizes):
+    cos = np_unit(img[:, :m]) @ np_unit(txt[:, :m]).T
+    if loss == "sigmoid":
+      value = np_siglip(scale[i] * cos + bias[i])
+    else:
+      value = np_info_nce(scale[i] * cos, symmetric=True, eps=eps).mean()
+    assert float(metrics[f"loss@{m}"]) == pytest.approx(value, rel=1e-5)
+    want += weights[i] * value
+  assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_one_size_is_the_plain_clip_and_siglip_loss():
+  img, txt = _pairs(2)
+  cos = np_unit(img) @ np_unit(txt).T
+  got, _ = contrastive.matryoshka_contrastive_loss(img, txt, (16,), jnp.ones(1), scale=10.0,
+                                                   symmetric=True)
+  assert float(got) == pytest.approx(np_info_nce(10 * cos, symmetric=True).mean(), rel=1e-5)
+  got, _ = contrastive.matryoshka_contrastive_loss(img, txt, (16,), jnp.ones(1), scale=10.0,
+                                                   bias=-10.0, loss="sigmoid")
+  assert float(got) == pytest.approx(np_siglip(10 * cos - 10), rel=1e-5)
+
+
+def test_recall_counts_any_of_an_images_captions():
+  """3 images, captions (0, 0, 1, 2): image 0 finds a caption of its own at rank 2, image 1 at
+  rank 1, image 2 at rank 3 (R@1 = 1/3, R@2 = 2/3); caption -> image the same way."""
+  scores = np.array([[0.1, 0.9, 0.95, 0.0],  # image 0: caption 2, then its own caption 1
+                     [0.0, 0.1, 0.9, 0.2],
+                     [0.9, 0.8, 0.1, 0.5]])
+  relevant = np.array([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], bool)
+  assert image_text_eval.recall_at_k(scores, relevant, (1, 2, 3)) == pytest.approx(
+      {1: 1 / 3, 2: 2 / 3, 3: 1.0})
+  assert image_text_eval.recall_at_k(scores.T, relevant.T, (1,)) == pytest.approx({1: 0.5})
+
+
+@pytest.fixture(scope="module")
+def digits_dir(data_dir):
+  for name in ("mnist_captions", "mnist_colored"):
+    builtin.prepare(name, data_dir)
+  return data_dir
+
+
+def _config(digits_dir, arg="runlocal", **overrides):
+  config = load_config(f"configs/image_text_digits.py:{arg}")
+  config.input.data_dir = digits_dir
+  config.schedule.update(name="constant", warmup_steps=0)
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def test_zero_shot_is_the_prompt_ensemble_per_size(digits_dir, tmp_path):
+  """Zero-shot top-1 at size m: numpy's argmax over classes of image . renormalised mean of the
+  class's renormalised prompt embeddings, all truncated to m, with the API's embeddings."""
+  config = _config(digits_dir)
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  model = inference.load(workdir, devices=jax.devices()[:1])
+  evaluator = image_text_eval.ZeroShot("mnist_colored", "test[:64]")
+  inputs = text_eval.TextInputs(embedder=model, config=config, sizes=(8, 32))
+  got = dict(evaluator.run(inputs))
+  data = text_eval.read_split(config.input, "mnist_colored", "test[:64]", ("image", "label"))
+  names = builtin.DIGIT_NAMES
+  templates = config.eval.zeroshot_templates
+  for m in (8, 32):
+    img = model.embed(data["image"], dim=m)
+    prompts = model.embed([t.format(n) for n in names for t in templates], dim=m)
+    classes = np_unit(prompts.reshape(10, len(templates), m).mean(1))
+    want = np.mean((img @ classes.T).argmax(1) == np.asarray(data["label"]))
+    assert got[f"mnist_colored/zeroshot_top1@{m}"] == pytest.approx(want, abs=1e-9)
+
+
+def _two_steps(config, mesh_cfg, devices):
+  spec = validation.validate(config, devices, 1)
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices])
+  model, abstract, _ = state_lib.build_model(config, spec)
+  schedule = optim.make_schedule(config, 10, 100)
+  tx = optim.make_optimizer(config, spec, abstract, schedule)
+  state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
+  initial = jax.tree.map(np.asarray, (state.params, state.batch_stats))
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding)
+  source = pipeline.open_source(config.input)
+  objective = contrastive_image_text.Objective(config, spec)
+  stream = pipeline.make_reader(config.input, source).train_batches(
+      "train", local_batch=config.input.batch_size, start_batch=0, seed=0,
+      train_preprocess=objective.train_preprocess(source, 10), process_index=0,
+      process_count=1, shuffle_buffer=64)
+  losses = []
+  with jax.set_mesh(mesh):
+    for _, batch in zip(range(2), stream):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+  return initial, jax.tree.map(np.asarray, (state.params, state.batch_stats)), losses
+
+
+@pytest.mark.parametrize("arg", ["runlocal", "sigmoid,runlocal"])
+def test_dual_step_on_8_devices_and_fsdp_equals_1_device(digits_dir, arg):
+  """Negatives from the whole global batch: the same losses and parameters on 1 device, 8
+  (data) and 4 x 2 (data x fsdp, every parameter sharded)."""
+  config = _config(digits_dir, arg, **{"sharding.fsdp_min_size_mb": 0.0})
+  _, one, loss_one = _two_steps(config, {"data": 1, "fsdp": 1}, 1)
+  _, eight, loss_eight = _two_steps(config, {"data": 8, "fsdp": 1}, 8)
+  config.sharding.strategy = "fsdp"
+  _, fsdp, loss_fsdp = _two_steps(config, {"data": 4, "fsdp": 2}, 8)
+  np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
+  np.testing.assert_allclose(loss_fsdp, loss_one, rtol=1e-5)
+  for a, b, c in zip(jax.tree.leaves(one), jax.tree.leaves(eight), jax.tree.leaves(fsdp),
+                     strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_locked_tower_stays_bitwise_unchanged(digits_dir):
+  """LiT: with freeze='image' every image-tower parameter and BatchNorm statistic is bitwise
+  what it was after two steps (weight decay included), while the text tower moves."""
+  config = _config(digits_dir, **{"model.freeze": "image"})
+  (params0, stats0), (params1, stats1), _ = _two_steps(config, {"data": 1, "fsdp": 1}, 1)
+  for x, y in zip(jax.tree.leaves(params0["image"]), jax.tree.leaves(params1["image"]),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(jax.tree.leaves(stats0), jax.tree.leaves(stats1), strict=True):
+    np.testing.assert_array_equal(x, y)  # the locked ResNet ran in eval mode
+  moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params0["text"]),
+                                                     jax.tree.leaves(params1["text"]))]
+  assert all(moved)
+
+
+@pytest.mark.slow
+def test_sigterm_resume_of_the_dual_encoder_is_bitwise(digits_dir, tmp_path):
+  """2 + 2 steps (a checkpoint, a resumed run) equal 4 uninterrupted ones bitwise."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  cfg = lambda steps: _config(digits_dir, total_steps=steps, checkpoint_every_steps=2,
+                              **{"eval.image_text_sets": ()})
+  train_lib.train_and_evaluate(cfg(4), straight, devices=jax.devices()[:1])
+  train_lib.train_and_evaluate(cfg(2), resumed, devices=jax.devices()[:1])
+  train_lib.train_and_evaluate(cfg(4), resumed, devices=jax.devices()[:1])
+  for x, y in zip(jax.tree.leaves(_final_state(straight, 4)),
+                  jax.tree.leaves(_final_state(resumed, 4)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_image_text_input_is_one_line(digits_dir, tmp_path):
+  run = lambda config: _run_cli(lambda: train_lib.train_and_evaluate(
+      config, str(tmp_path / "run"), devices=jax.devices()[:1]))
+  code, _, err = run(_config(digits_dir, **{"input.dataset": "mnist_colored"}))
+  assert code == 2 and err.strip().count("\n") == 0, err
+  assert "dataset 'mnist_colored' has no text feature 'captions' (config.input.caption_key)" in err
+  config = _config(digits_dir, **{"model.projection": 0})  # ResNet 32 wide vs BERT-Tiny 128
+  with pytest.raises(ConfigError, match=r"the towers' widths differ \(image 32, text 128\) "
+                                        r"and config.model.projection=0"):
+    models.resolve(config)
+  missing = str(tmp_path / "prompts.json")
+  config = _config(digits_dir, **{"eval.zeroshot_prompts": missing})
+  code, _, err = run(config)
+  assert code == 2 and f"prompts file {missing} not found" in err, err
+  with open(missing, "w") as f:
+    json.dump({"classnames": ["a", "b"], "templates": ["a {}"]}, f)
+  with pytest.raises(ConfigError, match="2 class names for 10 classes"):
+    image_text_eval.prompts(config, pipeline.open_source(config.input,
+                                                         dataset="mnist_colored"))
