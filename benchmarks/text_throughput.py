@@ -5,9 +5,9 @@ rounds (train_throughput.interleaved: medians):
 1. the whole jitted, donated train step train.py runs (BERT encoder + objective), on
    device-resident synthetic token batches: MLM (BERT's masking shapes) and contrastive pairs;
    tokens/s = batch x sequence length / step time;
-2. the loss alone with its gradient, on fixed inputs: the nested tied MLM logits over the
-   vocabulary (one pass of block partial sums) and the nested InfoNCE (one pass of nested
-   cosines), against the same loss at the full size only.
+2. the MLM loss alone with its gradient, on fixed inputs: the nested tied logits over the
+   vocabulary (one pass of block partial sums), against the same loss at the full size only
+   (the contrastive losses: benchmarks/contrastive_loss.py).
 
   python benchmarks/text_throughput.py                       # BERT-mini, CPU, a few minutes
   python benchmarks/text_throughput.py --variant=base --batch=256 --append=BENCHMARKS.md
@@ -103,21 +103,14 @@ class LossRunner:
     return (time.perf_counter() - t0) / steps
 
 
-def loss_runners(kind: str, sizes: tuple[int, ...], d: int, batch: int, vocab: int,
-                 predictions: int):
+def mlm_loss_runners(sizes: tuple[int, ...], d: int, batch: int, vocab: int,
+                     predictions: int):
+  """The nested tied MLM logits and their loss, at `sizes` and at d alone."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mrl_jax import contrastive  # pylint: disable=g-import-not-at-top
   from mrl_jax.models import mlm  # pylint: disable=g-import-not-at-top
   from mrl_jax.objectives import mlm as mlm_objective  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  if kind == "contrastive":
-    a = jnp.asarray(rng.normal(size=(batch, d)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(batch, d)), jnp.float32)
-    make = lambda s: lambda x: contrastive.matryoshka_contrastive_loss(
-        x, b, s, jnp.ones(len(s)))[0]
-    return {f"{len(sizes)} sizes": LossRunner(make(sizes), a),
-            "full size": LossRunner(make((d,)), a)}
   t = jnp.asarray(rng.normal(size=(batch, predictions, d)), jnp.float32)
   embedding = jnp.asarray(rng.normal(size=(vocab, d)) * 0.02, jnp.float32)
   bias = jnp.zeros((vocab,), jnp.float32)
@@ -141,7 +134,6 @@ flags.DEFINE_integer("length", 128, "tokens per sequence")
 flags.DEFINE_string("dtype", "float32", "compute dtype")
 flags.DEFINE_integer("steps", 3, "steps per timed round")
 flags.DEFINE_integer("rounds", 3, "alternating timed rounds")
-flags.DEFINE_integer("loss_batch", 4096, "contrastive loss benchmark: batch (pairs)")
 flags.DEFINE_string("append", "", "append the tables to this markdown file")
 
 
@@ -167,19 +159,15 @@ def main(argv):
                        tokens_per_s=runners[name].tokens / seconds,
                        ratio=seconds / times["full size"]))
       print(rows[-1], flush=True)
-  for kind, batch in (("mlm", args.batch), ("contrastive", args.loss_batch)):
-    d_loss = 768
-    sizes = (12, 24, 48, 96, 192, 384, 768)
-    runners = loss_runners(kind, sizes, d_loss, batch, 30522,
-                           max(1, round(0.15 * args.length)))
-    times = interleaved(runners, args.rounds, args.steps)
-    for name, seconds in times.items():
-      what = (f"MLM loss + grad, d = 768, {batch} x {round(0.15 * args.length)} predictions, "
-              "vocab 30,522" if kind == "mlm" else
-              f"InfoNCE loss + grad, B = {batch}, d = 768")
-      rows.append(dict(what=what, sizes=name, ms=1e3 * seconds, tokens_per_s=None,
-                       ratio=seconds / times["full size"]))
-      print(rows[-1], flush=True)
+  predictions = max(1, round(0.15 * args.length))
+  runners = mlm_loss_runners((12, 24, 48, 96, 192, 384, 768), 768, args.batch, 30522,
+                             predictions)
+  times = interleaved(runners, args.rounds, args.steps)
+  for name, seconds in times.items():
+    rows.append(dict(what=f"MLM loss + grad, d = 768, {args.batch} x {predictions} "
+                          "predictions, vocab 30,522", sizes=name, ms=1e3 * seconds,
+                     tokens_per_s=None, ratio=seconds / times["full size"]))
+    print(rows[-1], flush=True)
   device = jax.devices()[0]
   command = "python benchmarks/text_throughput.py " + " ".join(sys.argv[1:])
   text = [f"\n### Text step and Matryoshka loss cost, {datetime.date.today()}: "

@@ -19,16 +19,16 @@ run time). Finished runs are reused when rerun.
 import json
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import claims_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seeds", 2, "seeds of the MLM comparison")
@@ -56,37 +56,6 @@ def _config(arg: str, steps: int, data_dir):
   return config
 
 
-def _train_eval(config, workdir, *, train: bool = True) -> tuple[dict, float]:
-  """{set: results} of eval.py on the workdir (reused when there), seconds spent."""
-  from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from mrl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, "text_claims.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      saved = json.load(f)
-    return saved["results"], saved["seconds"]
-  t0 = time.perf_counter()
-  if train:
-    train_lib.train_and_evaluate(config, workdir)
-  results = evaluate.evaluate_checkpoint(config, workdir)
-  seconds = time.perf_counter() - t0
-  with open(done, "w") as f:
-    json.dump({"results": results, "seconds": seconds}, f)
-  return results, seconds
-
-
-def _table(rows: dict[str, dict[int, list[float]]], sizes, scale=100.0) -> str:
-  lines = ["| m | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
-  for m in sizes:
-    cells = []
-    for values in rows.values():
-      v = np.asarray(values.get(m, []), np.float64) * scale
-      cells.append("–" if not len(v) else f"{v.mean():.1f}" + (
-          f" ± {v.std():.1f}" if len(v) > 1 else ""))
-    lines.append(f"| {m} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
 def main(argv) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -107,7 +76,7 @@ def main(argv) -> int:
       run = f"mlm_{'mrl' if name == 'MRL' else 'standard'}_seed{seed}"
       config = _config(f"{arg},seed={seed}" + (",runlocal" if FLAGS.quick else ""),
                        mlm_steps, FLAGS.data_dir)
-      results, seconds = _train_eval(config, os.path.join(workdir, run))
+      results, seconds = claims_lib.train_eval(config, os.path.join(workdir, run))
       summary["seconds"][run] = seconds
       sizes = results["wiki_passages"]["sizes"]
       for m, metrics in sizes.items():
@@ -135,7 +104,7 @@ def main(argv) -> int:
     else:
       config.init_from = released
       run_dir = os.path.join(workdir, "minilm_" + name.split()[0].lower())
-    results, seconds = _train_eval(config, run_dir, train=train)
+    results, seconds = claims_lib.train_eval(config, run_dir, train=train)
     summary["seconds"][f"minilm_{name}"] = seconds
     summary["minilm"][name] = {k: v["sizes"] for k, v in results.items()}
     minilm[name] = results
@@ -153,14 +122,14 @@ def main(argv) -> int:
       f"Command: `python experiments/text_claims.py{' --quick' if FLAGS.quick else ''}`; "
       f"{seeds} seed(s); {jax.device_count()} x {jax.devices()[0].device_kind}.", "",
       f"## Masked-token accuracy (%), BERT-Tiny from scratch, {mlm_steps} steps "
-      "(mean ± std over seeds)", "", _table(mlm, mlm_sizes), "",
+      "(mean ± std over seeds)", "", claims_lib.table(mlm, mlm_sizes), "",
       f"## all-MiniLM-L6-v2: Spearman x 100 with Lee et al.'s human ratings ({minilm_steps} "
       "fine-tuning steps)", "",
-      _table(per_size(minilm, "lee_similarity", "spearman"), minilm_sizes), "",
+      claims_lib.table(per_size(minilm, "lee_similarity", "spearman"), minilm_sizes), "",
       "## all-MiniLM-L6-v2: nDCG@10 (%), inverse-cloze retrieval on the test articles", "",
-      _table(per_size(minilm, "wiki_passages", "ndcg@10"), minilm_sizes), "",
+      claims_lib.table(per_size(minilm, "wiki_passages", "ndcg@10"), minilm_sizes), "",
       "## Binary (1 bit per dimension, float rescoring) nDCG@10 (%), MRL fine-tuned", "",
-      _table({k: v for k, v in per_size(minilm, "wiki_passages", "ndcg@10_binary").items()
+      claims_lib.table({k: v for k, v in per_size(minilm, "wiki_passages", "ndcg@10_binary").items()
               if k != "released"}, minilm_sizes), ""]
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(text))

@@ -320,7 +320,8 @@ def test_unknown_dataset_is_a_config_error_not_a_fallback(data_dir):
 def test_missing_data_names_the_tfds_build_command(tmp_path):
   cfg = _input_cfg(str(tmp_path))
   cfg.dataset = "cifar10"
-  with pytest.raises(ConfigError, match=r"not prepared in .*run `tfds build cifar10"):
+  with pytest.raises(ConfigError, match=r"not prepared in .*run `python -m mrl_jax.data.prepare "
+                                        r"--dataset=cifar10"):
     pipeline.open_source(cfg)
 
 

@@ -2,6 +2,7 @@
 evaluators' definitions, locked towers, the step on other layouts, bad input."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from mrl_jax import validation
 from mrl_jax.data import builtin
 from mrl_jax.data import pipeline
 from mrl_jax.errors import ConfigError
+from mrl_jax.evaluation import evaluate
 from mrl_jax.evaluation import image_text as image_text_eval
 from mrl_jax.evaluation import text as text_eval
 from mrl_jax.objectives import contrastive_image_text
@@ -109,12 +111,18 @@ def _config(digits_dir, arg="runlocal", **overrides):
   return config
 
 
-def test_zero_shot_is_the_prompt_ensemble_per_size(digits_dir, tmp_path):
+@pytest.fixture(scope="module")
+def dual_run(digits_dir, tmp_path_factory):
+  config = _config(digits_dir)
+  workdir = str(tmp_path_factory.mktemp("dual_run"))
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return config, workdir
+
+
+def test_zero_shot_is_the_prompt_ensemble_per_size(dual_run):
   """Zero-shot top-1 at size m: numpy's argmax over classes of image . renormalised mean of the
   class's renormalised prompt embeddings, all truncated to m, with the API's embeddings."""
-  config = _config(digits_dir)
-  workdir = str(tmp_path / "run")
-  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  config, workdir = dual_run
   model = inference.load(workdir, devices=jax.devices()[:1])
   evaluator = image_text_eval.ZeroShot("mnist_colored", "test[:64]")
   inputs = text_eval.TextInputs(embedder=model, config=config, sizes=(8, 32))
@@ -218,3 +226,45 @@ def test_bad_image_text_input_is_one_line(digits_dir, tmp_path):
   with pytest.raises(ConfigError, match="2 class names for 10 classes"):
     image_text_eval.prompts(config, pipeline.open_source(config.input,
                                                          dataset="mnist_colored"))
+
+
+def test_exported_caption_and_image_embeddings_evaluate_like_the_checkpoint(dual_run, tmp_path):
+  """eval.py --export_embeddings of a dual encoder writes the retrieval set's images as the
+  database and its captions as queries (label: the caption's image); embeddings-only mode's
+  topk_hit@k is then the checkpoint's text -> image Recall@k, at every size."""
+  config, workdir = dual_run
+  results = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+  out = str(tmp_path / "emb")
+  rows = evaluate.export_embeddings(config, workdir, out, devices=jax.devices()[:1])
+  assert rows == {"database_X.npy": 64, "queries_X.npy": 192}  # 3 captions per image
+  exported = evaluate.evaluate_embeddings(out, (8, 32), str(tmp_path / "out"),
+                                          retrieval_ks=(1, 5), devices=jax.devices()[:1])
+  for m in ("8", "32"):
+    for k in (1, 5):
+      assert exported["sizes"][m][f"topk_hit@{k}"] == pytest.approx(
+          results["mnist_captions"]["sizes"][m][f"recall@{k}_t2i"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_dual_encoder_as_one(digits_dir, tmp_path):
+  """2 processes x 1 device (the global batch split by process, negatives gathered by the
+  jitted loss) end where 1 process x 2 devices does."""
+  from tests.multihost_test import _env  # pylint: disable=g-import-not-at-top
+  from tests.multihost_test import run_processes  # pylint: disable=g-import-not-at-top
+  one = str(tmp_path / "one")
+  config = _config(digits_dir, total_steps=3, checkpoint_every_steps=3,
+                   **{"eval.image_text_sets": ()})
+  train_lib.train_and_evaluate(config, one, devices=jax.devices()[:2])
+  two = str(tmp_path / "two")
+  cmd = lambda port, i: [
+      sys.executable, "train.py", "--config=configs/image_text_digits.py:runlocal",
+      f"--workdir={two}", f"--config.input.data_dir={digits_dir}", "--config.total_steps=3",
+      "--config.checkpoint_every_steps=3", "--config.schedule.name=constant",
+      "--config.schedule.warmup_steps=0", "--config.eval.image_text_sets=()",
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+  done = run_processes(lambda port: [cmd(port, i) for i in range(2)], [_env(tmp_path, 1)] * 2)
+  for p, _, err in done:
+    assert p.returncode == 0, err[-3000:]
+  for x, y in zip(jax.tree.leaves(_final_state(one, 3)["params"]),
+                  jax.tree.leaves(_final_state(two, 3)["params"]), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

@@ -19,15 +19,14 @@ Splits are stratified and fixed (a seeded per-class permutation, 20% of each cla
 every machine prepares byte-identical splits. `prepare()` writes ArrayRecord files (the grain
 reader's format) and TFRecord files (the tf.data reader's) into the same TFDS dataset directory,
 recording TFRecord as an alternative file format in dataset_info.json the way
-`tfds convert_format` does, so `tfds.data_source` and `tfds.load` both read the one dataset.
+`tfds convert_format` does (prepare.py: the records copied, not generated twice), so
+`tfds.data_source` and `tfds.load` both read the one dataset.
 Nothing is downloaded.
 """
 
 import contextlib
 import fcntl
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -35,6 +34,7 @@ from PIL import Image
 
 from mrl_jax import paths
 from mrl_jax.data import builtin_text
+from mrl_jax.data import prepare as prepare_lib
 from mrl_jax.errors import ConfigError
 
 
@@ -291,21 +291,7 @@ def _prepare_locked(builder_cls, data_dir: str) -> None:
     return
   if not info_file.exists():
     builder.download_and_prepare()
-  # TFRecord copy for the tf.data reader: generate into a scratch dir, move the shards next to
-  # the ArrayRecord ones, and record the alternative format (what `tfds convert_format` does).
-  scratch = tempfile.mkdtemp(prefix=f"{builder_cls.name}_tfrecord_")
-  try:
-    tf_builder = builder_cls(data_dir=scratch, file_format="tfrecord")
-    tf_builder.download_and_prepare()
-    for split, info in builder.info.splits.items():
-      if info.shard_lengths != tf_builder.info.splits[split].shard_lengths:
-        raise RuntimeError(f"{builder_cls.name}: tfrecord and array_record shards differ for "
-                           f"split {split}")
-    for f in os.listdir(tf_builder.data_dir):
-      if ".tfrecord-" in f:
-        paths.path(os.path.join(tf_builder.data_dir, f)).copy(paths.join(builder.data_dir, f))
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
-  if "tfrecord" not in builder.info.as_proto.alternative_file_formats:
-    builder.info.add_alternative_file_format("tfrecord")
-  builder.info.write_to_directory(builder.data_dir)
+    builder = builder_cls(data_dir=data_dir, file_format="array_record")
+  # TFRecord for the tf.data reader: the same serialized examples, shard by shard (what
+  # `tfds convert_format` does), recorded as an alternative format in dataset_info.json.
+  prepare_lib.convert(builder, "tfrecord")

@@ -84,8 +84,10 @@ class Source:
       other = [r for r, f in FILE_FORMAT.items() if f in formats]
       raise ConfigError(
           f"dataset {self.name!r} in {b.data_dir} has {sorted(formats)} files but reader "
-          f"{reader!r} needs {file_format} (config.input.reader); run `tfds build {self.name} "
-          f"--file_format={file_format}` (or `tfds convert_format`)"
+          f"{reader!r} needs {file_format} (config.input.reader); add it with `python -m "
+          f"mrl_jax.data.prepare --dataset={self.name} "
+          f"--data_dir={self.data_dir or '~/tensorflow_datasets'} "
+          f"--formats={sorted(formats)[0]},{file_format}`"
           + (f" or set config.input.reader={other[0]!r}" if other else ""))
     if b.info.file_format is None or b.info.file_format.value != file_format:
       b.info.set_file_format(file_format, override=True, override_if_initialized=True)
@@ -108,8 +110,9 @@ def open_source(input_cfg, dataset: str | None = None, label_key: str | None = N
   if not b.info.splits:
     raise ConfigError(
         f"dataset {name!r} is not prepared in {b.data_dir} (config.input.data_dir); run "
-        f"`tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}"
-        f" --file_format={FILE_FORMAT.get(input_cfg.reader, 'array_record')}` first")
+        f"`python -m mrl_jax.data.prepare --dataset={name} "
+        f"--data_dir={data_dir or '~/tensorflow_datasets'}` first (manual archives: "
+        "--manual_dir; README 'Preparing ImageNet')")
   image_key = input_cfg.get("image_key", "image")
   label_key = label_key or input_cfg.get("label_key", "label")
   features = b.info.features

@@ -143,6 +143,9 @@ def export_embeddings(config, workdir, out, *, size: int | None = None, dtype: s
   d = spec.feature_dim
   if size is not None and not 1 <= size <= d:
     raise ConfigError(f"--export_size={size} is outside [1, {d}] (the feature dim)")
+  if spec.objective != "classify":
+    return _export_retrieval_pairs(config, spec, workdir, out, size or d, EXPORT_DTYPES[dtype],
+                                   checkpoint_step, devices)
   source = pipeline.open_source(config.input)
   reader = pipeline.make_reader(config.input, source)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -159,6 +162,37 @@ def export_embeddings(config, workdir, out, *, size: int | None = None, dtype: s
     features.z = features.z[:, :size or d].astype(EXPORT_DTYPES[dtype])
     features.save(out, part)
     rows[f"{part}_X.npy"] = len(features.labels)
+  return rows
+
+
+def _export_retrieval_pairs(config, spec, workdir, out, size, dtype, checkpoint_step, devices):
+  """Text and image-text models: the first retrieval set's corpus as the database (documents,
+  or a dual encoder's images; label = its index) and its queries (label = the index of their
+  document / image), so embeddings-only mode measures retrieval (topk_hit@k = Recall@k with one
+  relevant item; mAP@k) and adaptive retrieval across modalities on exported features."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model, params, batch_stats, _ = state_lib.restore(config, spec, paths.path(workdir), mesh,
+                                                    checkpoint_step)
+  embedder = inference.Embedder(config, spec, model, params, batch_stats, mesh)
+  sets = ([s for s in image_text_eval.parse_sets(config.eval.image_text_sets)
+           if s[0] == "retrieval"] + [s for s in text_eval.parse_sets(config.eval.text_sets)
+                                      if s[0] == "retrieval"])
+  if not sets:
+    raise ConfigError("--export_embeddings of a text or image-text model exports a retrieval "
+                      "set; config.eval.text_sets / image_text_sets has none")
+  _, dataset, split = sets[0]
+  if spec.model_name == models.DUAL:
+    corpus, queries, owner = image_text_eval.read_images_and_captions(config.input, dataset,
+                                                                      split)
+  else:
+    data = text_eval.read_split(config.input, dataset, split, ("query", "document"))
+    corpus, queries, owner = data["document"], data["query"], np.arange(len(data["query"]))
+  parts = {"database": (corpus, np.arange(len(corpus))), "queries": (queries, owner)}
+  rows = {}
+  for part, (inputs, labels) in parts.items():
+    z = embedder.encode(inputs)[:, :size].astype(dtype)
+    extract_lib.Features(z, np.asarray(labels, np.int64)).save(out, part)
+    rows[f"{part}_X.npy"] = len(labels)
   return rows
 
 

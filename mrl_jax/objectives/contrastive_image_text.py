@@ -13,6 +13,8 @@ The periodic evaluation runs the image-text evaluators of config.eval (evaluatio
 retrieval Recall@k both ways, zero-shot top-1, the cosine gap, at every size.
 """
 
+import math
+
 import jax.numpy as jnp
 
 from mrl_jax import contrastive
@@ -20,7 +22,7 @@ from mrl_jax.data import image_text
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import evaluate as evaluate_lib
 
-MAX_LOG_SCALE = float(jnp.log(100.0))  # CLIP clips its logit scale at 100
+MAX_LOG_SCALE = math.log(100.0)  # CLIP clips its logit scale at 100
 
 
 class Objective:

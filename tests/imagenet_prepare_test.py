@@ -1,0 +1,139 @@
+"""ImageNet from ILSVRC archives: the real TFDS imagenet2012 builder, offline, on small archives
+of real photographs in ILSVRC's layout, then the paper's ResNet-50 config trained on the result
+through both readers."""
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mrl_jax import train_lib
+from mrl_jax.data import pipeline
+from mrl_jax.data import prepare
+from mrl_jax.errors import ConfigError
+from tests.conftest import REPO
+from tests.conftest import load_config
+
+# Classes whose file names the builder treats specially (imagenet2012_dataset_builder.py:
+# CMYK_IMAGES, PNG_IMAGES), next to an ordinary one.
+CLASSES = {"n01440764": [], "n01739381": ["n01739381_1309.JPEG"],
+           "n02105855": ["n02105855_2933.JPEG"]}
+
+
+def photographs(n, seed=0):
+  """n crops of scikit-learn's two sample photographs (427 x 640), ImageNet-like sizes."""
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  images = load_sample_images().images
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    src = images[i % 2]
+    h, w = rng.integers(200, 400), rng.integers(250, 500)
+    y, x = rng.integers(0, src.shape[0] - h + 1), rng.integers(0, src.shape[1] - w + 1)
+    out.append(src[y:y + h, x:x + w])
+  return out
+
+
+def _encode(image, fmt="JPEG", mode="RGB"):
+  buf = io.BytesIO()
+  Image.fromarray(image).convert(mode).save(buf, format=fmt, quality=90)
+  return buf.getvalue()
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_ilsvrc_archives(manual_dir, per_class=4, num_val=6):
+  """ILSVRC2012_img_train.tar (a tar of per-class tars) and ILSVRC2012_img_val.tar, with a CMYK
+  JPEG and a PNG named .JPEG where the builder expects them."""
+  os.makedirs(manual_dir, exist_ok=True)
+  photos = iter(photographs(len(CLASSES) * per_class + num_val))
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train:
+    for synset, special in CLASSES.items():
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as tar:
+        for i in range(per_class - len(special)):
+          _add(tar, f"{synset}_{i + 1}.JPEG", _encode(next(photos)))
+        for name in special:
+          cmyk = name == "n01739381_1309.JPEG"
+          _add(tar, name, _encode(next(photos), "JPEG" if cmyk else "PNG",
+                                  "CMYK" if cmyk else "RGB"))
+      _add(train, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val:
+    for i in range(num_val):
+      _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _encode(next(photos)))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("imagenet")
+  write_ilsvrc_archives(str(root / "manual"))
+  prepare.prepare("imagenet2012", str(root / "tfds"), str(root / "manual"))
+  return str(root / "tfds")
+
+
+def test_the_real_builder_prepares_both_formats_with_the_oddities_fixed(imagenet_dir):
+  builder = tfds.builder("imagenet2012", data_dir=imagenet_dir)
+  assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 12,
+                                                                         "validation": 6}
+  assert "tfrecord" in builder.info.as_proto.alternative_file_formats
+  names = builder.info.features["label"].names
+  train = list(tfds.data_source("imagenet2012", split="train", data_dir=imagenet_dir))
+  assert sorted({names[r["label"]] for r in train}) == sorted(CLASSES)
+  by_name = {r["file_name"].decode(): r for r in train}
+  for special in ("n01739381_1309.JPEG", "n02105855_2933.JPEG"):  # CMYK -> RGB, PNG -> JPEG
+    assert by_name[special]["image"].shape[-1] == 3
+  # Validation labels: the builder's own validation_labels.txt, in sorted file-name order.
+  want = open(os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012",
+                           "validation_labels.txt")).read().split()[:6]
+  val = sorted(tfds.data_source("imagenet2012", split="validation", data_dir=imagenet_dir),
+               key=lambda r: r["file_name"])
+  assert [names[r["label"]] for r in val] == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reader", ["grain", "tf_data"])
+def test_the_paper_resnet50_config_trains_on_it(imagenet_dir, reader, tmp_path):
+  config = load_config(f"configs/resnet50_imagenet.py:mrl,runlocal,reader={reader}")
+  config.input.data_dir = imagenet_dir
+  config.total_steps = 2
+  config.input.update(batch_size=4, eval_batch_size=8)
+  config.eval.splits = ()
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"),
+                                         devices=jax.devices()[:1])
+  assert summary["final_step"] == 2 and summary["dataset"] == "imagenet2012"
+  assert set(summary["eval"]) == {"8", "16", "32", "64", "128", "256"}
+
+
+def test_missing_archives_and_the_wrong_format_are_one_line(tmp_path, imagenet_dir):
+  out = subprocess.run([sys.executable, "-m", "mrl_jax.data.prepare", "--dataset=imagenet2012",
+                        f"--data_dir={tmp_path / 'tfds'}", f"--manual_dir={tmp_path / 'none'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert lines[0].startswith(f"error: imagenet2012 could not be prepared from "
+                             f"--manual_dir={tmp_path / 'none'}")
+  assert "ILSVRC2012_img_train.tar" in lines[0]
+  only_array_record = str(tmp_path / "ar")
+  write_ilsvrc_archives(str(tmp_path / "manual"), per_class=1, num_val=1)
+  prepare.prepare("imagenet2012", only_array_record, str(tmp_path / "manual"),
+                  formats=("array_record",))
+  config = load_config("configs/resnet50_imagenet.py:mrl,runlocal,reader=tf_data")
+  config.input.data_dir = only_array_record
+  source = pipeline.open_source(config.input)
+  with pytest.raises(ConfigError, match=r"has \['array_record'\] files but reader 'tf_data' "
+                                        r"needs tfrecord .*python -m mrl_jax.data.prepare "
+                                        r"--dataset=imagenet2012"):
+    pipeline.make_reader(config.input, source).eval_batches(
+        "validation", local_batch=1, num_batches=1, preprocess=None, process_index=0,
+        process_count=1)
