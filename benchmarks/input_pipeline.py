@@ -1,13 +1,22 @@
-r"""Input pipeline throughput per CPU core: grain (ArrayRecord) vs tf.data (TFRecord).
+r"""Training preprocessing per CPU core, next to the bare decode-and-crop, on real photographs.
 
-ImageNet-style JPEG training preprocessing (Inception crop at 224 + flip + normalise) on a
-synthetic TFDS dataset of JPEGs with ImageNet's typical size (500x375, smooth content so the
-files are ~50-100 KB like photographs rather than incompressible noise). Both readers run the same
-`preprocess.Preprocess` definition. Each measurement runs in its own process with TensorFlow,
-grain and tf.data restricted to `--threads` threads, so images/s at 1 thread is the per-core
-figure.
+The dataset: `photos.jpegs` (photographs from installed wheels re-encoded at ImageNet's sizes and
+JPEG qualities, ~43 KB each) prepared as a TFDS dataset in both file formats. Each measurement
+runs in its own process with TensorFlow and the reader restricted to one thread (`--threads`),
+so its images/s is a per-core figure, and all of them run in one invocation:
 
-  python benchmarks/input_pipeline.py --num_images=1024 --threads=1,2
+- `decode_crop`: the Inception-crop window drawn and `decode_and_crop_jpeg` on it, per example
+  in a one-thread tf.data map over the files in memory, nothing else: the floor the
+  preprocessing cannot beat.
+- `grain` / `tf_data`, resize `area` (the default) or `antialias` (the earlier float32 triangle
+  filter): the whole training input of the readers, reading the records, Inception crop, resize,
+  flip, uint8 batch, at 160, 192 and 224 px; `share` is its rate over decode_crop's.
+- `read`: the readers alone (records to batches of bytes): their per-example overhead.
+- the pixel difference of area vs antialias on the same windows (levels of 255).
+
+The last column is how many such cores a target rate needs (default 8 GPUs x 3,000 img/s).
+
+  python benchmarks/input_pipeline.py --num_images=512
 """
 
 import json
@@ -24,12 +33,15 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+SIZES = (160, 192, 224)
+
 
 def _builder_cls(num_images: int):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import photos  # pylint: disable=g-import-not-at-top
 
-  class SyntheticJpeg(tfds.core.GeneratorBasedBuilder):
-    """num_images photographs-like JPEGs, 500x375 (ImageNet's most common size), 1000 classes."""
+  class RealPhotos(tfds.core.GeneratorBasedBuilder):
+    """num_images photographs at ImageNet's sizes and JPEG qualities, 1000 classes."""
     VERSION = tfds.core.Version(f"1.0.{num_images}")
     url_infos = None
 
@@ -43,33 +55,82 @@ def _builder_cls(num_images: int):
       return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      import io  # pylint: disable=g-import-not-at-top
-      rng = np.random.default_rng(0)
-      for i in range(num_images):
-        # Low-frequency colour field + a few edges: compresses like a photograph.
-        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((500, 375), Image.BICUBIC))
-        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
-        yield i, {"image": buf.getvalue(), "label": int(rng.integers(1000))}
+      for i, data in enumerate(photos.jpegs(num_images)):
+        yield i, {"image": data, "label": i % 1000}  # stored as is (JPEG bytes)
 
-  return SyntheticJpeg
+  return RealPhotos
 
 
-def measure(reader: str, data_dir: str, threads: int, num_images: int, batch: int) -> dict:
-  """Runs in a fresh process (TF thread settings must precede TF initialisation)."""
+def _limit_threads(threads: int):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   tf.config.threading.set_inter_op_parallelism_threads(threads)
+  return tf
+
+
+def measure_decode_crop(data_dir: str, threads: int, num_images: int, size: int) -> dict:
+  tf = _limit_threads(threads)
+  from mrl_jax.data import photos  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  del data_dir
+  pp = preprocess.Preprocess(name="inception_crop", image_size=size, channels=3)
+
+  def decode_crop(position, data):  # the window of _inception_crop, decoded, nothing more
+    seed = tf.random.experimental.stateless_split(tf.stack([tf.constant(0, tf.int64),
+                                                            position]), 2)[0]
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(data), tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed, min_object_covered=0.0, aspect_ratio_range=(pp.ratio_min, pp.ratio_max),
+        area_range=(pp.area_min, pp.area_max), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+    return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+  ds = tf.data.Dataset.from_tensor_slices(photos.jpegs(num_images)).repeat().enumerate()
+  ds = ds.map(decode_crop, num_parallel_calls=threads)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  return _time_examples(iter(ds.with_options(options)), num_images)
+
+
+def measure_memory(data_dir: str, threads: int, num_images: int, size: int,
+                   max_side: int | None) -> dict:
+  """The whole training preprocessing over files in memory (no reader), optionally on the
+  photographs re-encoded at max_side."""
+  tf = _limit_threads(threads)
+  from mrl_jax.data import photos  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  del data_dir
+  pp = preprocess.Preprocess(name="inception_crop", image_size=size, channels=3, flip=True)
+  ds = tf.data.Dataset.from_tensor_slices(photos.jpegs(num_images, max_side=max_side))
+  ds = ds.repeat().enumerate().map(
+      lambda i, data: pp(data, tf.stack([tf.constant(0, tf.int64), i])),
+      num_parallel_calls=threads)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  return _time_examples(iter(ds.with_options(options)), num_images)
+
+
+def _time_examples(it, n: int) -> dict:
+  for _ in range(32):  # warm-up: tracing
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(n):
+    next(it)
+  return {"images_per_second": n / (time.perf_counter() - t0)}
+
+
+def measure_reader(reader: str, data_dir: str, threads: int, num_images: int, size: int,
+                   resize: str, batch: int) -> dict:
+  _limit_threads(threads)
   from configs import common  # pylint: disable=g-import-not-at-top
   from mrl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   _builder_cls(num_images)  # registers the dataset name
   config = common.base_config()
-  config.input.update(dataset="synthetic_jpeg", data_dir=data_dir, reader=reader,
-                      num_workers=threads, image_size=224)
+  config.input.update(dataset="real_photos", data_dir=data_dir, reader=reader,
+                      num_workers=threads, image_size=size)
+  config.input.pp_train.resize = resize
   source = pipeline.open_source(config.input)
   r = pipeline.make_reader(config.input, source)
   tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=1)
@@ -81,46 +142,128 @@ def measure(reader: str, data_dir: str, threads: int, num_images: int, batch: in
   for _ in range(n_batches):
     b = next(it)
   seconds = time.perf_counter() - t0
-  assert b["image"].shape == (batch, 224, 224, 3)
-  return {"reader": reader, "threads": threads, "images": n_batches * batch,
-          "images_per_second": n_batches * batch / seconds,
-          "images_per_second_per_thread": n_batches * batch / seconds / threads}
+  assert b["image"].shape == (batch, size, size, 3) and b["image"].dtype == np.uint8
+  return {"images_per_second": n_batches * batch / seconds}
+
+
+def measure_read(reader: str, data_dir: str, threads: int, num_images: int, batch: int
+                 ) -> dict:
+  """The reader alone: records (image bytes undecoded) to batches."""
+  tf = _limit_threads(threads)
+  import grain  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _builder_cls(num_images)  # registers the dataset name
+  config = common.base_config()
+  config.input.update(dataset="real_photos", data_dir=data_dir)
+  builder = pipeline.open_source(config.input).builder(pipeline.FILE_FORMAT[reader])
+  skip = {"image": tfds.decode.SkipDecoding()}
+  if reader == "grain":
+    ds = grain.MapDataset.source(builder.as_data_source(split="train", decoders=skip))
+    ds = ds.seed(0).shuffle().repeat(None).batch(batch, batch_fn=list).to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1))
+  else:
+    ds = builder.as_dataset(split="train", shuffle_files=True, decoders=skip)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    ds = ds.repeat().shuffle(num_images).with_options(options).batch(batch)
+    ds = ds.as_numpy_iterator()
+  it = iter(ds)
+  next(it)
+  n_batches = max(4, 4 * num_images // batch)
+  t0 = time.perf_counter()
+  for _ in range(n_batches):
+    next(it)
+  return {"images_per_second": n_batches * batch / (time.perf_counter() - t0)}
+
+
+def pixel_difference(num_images: int, size: int) -> dict:
+  """|area - antialias| (uint8 outputs, same windows and flips) over num_images photographs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import photos  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  area = preprocess.Preprocess(name="inception_crop", image_size=size, channels=3, flip=True)
+  antialias = preprocess.Preprocess(name="inception_crop", image_size=size, channels=3,
+                                    flip=True, resize="antialias")
+  diffs = []
+  for i, data in enumerate(photos.jpegs(num_images)):
+    seed = tf.constant([0, i], tf.int64)
+    a, b = area(tf.constant(data), seed).numpy(), antialias(tf.constant(data), seed).numpy()
+    diffs.append(np.abs(a.astype(np.int32) - b.astype(np.int32)).ravel())
+  d = np.concatenate(diffs)
+  return {"mean": float(d.mean()), "p99": float(np.percentile(d, 99)),
+          "p99.9": float(np.percentile(d, 99.9)), "max": int(d.max())}
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 1024, "synthetic JPEGs in the benchmark dataset")
-flags.DEFINE_list("threads", ["1", "2"], "reader threads to measure")
+flags.DEFINE_integer("num_images", 512, "photographs in the benchmark dataset")
+flags.DEFINE_integer("threads", 1, "threads per measurement (1: per-core figures)")
 flags.DEFINE_integer("batch", 64, "batch size")
+flags.DEFINE_list("sizes", [str(s) for s in SIZES], "output sizes (px)")
+flags.DEFINE_float("target", 8 * 3000, "images/s the cores-needed column is computed for")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: a temporary one)")
-flags.DEFINE_string("measure", None, "internal: 'reader:threads' measured in a subprocess")
+flags.DEFINE_string("measure", None, "internal: one measurement as JSON, in a subprocess")
+
+
+def _run(kind: str, **kwargs) -> float:
+  """One measurement in a fresh process (TF thread settings precede TF initialisation)."""
+  spec = json.dumps(dict(kwargs, kind=kind))
+  out = subprocess.run([sys.executable, __file__, f"--measure={spec}"], capture_output=True,
+                       text=True, check=True,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0"))
+  return json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
 
 
 def main(argv):
   del argv
   if FLAGS.measure:
-    reader, threads = FLAGS.measure.split(":")
-    print(json.dumps(measure(reader, FLAGS.data_dir, int(threads), FLAGS.num_images,
-                             FLAGS.batch)))
+    spec = json.loads(FLAGS.measure)
+    kind = spec.pop("kind")
+    fn = {"decode_crop": measure_decode_crop, "reader": measure_reader,
+          "read": measure_read, "memory": measure_memory}[kind]
+    print(json.dumps(fn(**spec)))
     return 0
-  data_dir = FLAGS.data_dir or os.path.join(tempfile.gettempdir(), "mrl_jax_bench_tfds")
+  data_dir = FLAGS.data_dir or os.path.join(tempfile.gettempdir(), "mrl_jax_bench_photos")
   from mrl_jax.data import builtin  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   builtin.prepare_both_formats(_builder_cls(FLAGS.num_images), data_dir)
   print(f"dataset ready in {time.perf_counter() - t0:.1f}s ({data_dir})", flush=True)
+  common = dict(data_dir=data_dir, threads=FLAGS.threads, num_images=FLAGS.num_images)
+  per = "per core" if FLAGS.threads == 1 else f"per {FLAGS.threads} threads"
   rows = []
-  for threads in [int(t) for t in FLAGS.threads]:
+  for size in [int(s) for s in FLAGS.sizes]:
+    bare = _run("decode_crop", size=size, **common)
+    rows.append((size, "decode_crop", "-", bare))
+    print(rows[-1], flush=True)
     for reader in ("grain", "tf_data"):
-      out = subprocess.run(
-          [sys.executable, __file__, f"--measure={reader}:{threads}", f"--data_dir={data_dir}",
-           f"--num_images={FLAGS.num_images}", f"--batch={FLAGS.batch}"],
-          capture_output=True, text=True, check=True, env=dict(os.environ,
-                                                              TF_CPP_MIN_LOG_LEVEL="2"))
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-      print(rows[-1], flush=True)
-  print("\n| reader | threads | images/s | images/s per thread |\n|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['reader']} | {r['threads']} | {r['images_per_second']:.0f} | "
-          f"{r['images_per_second_per_thread']:.0f} |")
+      for resize in ("area", "antialias"):
+        rate = _run("reader", reader=reader, size=size, resize=resize, batch=FLAGS.batch,
+                    **common)
+        rows.append((size, reader, resize, rate))
+        print(rows[-1], flush=True)
+  reads = {reader: _run("read", reader=reader, batch=FLAGS.batch, **common)
+           for reader in ("grain", "tf_data")}
+  size = max(int(s) for s in FLAGS.sizes)
+  reencoded = {side: _run("memory", size=size, max_side=side, **common) for side in (None, 256)}
+  print(f"\n| px | pipeline | resize | images/s {per} | share of decode_crop | "
+        f"cores for {FLAGS.target:.0f} img/s |\n|---|---|---|---|---|---|")
+  bare = {}
+  for size, name, resize, rate in rows:
+    bare.setdefault(size, rate)
+    print(f"| {size} | {name} | {resize} | {rate:.0f} | {rate / bare[size]:.0%} | "
+          f"{FLAGS.target / rate * FLAGS.threads:.0f} |")
+  print(f"\n| reader alone | records/s {per} | us per record |\n|---|---|---|")
+  for reader, rate in reads.items():
+    print(f"| {reader} | {rate:.0f} | {1e6 / rate:.0f} |")
+  print(f"\n| files (preprocessing at {size} px, in memory) | images/s {per} |\n|---|---|")
+  print(f"| as prepared | {reencoded[None]:.0f} |\n| re-encoded, longer side 256, "
+        f"quality 90 | {reencoded[256]:.0f} ({reencoded[256] / reencoded[None]:.2f}x) |")
+  print("\n| px | mean | 99th pct | 99.9th pct | max |  (|area - antialias|, levels of 255)\n"
+        "|---|---|---|---|---|")
+  for size in [int(s) for s in FLAGS.sizes]:
+    d = pixel_difference(min(FLAGS.num_images, 256), size)
+    print(f"| {size} | {d['mean']:.2f} | {d['p99']:.0f} | {d['p99.9']:.0f} | {d['max']} |")
   return 0
 
 

@@ -99,9 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=224,
       pp_train=ml_collections.ConfigDict(dict(
           name="inception_crop", area_min=0.08, area_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3,
-          flip=True, pad=4)),
+          flip=True, pad=4,
+          resize="area")),  # area | antialias (data/preprocess.py: speed vs PIL's filter)
       pp_eval=ml_collections.ConfigDict(dict(
-          name="resize_center_crop", resize_size=256, crop_ratio=224 / 256,
+          name="resize_center_crop", resize_size=256, crop_ratio=224 / 256, resize="area",
           image_size=config_dict.placeholder(int))),  # None: input.image_size
       mean=IMAGENET_MEAN, std=IMAGENET_STD,  # in 0..255 pixel units
       progressive_resize=ml_collections.ConfigDict(dict(

@@ -75,6 +75,8 @@ class Model:
     if isinstance(module, two_towers.TwoTowers):
       z = module.embed_text(inputs) if isinstance(inputs, dict) else module.embed_image(inputs)
       return z, {}
+    if isinstance(module, models.MatryoshkaModel):
+      return module.encode(inputs)
     return module.encoder(inputs)
 
   def heads(self, params, batch_stats) -> heads_lib.MatryoshkaHeads:

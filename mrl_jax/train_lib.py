@@ -279,10 +279,13 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
   log_time, last_log_step = time.perf_counter(), step
   first_step_done = None
   stopped_by = None
+  input_wait, input_watch = 0.0, _InputWatch()
   try:
     with _StopSignal() as stop, jax.set_mesh(mesh):
       while step < info.total_steps:
+        waited = time.perf_counter()
         batch = next(train_batches)
+        input_wait += time.perf_counter() - waited
         state, metrics = train_step(state, batch)
         step += 1
         if pending is not None:  # Checked one step late, so the device never waits for the host.
@@ -301,6 +304,11 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
           # examples per second (images for image models; texts / text pairs for text ones)
           values["images_per_second"] = steps_done * config.input.batch_size / max(elapsed, 1e-9)
           values["step_time"] = elapsed / max(steps_done, 1)
+          # The share of the wall time the loop waited for the next batch: the device idles
+          # for (most of) it, as the step is dispatched asynchronously and checked one late.
+          values["input_wait"] = min(input_wait / max(elapsed, 1e-9), 1.0)
+          if step > start_step + 1:
+            input_watch.check(step, values["input_wait"], reader.skipped)
           last_metrics = values
           writer.write_scalars(step, {f"train/{k}": v for k, v in values.items() if k != "finite"})
           if first_step_done is None:
@@ -310,11 +318,11 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
             eta = ((time.perf_counter() - first_step_done) / (step - start_step - 1)
                    * (info.total_steps - step))
           _print_train_line(step, info.total_steps, values, objective.sizes, eta)
-          log_time, last_log_step = time.perf_counter(), step
+          log_time, last_log_step, input_wait = time.perf_counter(), step, 0.0
         if config.eval_every_steps and step % config.eval_every_steps == 0 and (
             step < info.total_steps):
           _log_eval(step, objective.evaluate(model, state, source, reader, mesh), writer)
-          log_time = time.perf_counter()
+          log_time, input_wait = time.perf_counter(), 0.0
         save(step, force=step == info.total_steps)
         stopped_by = stop.stop_reason(step, is_log_step)
         if stopped_by:
@@ -336,6 +344,7 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
 
   final_eval = objective.evaluate(model, state, source, reader, mesh)
   _log_eval(step, final_eval, writer)
+  input_watch.check_skipped(step, reader.skipped)
   ckpt.close()
   writer.flush()
   summary = {
@@ -345,6 +354,8 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
                         if f"{k}@{m}" in final_eval} for m in objective.sizes},
       "images_per_second": (train_steps_timed * config.input.batch_size / train_seconds
                             if train_seconds else last_metrics.get("images_per_second")),
+      "input_wait": last_metrics.get("input_wait"),
+      "skipped_images": reader.skipped,
       "num_devices": num_devices,
       "num_processes": jax.process_count(),
       "processes": list(distributed.process_table()),
@@ -355,6 +366,9 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
   }
   utils.write_json(paths.join(workdir, "summary.json"), summary)
   return summary
+
+
+INPUT_WAIT_WARN = 0.2  # share of the loop's wall time spent waiting for the next batch
 
 
 def _check_finite(config, step: int, metrics) -> None:
@@ -380,7 +394,33 @@ def _print_train_line(step, total, values, nesting, eta_seconds) -> None:
   parts = " ".join(f"{hit}@{m}={values[f'{hit}@{m}']:.3f}" for m in sizes)
   unit = "img/s" if hit in ("top1", "prec1") else "ex/s"
   utils.console(f"step {step}/{total} loss={values['loss']:.4f} {parts} lr={values['lr']:.4g} "
-                f"{values['images_per_second']:.0f} {unit} eta {format_duration(eta_seconds)}")
+                f"{values['images_per_second']:.0f} {unit} input-wait "
+                f"{values['input_wait']:.0%} eta {format_duration(eta_seconds)}")
+
+
+class _InputWatch:
+  """One warning when the loop first waits for input more than INPUT_WAIT_WARN of the time
+  (the accelerators idle: more input cores are needed), one when the first unreadable image is
+  skipped; the train line carries the wait share, summary.json the skipped count."""
+
+  def __init__(self):
+    self.warned_wait = False
+    self.warned_skip = False
+
+  def check(self, step: int, wait_share: float, skipped: int) -> None:
+    self.check_skipped(step, skipped)
+    if wait_share > INPUT_WAIT_WARN and not self.warned_wait:
+      self.warned_wait = True
+      utils.warn(f"input-bound: the train loop waited for input {wait_share:.0%} of the time "
+                 f"before step {step} (warning above {INPUT_WAIT_WARN:.0%}); give the input "
+                 "pipeline more host cores (config.input.num_workers) or see README "
+                 "'Preparing ImageNet' (faster preprocessing, re-encoding)")
+
+  def check_skipped(self, step: int, skipped: int) -> None:
+    if skipped and not self.warned_skip:
+      self.warned_skip = True
+      utils.warn(f"skipped {skipped} unreadable image(s) (corrupt files) by step {step}, "
+                 "counted in summary.json (skipped_images); the run goes on")
 
 
 def format_duration(seconds: float | None) -> str:

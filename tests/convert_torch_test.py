@@ -301,8 +301,11 @@ def test_convert_cli_then_eval_and_finetune_from_it(data_dir, tmp_path):
   batches = list(pipeline.make_reader(config.input, source).eval_batches(
       "test", local_batch=359, num_batches=1, process_index=0, process_count=1,
       preprocess=preprocess.from_config(config.input, train=False, channels=1)))
+  from mrl_jax.models import pixels  # pylint: disable=import-outside-toplevel
+  mean, std = pixels.stats(config.input, 1)  # the batches are uint8; the model normalises
+  images = ((batches[0]["image"] - np.float32(mean)) / np.float32(std)).astype(np.float32)
   with torch.no_grad():
-    _, logits = model(torch.from_numpy(batches[0]["image"].transpose(0, 3, 1, 2)))
+    _, logits = model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
   want = {m: float(np.mean(l.numpy().argmax(-1) == batches[0]["label"]))
           for m, l in zip(sizes, logits)}
   config.eval.update(knn=False, adaptive_retrieval=False, adaptive_classification=False,

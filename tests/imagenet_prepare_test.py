@@ -11,6 +11,7 @@ import tarfile
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -55,7 +56,8 @@ def _add(tar, name, data):
 
 def write_ilsvrc_archives(manual_dir, per_class=4, num_val=6):
   """ILSVRC2012_img_train.tar (a tar of per-class tars) and ILSVRC2012_img_val.tar, with a CMYK
-  JPEG and a PNG named .JPEG where the builder expects them."""
+  JPEG and a PNG named .JPEG where the builder expects them, and the last image of the first
+  class and of validation truncated (a corrupt file, which the builder stores as it is)."""
   os.makedirs(manual_dir, exist_ok=True)
   photos = iter(photographs(len(CLASSES) * per_class + num_val))
   with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train:
@@ -63,7 +65,10 @@ def write_ilsvrc_archives(manual_dir, per_class=4, num_val=6):
       inner = io.BytesIO()
       with tarfile.open(fileobj=inner, mode="w") as tar:
         for i in range(per_class - len(special)):
-          _add(tar, f"{synset}_{i + 1}.JPEG", _encode(next(photos)))
+          data = _encode(next(photos))
+          if synset == "n01440764" and i == per_class - 1:
+            data = data[:len(data) // 3]
+          _add(tar, f"{synset}_{i + 1}.JPEG", data)
         for name in special:
           cmyk = name == "n01739381_1309.JPEG"
           _add(tar, name, _encode(next(photos), "JPEG" if cmyk else "PNG",
@@ -71,7 +76,9 @@ def write_ilsvrc_archives(manual_dir, per_class=4, num_val=6):
       _add(train, f"{synset}.tar", inner.getvalue())
   with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val:
     for i in range(num_val):
-      _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _encode(next(photos)))
+      data = _encode(next(photos))
+      _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data[:len(data) // 3] if i == num_val - 1
+           else data)
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +95,17 @@ def test_the_real_builder_prepares_both_formats_with_the_oddities_fixed(imagenet
                                                                          "validation": 6}
   assert "tfrecord" in builder.info.as_proto.alternative_file_formats
   names = builder.info.features["label"].names
-  train = list(tfds.data_source("imagenet2012", split="train", data_dir=imagenet_dir))
+  raw = {"image": tfds.decode.SkipDecoding()}  # the truncated JPEG is stored as it is
+  train = list(builder.as_data_source(split="train", decoders=raw))
   assert sorted({names[r["label"]] for r in train}) == sorted(CLASSES)
   by_name = {r["file_name"].decode(): r for r in train}
   for special in ("n01739381_1309.JPEG", "n02105855_2933.JPEG"):  # CMYK -> RGB, PNG -> JPEG
-    assert by_name[special]["image"].shape[-1] == 3
+    assert tf.io.decode_image(by_name[special]["image"]).shape[-1] == 3
+    assert tf.io.extract_jpeg_shape(by_name[special]["image"]).shape == (3,)  # a JPEG now
   # Validation labels: the builder's own validation_labels.txt, in sorted file-name order.
   want = open(os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012",
                            "validation_labels.txt")).read().split()[:6]
-  val = sorted(tfds.data_source("imagenet2012", split="validation", data_dir=imagenet_dir),
+  val = sorted(builder.as_data_source(split="validation", decoders=raw),
                key=lambda r: r["file_name"])
   assert [names[r["label"]] for r in val] == want
 
@@ -106,12 +115,15 @@ def test_the_real_builder_prepares_both_formats_with_the_oddities_fixed(imagenet
 def test_the_paper_resnet50_config_trains_on_it(imagenet_dir, reader, tmp_path):
   config = load_config(f"configs/resnet50_imagenet.py:mrl,runlocal,reader={reader}")
   config.input.data_dir = imagenet_dir
-  config.total_steps = 2
+  config.total_steps = 4  # 16 examples: every one of the 12 is met, the corrupt one included
   config.input.update(batch_size=4, eval_batch_size=8)
   config.eval.splits = ()
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"),
                                          devices=jax.devices()[:1])
-  assert summary["final_step"] == 2 and summary["dataset"] == "imagenet2012"
+  assert summary["final_step"] == 4 and summary["dataset"] == "imagenet2012"
+  # The corrupt validation image always; the corrupt training image where the stream met it
+  # (grain's first epoch holds every record; tf.data's shuffle buffer mixes epochs).
+  assert summary["skipped_images"] >= (2 if reader == "grain" else 1)
   assert set(summary["eval"]) == {"8", "16", "32", "64", "128", "256"}
 
 

@@ -290,3 +290,37 @@ def test_vit_forward_equals_a_pytorch_transcription(pool):
   z, _ = jit_call(model, images)
   want = _torch_vit(params, images, num_heads=3, pool=pool)
   np.testing.assert_allclose(np.asarray(z), want, rtol=1e-4, atol=1e-5)
+
+
+def test_uint8_pixels_are_normalised_on_the_device_in_every_path():
+  """The input pipeline sends uint8; (x - config.input.mean) / config.input.std must happen
+  in the training forward (module call), in evaluation (Model.apply) and in embedding
+  (Model.encode): each equals the encoder on pixels normalised here in numpy."""
+  from mrl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  config.input.update(mean=(40.0,), std=(20.0,))  # not the identity, not the config's
+  spec = models.resolve(config)
+  model = jit_build(lambda: models.create_model(config, spec, nnx.Rngs(0)))
+  model = nnx.view(model, use_running_average=True, raise_if_not_found=False)  # eval mode
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+  z_want, _ = jit_call(model.encoder, jnp.asarray((pixels - 40.0) / 20.0, jnp.float32))
+  z_call, logits = jit_call(model, jnp.asarray(pixels))
+  np.testing.assert_allclose(z_call, z_want, rtol=1e-5, atol=1e-5)
+  wrapped, _, _ = state_lib.build_model(config, spec)
+  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  params, batch_stats = nnx.as_pure(params), nnx.as_pure(batch_stats)
+  for z in (wrapped.apply(params, batch_stats, jnp.asarray(pixels))[0],
+            wrapped.encode(params, batch_stats, jnp.asarray(pixels))[0]):
+    np.testing.assert_allclose(z, z_want, rtol=1e-5, atol=1e-5)
+  assert set(logits) == set(spec.head_sizes)
+
+
+def test_pixel_statistics_are_checked_against_the_channels():
+  config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  config.input.update(mean=(1.0, 2.0), std=(1.0,))
+  with pytest.raises(ConfigError, match=r"config.input.mean/std have 2/1 values; allowed: 1 or "
+                                        r"1 \(the image channels\)"):
+    models.create_model(config, models.resolve(config), nnx.Rngs(0))
+  config.input.update(mean=(1.0,), std=(0.0,))
+  with pytest.raises(ConfigError, match=r"config.input.std=\(0.0,\); allowed: positive"):
+    models.create_model(config, models.resolve(config), nnx.Rngs(0))

@@ -176,7 +176,7 @@ def test_different_config_in_a_used_workdir_is_refused_unless_overwrite(data_dir
 
 BAD_CONFIGS = [
     ({"model_name": "resnett"}, "unknown encoder 'resnett' (config.model_name); allowed: "
-     "['bert', 'resnet', 'vit']"),
+     "['bert', 'resnet', 'vit', 'two_towers']"),
     ({"input.dataset": "digitz"}, "unknown dataset 'digitz' (config.input.dataset)"),
     ({"optim.name": "adam"}, "unknown optimizer 'adam' (config.optim.name); allowed: "
      "['sgd', 'adamw', 'lars', 'lamb']"),

@@ -14,8 +14,11 @@ Readers (config.input.reader):
   the already consumed records before decoding (exact; costs reading them once).
 
 Both readers call the same `preprocess.Preprocess` (TF ops) with per-example seeds derived from
-the example's position in the global stream. Training batches have
-`image`/`label`; eval batches also have `mask` (0 for the padding that makes every process yield
+the example's position in the global stream. An image that cannot be decoded (a corrupt file) is
+skipped and counted in `Reader.skipped`, not a crash: tf.data drops it (`ignore_errors`) and the
+batch fills from the next records; grain, whose batches are fixed positions, uses another record
+of the same batch in its place in training and masks it out in evaluation. Training batches have
+`image` (uint8; the model normalises on the device)/`label`; eval batches also have `mask` (0 for the padding that makes every process yield
 the same number of batches). `label` is int32 [B] for a ClassLabel feature and a multi-hot
 uint8 [B, C] for a multi-label one (JFT-style: a Sequence of ClassLabel ids, or a [C] 0/1
 Tensor), sharded like the images. `global_batches` turns process-local numpy batches into global
@@ -35,11 +38,13 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_parser
 
 from mrl_jax.data import builtin
 from mrl_jax.data import image_text
 from mrl_jax.data import preprocess as preprocess_lib
 from mrl_jax.errors import ConfigError
+from mrl_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
@@ -160,16 +165,6 @@ def label_kind(feature) -> tuple[int, str]:
   return int(getattr(feature, "num_classes", 0) or 0), "single"
 
 
-def multi_hot(label, label_format: str, num_classes: int) -> np.ndarray:
-  """One example's class ids (any number, none included) or 0/1 vector -> uint8 [C]."""
-  label = np.asarray(label)
-  if label_format == "multi_hot":
-    return (label > 0).astype(np.uint8)
-  out = np.zeros((num_classes,), np.uint8)
-  out[label.reshape(-1).astype(np.int64)] = 1
-  return out
-
-
 def process_split(split: str, process_index: int, process_count: int):
   """This process's disjoint part of `split` (sizes differ by at most one example)."""
   return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
@@ -181,6 +176,13 @@ class Reader(abc.ABC):
   def __init__(self, source: Source, *, num_workers: int = 0):
     self.source = source
     self.num_workers = num_workers
+    self.skipped = 0  # unreadable images skipped so far (train and eval)
+
+  def _counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Moves each batch's `skipped` count into self.skipped."""
+    for batch in batches:
+      self.skipped += int(batch.pop(SKIPPED, 0))
+      yield batch
 
   @abc.abstractmethod
   def train_batches(self, split: str, *, local_batch: int, start_batch: int, seed: int,
@@ -195,15 +197,63 @@ class Reader(abc.ABC):
     """`num_batches` batches in dataset order, padded with mask=0 examples."""
 
 
+SKIPPED = "skipped"  # batch key: unreadable images skipped while making this batch
+DECODE_ERRORS = (tf.errors.InvalidArgumentError,)  # what TF's decoders raise on a corrupt file
+
+
 @functools.cache
 def _batch_fn(pp: preprocess_lib.Preprocess):
   """The per-example definition mapped over a batch in one TF call (5x fewer TF dispatches)."""
-  out = tf.TensorSpec([pp.image_size, pp.image_size, pp.channels], tf.float32)
+  out = tf.TensorSpec([pp.image_size, pp.image_size, pp.channels], tf.uint8)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
                                 tf.TensorSpec([None, 2], tf.int64)])
   def fn(images, seeds):
     return tf.map_fn(lambda a: pp(a[0], a[1]), (images, seeds), fn_output_signature=out,
+                     parallel_iterations=32)
+
+  return fn
+
+
+def _label_tf(label, label_format: str, num_classes: int):
+  """int32 [] or, multi-label, uint8 [C] (ids -> multi-hot; a [C] vector as is)."""
+  if label_format == "single":
+    return tf.cast(label, tf.int32)
+  if label_format == "multi_hot":
+    return tf.cast(label > 0, tf.uint8)
+  counts = tf.math.bincount(tf.cast(label, tf.int32), minlength=num_classes,
+                            maxlength=num_classes)
+  return tf.cast(tf.minimum(counts, 1), tf.uint8)
+
+
+def _source_key(source: Source) -> tuple:
+  return (source.name, source.data_dir, source.image_key, source.label_key,
+          source.label_format, source.num_classes)
+
+
+@functools.cache
+def _record_batch_fn(pp: preprocess_lib.Preprocess, source_key: tuple):
+  """Serialized tf.Examples of a batch -> (uint8 images, labels) in one TF call. The records
+  are parsed by TFDS's own graph parser, as builder.as_dataset does for tf.data, rather than
+  by tfds.data_source's per-record Python deserialisation (~40 us a record, 4 % of the
+  whole training preprocessing at 224 px)."""
+  name, data_dir, image_key, label_key, label_format, num_classes = source_key
+  features = tfds.builder(name, data_dir=data_dir).info.features
+  parser = example_parser.ExampleParser(features.get_serialized_info())
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+  single = label_format == "single"
+  out = (tf.TensorSpec([pp.image_size, pp.image_size, pp.channels], tf.uint8),
+         tf.TensorSpec([] if single else [num_classes], tf.int32 if single else tf.uint8))
+
+  def one(serialized, seed):
+    record = features.decode_example(parser.parse_example(serialized), decoders=decoders)
+    return pp(record[image_key], seed), _label_tf(record[label_key], label_format,
+                                                  num_classes)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
+                                tf.TensorSpec([None, 2], tf.int64)])
+  def fn(records, seeds):
+    return tf.map_fn(lambda a: one(a[0], a[1]), (records, seeds), fn_output_signature=out,
                      parallel_iterations=32)
 
   return fn
@@ -218,6 +268,47 @@ class _GrainBatch:
   preprocess: preprocess_lib.Preprocess | None = None
 
   def __call__(self, batch_index: int, records) -> Batch:
+    try:
+      return self._batch(batch_index, records)
+    except DECODE_ERRORS:
+      if self.source.kind not in ("image", "image_text"):
+        raise
+    records, skipped = self._readable(batch_index, records)
+    return dict(self._batch(batch_index, records), **{SKIPPED: skipped})
+
+  def _readable(self, batch_index: int, records):
+    """The batch with each record whose image does not decode replaced: in training by the
+    next readable record of the batch (at the replaced one's position, so with its own
+    augmentation seed), in evaluation by a masked-out copy (position -1)."""
+    if self.source.kind == "image_text":
+      pp = self.train_preprocess.image.for_step(batch_index)
+    else:
+      pp = self.preprocess or self.train_preprocess.for_step(batch_index)
+    readable = []
+    for position, record in records:
+      seed = np.asarray([[self.seed, max(position, 0)]], np.int64)
+      try:
+        if self.source.kind == "image":
+          self._images_labels(pp, [record], seed)
+        else:
+          _call(_batch_fn(pp), [_as_bytes(record[self.source.image_key])], seed)
+        readable.append(True)
+      except DECODE_ERRORS:
+        readable.append(False)
+    good = [i for i, ok in enumerate(readable) if ok]
+    if not good:
+      raise DataError(f"no image of batch {batch_index} ({len(records)} records) can be "
+                      "decoded; the dataset's image files are corrupt")
+    out = []
+    for i, (position, record) in enumerate(records):
+      if readable[i]:
+        out.append((position, record))
+      else:
+        donor = records[next((j for j in good if j > i), good[0])][1]
+        out.append((-1 if self.preprocess is not None else position, donor))
+    return out, len(records) - len(good)
+
+  def _batch(self, batch_index: int, records) -> Batch:
     positions = np.asarray([p for p, _ in records], np.int64)  # global stream positions
     record_level = self.preprocess is not None and not isinstance(self.preprocess,
                                                                    preprocess_lib.Preprocess)
@@ -232,21 +323,35 @@ class _GrainBatch:
       seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
       images = np.asarray([_as_bytes(r[self.source.image_key]) for _, r in records], object)
       out = tp.text_batch([r for _, r in records], positions, self.seed)
-      out["image"] = _batch_fn(tp.image.for_step(batch_index))(images, seeds).numpy()
+      out["image"] = _call(_batch_fn(tp.image.for_step(batch_index)), images, seeds).numpy()
       return out
     pp = self.preprocess or self.train_preprocess.for_step(batch_index)
     seeds = np.stack([np.full_like(positions, self.seed), np.maximum(positions, 0)], 1)
-    images = np.asarray([_as_bytes(r[self.source.image_key]) for _, r in records], object)
-    labels = [r[self.source.label_key] for _, r in records]
-    if self.source.multi_label:
-      labels = np.stack([multi_hot(l, self.source.label_format, self.source.num_classes)
-                         for l in labels])
-    else:
-      labels = np.asarray(labels, np.int32)
-    out = {"image": _batch_fn(pp)(images, seeds).numpy(), "label": labels}
+    images, labels = self._images_labels(pp, [r for _, r in records], seeds)
+    out = {"image": images, "label": labels}
     if self.preprocess is not None:  # eval: padding records have position -1
       out["mask"] = (positions >= 0).astype(np.float32)
     return out
+
+  def _images_labels(self, pp, records, seeds):
+    """Serialized records are parsed in the graph; deserialised ones (tfds's mock data
+    source, which has no files) are preprocessed from their image and label."""
+    if isinstance(records[0], bytes):
+      images, labels = _call(_record_batch_fn(pp, _source_key(self.source)), records, seeds)
+      return images.numpy(), labels.numpy()
+    s = self.source
+    images = _call(_batch_fn(pp), [_as_bytes(r[s.image_key]) for r in records], seeds)
+    labels = [_label_tf(r[s.label_key], s.label_format, s.num_classes).numpy() for r in records]
+    return images.numpy(), np.stack(labels)
+
+
+def _call(fn, encoded, seeds):
+  """fn(records, seeds) with the inputs made tensors first. A tf.function that fails to bind
+  its inputs keeps its lock (TF 2.x polymorphic_function._call acquires it before binding and
+  releases it only after), so every other grain thread calling it would hang; failing here,
+  outside the call, raises in this thread and leaves the function usable."""
+  return fn(tf.constant(np.asarray(encoded, object), tf.string),
+            tf.constant(np.asarray(seeds, np.int64)))
 
 
 def _as_bytes(image):
@@ -254,6 +359,11 @@ def _as_bytes(image):
   if isinstance(image, bytes):
     return image
   return tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
+
+
+def _read(src, indices: list[int]) -> list:
+  """Records of a tfds data source, in the order of indices."""
+  return [src[i] for i in indices]
 
 
 def _process_rows(i, local_batch: int, process_index: int, process_count: int):
@@ -265,50 +375,55 @@ def _process_rows(i, local_batch: int, process_index: int, process_count: int):
 class GrainReader(Reader):
   """tfds.data_source (ArrayRecord) + grain MapDataset over one global stream."""
 
-  def _data_source(self, split):
-    b = self.source.builder(FILE_FORMAT["grain"])
-    decoders = ({self.source.image_key: tfds.decode.SkipDecoding()}
-                if self.source.kind == "image" else None)
-    return b.as_data_source(split=split, decoders=decoders)
+  def _data_source(self, split, preprocess=None):
+    """Image preprocessing: the serialized records (parsed in the graph, _record_batch_fn);
+    others (text, image-text, record-level evaluators): tfds.data_source's deserialised
+    records."""
+    src = self.source.builder(FILE_FORMAT["grain"]).as_data_source(split=split)
+    serialized = self.source.kind == "image" and (
+        preprocess is None or isinstance(preprocess, preprocess_lib.Preprocess))
+    return src.data_source if serialized else src
 
   def _iterate(self, ds: grain.MapDataset) -> Iterator[Batch]:
     # Threads, not worker processes: the preprocessing is TF ops, which release the GIL, and
     # TF parallelises within a batch (map_fn) on its own thread pool.
     threads = self.num_workers or 4
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1)
-    return iter(ds.to_iter_dataset(options))
+    return self._counted(iter(ds.to_iter_dataset(options)))
 
   def train_batches(self, split, *, local_batch, start_batch, seed, train_preprocess,
                     process_index, process_count, shuffle_buffer):
     del shuffle_buffer  # grain shuffles the whole split (random access).
-    stream = grain.MapDataset.source(self._data_source(split)).seed(seed).shuffle().repeat(None)
+    src = self._data_source(split)
+    # The global stream: position p holds record order[p], a fresh permutation per epoch.
+    order = grain.MapDataset.range(len(src)).seed(seed).shuffle().repeat(None)
 
-    def record(i):
-      position = _process_rows(i, local_batch, process_index, process_count)
-      return position, stream[position]
+    def batch_records(b):  # one grain element per batch: its per-element cost is ~100 us
+      positions = [_process_rows(i, local_batch, process_index, process_count)
+                   for i in range(b * local_batch, (b + 1) * local_batch)]
+      return list(zip(positions, _read(src, [order[p] for p in positions])))
 
-    ds = grain.MapDataset.range(2**62).map(record)
-    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
+    ds = grain.MapDataset.range(2**62 // local_batch).map(batch_records)
     ds = ds.map_with_index(_GrainBatch(self.source, seed, train_preprocess=train_preprocess))
     return self._iterate(ds[start_batch:])
 
   def eval_batches(self, split, *, local_batch, num_batches, preprocess, process_index,
                    process_count):
-    src = self._data_source(split)
+    src = self._data_source(split, preprocess)
     n = len(src)
     padding = None
 
-    def record(i):
+    def batch_records(b):
       nonlocal padding
-      position = _process_rows(i, local_batch, process_index, process_count)
-      if position < n:
-        return position, src[position]
-      if padding is None:  # A real record with position -1: masked out, same shapes.
-        padding = src[0]
-      return -1, padding
+      positions = [_process_rows(i, local_batch, process_index, process_count)
+                   for i in range(b * local_batch, (b + 1) * local_batch)]
+      records = _read(src, [p for p in positions if p < n])
+      if len(records) < local_batch and padding is None:
+        padding = src[0]  # A real record at position -1: masked out, same shapes.
+      records += [padding] * (local_batch - len(records))
+      return [(p if p < n else -1, r) for p, r in zip(positions, records)]
 
-    ds = grain.MapDataset.range(num_batches * local_batch).map(record)
-    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
+    ds = grain.MapDataset.range(num_batches).map(batch_records)
     ds = ds.map_with_index(_GrainBatch(self.source, 0, preprocess=preprocess))
     return self._iterate(ds)
 
@@ -334,9 +449,10 @@ class TfDataReader(Reader):
     if text:  # raw records; text.TextPreprocess runs on each batch of them in numpy
       return ds.with_options(options)
     return ds.with_options(options).map(
-        lambda r: (r[self.source.image_key], self._label(r[self.source.label_key])))
+        lambda r: (r[self.source.image_key], _label_tf(
+            r[self.source.label_key], self.source.label_format, self.source.num_classes)))
 
-  def _image_text_batches(self, ds, local_batch, tp, seed, process_index, process_count):
+  def _image_text_batches(self, ds, start, local_batch, tp, seed, process_index, process_count):
     """Images preprocessed per example in the graph (as image batches), captions drawn and
     tokenized per batch in numpy (as text batches), both seeded by stream position."""
     key = self.source.image_key
@@ -355,12 +471,14 @@ class TfDataReader(Reader):
                         image_text.JOINED_KEY: captions}
 
     ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for positions, records in ds.batch(local_batch, drop_remainder=True).prefetch(2) \
-        .as_numpy_iterator():
+    ds = ds.ignore_errors().batch(local_batch, drop_remainder=True).prefetch(2)
+    gaps = _Gaps(start)
+    for positions, records in ds.as_numpy_iterator():
       rows = [{k: v[i] for k, v in records.items()} for i in range(len(positions))]
       counters = np.asarray(positions, np.int64) * process_count + process_index
       out = tp.text_batch(rows, counters, seed)
       out["image"] = records[key]
+      out[SKIPPED] = gaps(positions)
       yield out
 
   def _text_batches(self, ds, local_batch, pp, seed, process_index, process_count, *,
@@ -377,16 +495,6 @@ class TfDataReader(Reader):
         out["mask"] = np.asarray(mask[0], np.float32)
       yield out
 
-  def _label(self, label):
-    """int32 [] or, multi-label, uint8 [C] (ids -> multi-hot; a [C] vector as is)."""
-    if not self.source.multi_label:
-      return tf.cast(label, tf.int32)
-    if self.source.label_format == "multi_hot":
-      return tf.cast(label > 0, tf.uint8)
-    c = self.source.num_classes
-    counts = tf.math.bincount(tf.cast(label, tf.int32), minlength=c, maxlength=c)
-    return tf.cast(tf.minimum(counts, 1), tf.uint8)
-
   def _seeds(self, positions, seed, process_index, process_count):
     # This process's i-th record stands at i * P + p of the interleaved global stream.
     counter = tf.cast(positions, tf.int64) * process_count + process_index
@@ -394,6 +502,12 @@ class TfDataReader(Reader):
 
   def train_batches(self, split, *, local_batch, start_batch, seed, train_preprocess,
                     process_index, process_count, shuffle_buffer):
+    return self._counted(self._train_batches(
+        split, local_batch, start_batch, seed, train_preprocess, process_index, process_count,
+        shuffle_buffer))
+
+  def _train_batches(self, split, local_batch, start_batch, seed, train_preprocess,
+                     process_index, process_count, shuffle_buffer):
     ds = self._dataset(split, process_index, process_count, shuffle=True, seed=seed)
     ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     # Skip consumed records before decoding: positions stay those of the uninterrupted run.
@@ -403,8 +517,8 @@ class TfDataReader(Reader):
                                     process_count, evaluation=False)
       return
     if self.source.kind == "image_text":
-      yield from self._image_text_batches(ds, local_batch, train_preprocess, seed,
-                                          process_index, process_count)
+      yield from self._image_text_batches(ds, start_batch * local_batch, local_batch,
+                                          train_preprocess, seed, process_index, process_count)
       return
     sizes = train_preprocess.all_sizes()
 
@@ -412,19 +526,20 @@ class TfDataReader(Reader):
       image, label = record
       seed_vec = self._seeds(position, seed, process_index, process_count)
       if len(sizes) == 1:
-        return train_preprocess.preprocess(image, seed_vec), label
+        return position, train_preprocess.preprocess(image, seed_vec), label
       # Progressive resizing: the image size is a function of the batch (= step) index.
       size = train_preprocess.size_for_step_tf(position // local_batch)
       branches = [functools.partial(
           dataclasses.replace(train_preprocess.preprocess, image_size=s), image, seed_vec)
                   for s in sizes]
       index = tf.argmax(tf.cast(tf.equal(tf.constant(sizes), size), tf.int32))
-      return tf.switch_case(tf.cast(index, tf.int32), branches), label
+      return position, tf.switch_case(tf.cast(index, tf.int32), branches), label
 
     ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
-    for images, labels in ds.as_numpy_iterator():
-      yield {"image": images, "label": labels}
+    ds = ds.ignore_errors().batch(local_batch, drop_remainder=True).prefetch(2)
+    gaps = _Gaps(start_batch * local_batch)
+    for positions, images, labels in ds.as_numpy_iterator():
+      yield {"image": images, "label": labels, SKIPPED: gaps(positions)}
 
   def eval_batches(self, split, *, local_batch, num_batches, preprocess, process_index,
                    process_count):
@@ -435,17 +550,46 @@ class TfDataReader(Reader):
       ds = ds.take(num_batches * local_batch).enumerate().map(lambda p, rm: (p, *rm))
       return self._text_batches(ds, local_batch, preprocess, 0, process_index, process_count,
                                 evaluation=True)
-    ds = ds.map(lambda image, label: (image, label, 1.0))
-    ds = ds.concatenate(ds.take(1).map(lambda i, l, m: (i, l, 0.0)).repeat())
-    ds = ds.take(num_batches * local_batch).enumerate()
 
     def map_fn(position, record):
-      image, label, mask = record
+      image, label = record
       seed_vec = self._seeds(position, 0, process_index, process_count)
-      return {"image": preprocess(image, seed_vec), "label": label, "mask": mask}
+      return {"image": preprocess(image, seed_vec), "label": label, "mask": 1.0}
 
-    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(local_batch).prefetch(2).as_numpy_iterator()
+    # Unreadable images are dropped before the padding (mask 0) that fills the last batches.
+    ds = ds.enumerate().map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    ds = ds.concatenate(ds.take(1).map(lambda e: dict(e, mask=0.0)).repeat())
+    ds = ds.take(num_batches * local_batch).batch(local_batch).prefetch(2)
+    expected = self.source.builder(FILE_FORMAT["tf_data"]).info.splits[
+        process_split(split, process_index, process_count)].num_examples
+    return self._counted(_count_eval(ds.as_numpy_iterator(), expected))
+
+
+class _Gaps:
+  """Records dropped between consecutive batches: gaps in their enumerate() positions."""
+
+  def __init__(self, first_position: int):
+    self.next = first_position
+
+  def __call__(self, positions) -> int:
+    skipped = int(positions[-1]) + 1 - self.next - len(positions)
+    self.next = int(positions[-1]) + 1
+    return skipped
+
+
+def _count_eval(batches: Iterator[Batch], expected: int) -> Iterator[Batch]:
+  """Eval batches, the last one carrying how many of the `expected` examples were dropped."""
+  seen = 0
+  batch = None
+  for following in batches:
+    if batch is not None:
+      yield batch
+    batch = following
+    seen += int(np.sum(batch["mask"]))
+  if batch is not None:
+    batch[SKIPPED] = max(expected - seen, 0)
+    yield batch
 
 
 READERS: dict[str, type[Reader]] = {"grain": GrainReader, "tf_data": TfDataReader}

@@ -19,12 +19,23 @@ Presets (config.input.pp_train / pp_eval `name`):
   (FFCV's validation `CenterCropRGBImageDecoder(ratio=224/256)` at resolution 256, which the
   official training script reports during training).
 - `resize`: resize to image_size x image_size.
-`flip` adds a random horizontal flip (train presets only). Then (x - mean) / std, float32.
+`flip` adds a random horizontal flip (train presets only).
+
+Output: uint8 pixels. The model normalises them on the device ((x - config.input.mean) /
+config.input.std, `models.normalize_pixels`): 4x less to copy to the accelerators than float32,
+and no float work on the host (FFCV does the same).
+
+Resampling (`resize`): "area" (default) averages each output pixel's footprint where an axis
+shrinks (a box filter: OpenCV's INTER_AREA, which FFCV's decoders apply to every crop, so the
+official MRL run trained on it; alias-suppressing, unlike plain bilinear) and interpolates
+bilinearly where it grows (the same weights the antialiased triangle filter has there). It costs
+~1/4 of "antialias", TensorFlow's antialiased triangle filter in float32 (what PIL and
+torchvision's Resize compute), which stays available. On photographs the two differ by a few
+levels of 255 on average, more at sharp edges (BENCHMARKS.md, "Preprocessing").
 """
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +43,7 @@ import tensorflow as tf
 from mrl_jax.errors import ConfigError
 
 PRESETS = ("inception_crop", "random_crop", "resize_center_crop", "center_crop_resize", "resize")
+RESIZE_METHODS = ("area", "antialias")
 
 # JAX owns the accelerators; TF is only used for input ops on the host.
 try:
@@ -47,9 +59,8 @@ class Preprocess:
   name: str
   image_size: int
   channels: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
   flip: bool = False
+  resize: str = "area"
   area_min: float = 0.08
   area_max: float = 1.0
   ratio_min: float = 3 / 4
@@ -62,15 +73,21 @@ class Preprocess:
     if self.name not in PRESETS:
       raise ConfigError(f"unknown preprocessing {self.name!r} (config.input.pp_*.name); "
                         f"allowed: {list(PRESETS)}")
-    if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
-      raise ConfigError(f"config.input.mean/std have {len(self.mean)}/{len(self.std)} values; "
-                        f"allowed: 1 or {self.channels} (the image channels)")
+    if self.resize not in RESIZE_METHODS:
+      raise ConfigError(f"unknown resize {self.resize!r} (config.input.pp_*.resize); "
+                        f"allowed: {list(RESIZE_METHODS)}")
 
   def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """image: encoded bytes (scalar tf.string) or uint8 [H, W, C]; seed: int32 [2].
+    """image: encoded bytes (scalar tf.string) or uint8 [H, W, C]; seed: int [2].
 
-    Returns float32 [image_size, image_size, channels].
+    Returns uint8 [image_size, image_size, channels].
     """
+    # Rounded by +0.5 and truncation: every filter here is a convex combination of uint8
+    # values, so nothing falls outside [0, 255] and no clipping is needed (2 ops, not 4).
+    return tf.cast(self.resample(image, seed) + 0.5, tf.uint8)
+
+  def resample(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """The output before rounding to uint8: float32 pixels in [0, 255]."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     size = (self.image_size, self.image_size)
     if self.name == "inception_crop":
@@ -86,15 +103,17 @@ class Preprocess:
       elif self.name == "center_crop_resize":  # FFCV: side = int(ratio * shorter side)
         side = tf.cast(self.crop_ratio * tf.cast(tf.reduce_min(tf.shape(x)[:2]), tf.float32),
                        tf.int32)
-        x = tf.image.resize(self._center_crop(x, side), size, method="bilinear", antialias=True)
+        x = self._resize(self._center_crop(x, side), size)
       else:  # resize
-        x = tf.image.resize(x, size, method="bilinear", antialias=True)
+        x = self._resize(x, size)
     if self.flip:
       x = tf.image.stateless_random_flip_left_right(x, flip_seed)
-    x = tf.ensure_shape(x, (*size, self.channels))
-    mean = tf.constant(self.mean, tf.float32)
-    std = tf.constant(self.std, tf.float32)
-    return (x - mean) / std
+    return tf.ensure_shape(x, (*size, self.channels))
+
+  def _resize(self, x, size):
+    if self.resize == "antialias":
+      return tf.image.resize(x, size, method="bilinear", antialias=True)
+    return area_resize(x, size)
 
   def _decode(self, image):
     if image.dtype == tf.string:
@@ -122,21 +141,40 @@ class Preprocess:
           lambda: tf.image.crop_to_bounding_box(self._decode(image), y0, x0, h, w))
     else:
       crop = tf.image.crop_to_bounding_box(image, y0, x0, h, w)
-    return tf.image.resize(tf.cast(crop, tf.float32), (self.image_size, self.image_size),
-                           method="bilinear", antialias=True)
+    return self._resize(tf.cast(crop, tf.float32), (self.image_size, self.image_size))
 
   def _resize_shorter(self, x, target):
     h, w = tf.shape(x)[0], tf.shape(x)[1]
     scale = tf.cast(target, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
     new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32)
     new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32)
-    return tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    return self._resize(x, tf.stack([new_h, new_w]))
 
   def _center_crop(self, x, side):
     h, w = tf.shape(x)[0], tf.shape(x)[1]
     top = (h - side) // 2
     left = (w - side) // 2
     return tf.image.crop_to_bounding_box(x, top, left, side, side)
+
+
+def area_resize(x: tf.Tensor, size) -> tf.Tensor:
+  """float32 [h, w, C] -> [size[0], size[1], C]: an area average along each axis that shrinks,
+  bilinear interpolation (half-pixel centres) along each axis that grows. One resize op when
+  both axes shrink or both grow, one per axis otherwise. Raw ops: tf.image.resize's checks
+  and reshapes cost ~0.1 ms per image, a fifth of the whole resize. Float input: TF's uint8
+  resize kernels are slower than casting first (0.35 vs 0.25 ms at 300x280 -> 224, one core)."""
+  th, tw = size[0], size[1]
+  x = x[None]
+  h, w = tf.shape(x)[1], tf.shape(x)[2]
+
+  def resize(y, out_h, out_w, shrink):
+    out = tf.stack([out_h, out_w])
+    return tf.cond(shrink, lambda: tf.raw_ops.ResizeArea(images=y, size=out),
+                   lambda: tf.raw_ops.ResizeBilinear(images=y, size=out, half_pixel_centers=True))
+
+  alike = tf.logical_or(tf.logical_and(h >= th, w >= tw), tf.logical_and(h <= th, w <= tw))
+  return tf.cond(alike, lambda: resize(x, th, tw, tf.logical_or(h > th, w > tw)),
+                 lambda: resize(resize(x, th, w, h > th), th, tw, w > tw))[0]
 
 
 def from_config(input_cfg, *, train: bool, channels: int, image_size: int | None = None,
@@ -148,13 +186,7 @@ def from_config(input_cfg, *, train: bool, channels: int, image_size: int | None
     kwargs.pop("flip", None)  # Eval never flips; flip TTA is an evaluator option.
   # pp_eval.image_size: an eval resolution of its own (FFCV validates ResNet-50 at 256).
   image_size = image_size or pp.get("image_size") or input_cfg.image_size
-  return Preprocess(name=pp.name, image_size=image_size,
-                    channels=channels, mean=_floats(input_cfg.mean), std=_floats(input_cfg.std),
-                    **kwargs)
-
-
-def _floats(values: Sequence[float]) -> tuple[float, ...]:
-  return tuple(float(v) for v in np.atleast_1d(values))
+  return Preprocess(name=pp.name, image_size=image_size, channels=channels, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,7 @@ def extract(model, params, batch_stats, *, source: pipeline.Source, reader: pipe
     n = min(n, max_examples)
   num_batches = pipeline.num_eval_batches(n, local_batch, jax.process_count())
   pp = preprocess.from_config(input_cfg, train=False, channels=source.channels)
+  skipped_before = reader.skipped
   batches = pipeline.global_batches(
       reader.eval_batches(split, local_batch=local_batch, num_batches=num_batches, preprocess=pp,
                           process_index=jax.process_index(), process_count=jax.process_count()),
@@ -105,6 +106,9 @@ def extract(model, params, batch_stats, *, source: pipeline.Source, reader: pipe
       bar.update(batch)
   bar.close()
   z = np.concatenate(parts["z"])[:n].astype(dtype)
+  if reader.skipped > skipped_before:
+    utils.warn(f"{split}: skipped {reader.skipped - skipped_before} unreadable image(s) "
+               f"(corrupt files); the other {len(z)} are evaluated")
   return Features(
       z=z, labels=_concat_labels(parts["label"])[:n],
       z_flipped=np.concatenate(parts["z_flipped"])[:n].astype(dtype) if flip else None)

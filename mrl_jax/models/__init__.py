@@ -20,6 +20,7 @@ from mrl_jax.errors import ConfigError
 from mrl_jax.models import bert
 from mrl_jax.models import heads as heads_lib
 from mrl_jax.models import mlm as mlm_lib
+from mrl_jax.models import pixels
 from mrl_jax.models import resnet
 from mrl_jax.models import torchvision_layout
 from mrl_jax.models import two_towers
@@ -173,14 +174,24 @@ def text_tokenizer(config):
 
 
 class MatryoshkaModel(nnx.Module):
-  """images [B, H, W, C] -> (z [B, d], {m: logits_m [B, C]}) with one encoder pass."""
+  """images [B, H, W, C] -> (z [B, d], {m: logits_m [B, C]}) with one encoder pass. uint8
+  images are normalised with (pixel_mean, pixel_std) first (models/pixels.py; None: a text
+  encoder, whose inputs are token dicts)."""
 
-  def __init__(self, encoder: nnx.Module, heads: heads_lib.MatryoshkaHeads):
+  def __init__(self, encoder: nnx.Module, heads: heads_lib.MatryoshkaHeads, *,
+               pixel_mean: tuple[float, ...] | None, pixel_std: tuple[float, ...] | None):
     self.encoder = encoder
     self.heads = heads
+    self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
+
+  def encode(self, images: jax.Array, *, rngs: nnx.Rngs | None = None):
+    """(z, aux) of the encoder on (normalised) images."""
+    if self.pixel_mean is not None:
+      images = pixels.normalize(images, self.pixel_mean, self.pixel_std)
+    return self.encoder(images, rngs=rngs)
 
   def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None):
-    z, _ = self.encoder(images, rngs=rngs)
+    z, _ = self.encode(images, rngs=rngs)
     return z, self.heads(z)
 
 
@@ -201,6 +212,7 @@ def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
   if spec.model_name == DUAL:
     c = config.contrastive
     sigmoid = c.loss == "sigmoid"
+    mean, std = pixels.stats(config.input, config.image_tower.get("in_channels", 3))
     return two_towers.TwoTowers(
         encoder_module(config.image_tower.model_name).build(config.image_tower, dtype=dtype,
                                                             rngs=rngs),
@@ -208,7 +220,8 @@ def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
                                                            rngs=rngs),
         projection=int(config.model.projection),
         num_scales=len(spec.head_sizes) if c.per_size_scale else 1, scale_init=c.scale,
-        bias_init=c.bias_init if sigmoid else None, freeze=config.model.freeze, rngs=rngs)
+        bias_init=c.bias_init if sigmoid else None, freeze=config.model.freeze,
+        pixel_mean=mean, pixel_std=std, rngs=rngs)
   encoder = encoder_module(spec.model_name).build(config.model, dtype=dtype, rngs=rngs)
   if spec.objective == "mlm":
     return mlm_lib.MatryoshkaMlm(encoder, spec.head_sizes, rngs=rngs)
@@ -221,7 +234,9 @@ def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
                                     init=config.mrl.get("head_init", "lecun_normal"),
                                     bias_init=config.mrl.get("head_bias_init"),
                                     dtype=jnp.float32, rngs=rngs)
-  return MatryoshkaModel(encoder, heads)
+  mean, std = ((None, None) if spec.model_name in TEXT_MODELS else
+               pixels.stats(config.input, config.model.get("in_channels", 3)))
+  return MatryoshkaModel(encoder, heads, pixel_mean=mean, pixel_std=std)
 
 
 def torchvision_param_names(config, spec: ModelSpec) -> dict[tuple, str]:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mrl_jax.models import pixels
+
 TOWERS = ("image", "text")
 FREEZE = ("", "image", "text")
 
@@ -27,8 +29,10 @@ class TwoTowers(nnx.Module):
 
   def __init__(self, image_encoder: nnx.Module, text_encoder: nnx.Module, *, projection: int,
                num_scales: int, scale_init: float, bias_init: float | None,
-               freeze: str = "", rngs: nnx.Rngs):
+               pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], freeze: str = "",
+               rngs: nnx.Rngs):
     self.image = image_encoder
+    self.pixel_mean, self.pixel_std = pixel_mean, pixel_std  # uint8 images: models/pixels.py
     self.text = text_encoder
     self.freeze = freeze
     init = nnx.initializers.normal(0.02)
@@ -42,7 +46,7 @@ class TwoTowers(nnx.Module):
                  if bias_init is not None else None)
 
   def embed_image(self, images, *, rngs=None):
-    z, _ = self.image(images, rngs=rngs)
+    z, _ = self.image(pixels.normalize(images, self.pixel_mean, self.pixel_std), rngs=rngs)
     z = z.astype(jnp.float32)
     return z if self.image_projection is None else self.image_projection(z)
 
