@@ -128,7 +128,7 @@ def main(argv) -> int:
       claims_lib.table(per_size(minilm, "lee_similarity", "spearman"), minilm_sizes), "",
       "## all-MiniLM-L6-v2: nDCG@10 (%), inverse-cloze retrieval on the test articles", "",
       claims_lib.table(per_size(minilm, "wiki_passages", "ndcg@10"), minilm_sizes), "",
-      "## Binary (1 bit per dimension, float rescoring) nDCG@10 (%), MRL fine-tuned", "",
+      "## Binary (1 bit per dimension, float rescoring) nDCG@10 (%), fine-tuned MiniLM", "",
       claims_lib.table({k: v for k, v in per_size(minilm, "wiki_passages", "ndcg@10_binary").items()
               if k != "released"}, minilm_sizes), ""]
   with open(os.path.join(out, "results.md"), "w") as f:
