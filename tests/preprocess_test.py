@@ -70,13 +70,15 @@ def test_inception_crop_area_and_aspect_stay_in_their_bounds(monkeypatch):
   whole = area == 1.0  # the fallback after 10 failed attempts: the whole image
   assert np.all((area[~whole] >= 0.08 - 0.01) & (area[~whole] <= 1.0))
   assert np.all((aspect[~whole] >= 3 / 4 - 0.05) & (aspect[~whole] <= 4 / 3 + 0.05))
-  assert area.min() < 0.15 and area[~whole].max() > 0.7 and whole.mean() < 0.2
+  # Below 0.1 too: TF's min_object_covered (default 0.1 of the whole-image box) must be 0.
+  assert area.min() < 0.1 and area[~whole].max() > 0.7 and whole.mean() < 0.2
   assert aspect.min() < 0.8 and aspect.max() > 1.25
 
 
 def test_eval_preprocessing_never_flips_even_when_training_does():
   config = load_config("configs/digits_resnet_mrl.py")
   config.input.pp_train.flip = True
+  config.input.pp_eval.flip = True  # even when asked to
   assert preprocess.from_config(config.input, train=True, channels=1).flip
   pp = preprocess.from_config(config.input, train=False, channels=1)
   assert not pp.flip
@@ -181,7 +183,9 @@ def _bilinear_weights(n_in, n_out):
                                          ((10, 12), (25, 31)),  # both grow
                                          ((30, 10), (12, 25)),  # rows shrink, columns grow
                                          ((9, 37), (20, 14)),   # rows grow, columns shrink
-                                         ((17, 23), (17, 13))])  # one axis unchanged
+                                         ((17, 23), (17, 13)),  # one axis unchanged
+                                         ((17, 8), (17, 16)),  # unchanged rows, growing
+                                         ((8, 23), (16, 23))])  # growing rows, unchanged
 def test_area_resize_is_a_box_filter_shrinking_and_bilinear_growing(shape, size):
   """Against the filters written out in numpy: out = Wy x Wx^T per channel."""
   x = np.random.default_rng(0).uniform(0, 255, (*shape, 3)).astype(np.float32)
@@ -251,3 +255,90 @@ def test_on_photographs_area_stays_within_the_stated_bound_of_antialias():
   d = np.concatenate(diffs)
   assert d.mean() < 0.6 and np.percentile(d, 99.9) <= 16 and d.max() <= 64
   assert d.mean() > 0.05  # not the same filter: the bound is measured, not vacuous
+
+
+def test_default_parameters_are_the_published_recipes():
+  """A preset built without parameters uses the recipes it is named after: the Inception crop
+  of Szegedy et al. 2015 as torchvision's RandomResizedCrop defaults it (area 8-100 %, aspect
+  3/4-4/3), He et al. 2016's CIFAR crop (4 px of zero padding per side, Sec. 4.2) and the
+  ImageNet evaluation resize to 256 then centre crop 224 (ratio 0.875)."""
+  pp = preprocess.Preprocess(name="inception_crop", image_size=224, channels=3)
+  assert (pp.area_min, pp.area_max) == (0.08, 1.0)
+  assert (pp.ratio_min, pp.ratio_max) == pytest.approx((0.75, 4 / 3), abs=0)
+  assert pp.pad == 4 and pp.resize_size == 256 and pp.crop_ratio == 0.875
+  assert pp.resize == "area" and not pp.flip
+
+
+def test_configured_aspect_range_reaches_the_window_sampler(monkeypatch):
+  """ratio_min = ratio_max = 1: every window is square (to the rounding of integer sides)."""
+  windows = []
+  crop = tf.image.crop_to_bounding_box
+
+  def record(image, y0, x0, h, w):
+    windows.append((int(h), int(w)))
+    return crop(image, y0, x0, h, w)
+
+  monkeypatch.setattr(tf.image, "crop_to_bounding_box", record)
+  pp = preprocess.Preprocess(name="inception_crop", image_size=8, ratio_min=1.0, ratio_max=1.0,
+                             **PLAIN)
+  for i in range(100):
+    pp(tf.constant(np.zeros((120, 160, 1), np.uint8)), _seed(i))
+  h, w = np.asarray([hw for hw in windows if hw != (120, 160)]).T
+  assert len(h) > 50 and np.all(np.abs(h - w) <= 1)
+
+
+@pytest.mark.parametrize("resize", ["area", "antialias"])
+def test_each_resize_method_is_its_filter_on_a_halving(resize):
+  """An 8x8 noise image resized to 4x4 ('resize' preset): `area` is the 2x2 block mean
+  (numpy); `antialias` is TF's triangle filter, whose 4-tap kernel differs from the box."""
+  image = np.random.default_rng(0).integers(0, 256, (8, 8, 1)).astype(np.uint8)
+  pp = preprocess.Preprocess(name="resize", image_size=4, resize=resize, **PLAIN)
+  got = pp.resample(tf.constant(image), _seed(0)).numpy()
+  box = image.astype(np.float64).reshape(4, 2, 4, 2, 1).mean(axis=(1, 3))
+  if resize == "area":
+    np.testing.assert_allclose(got, box, atol=1e-3)
+  else:
+    want = tf.image.resize(image.astype(np.float32), (4, 4), antialias=True).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert np.abs(got - box).max() > 5
+
+
+def _encoded(fmt, mode):
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (40, 50, 1 if mode == "L" else 3)).astype(np.uint8)
+  out = io.BytesIO()
+  image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels)
+  image.convert(mode).save(out, format=fmt)
+  return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "L"), ("PNG", "L"), ("GIF", "P"),
+                                       ("PNG", "RGB")])
+@pytest.mark.parametrize("name", ["inception_crop", "resize_center_crop"])
+def test_grayscale_palette_and_gif_files_decode_to_the_configured_channels(fmt, mode, name):
+  """ImageNet holds grayscale JPEGs (and TFDS builders may store PNG or GIF): every file
+  decodes to `channels` (3) and to one frame, in training and in evaluation."""
+  pp = preprocess.Preprocess(name=name, image_size=16, channels=3, resize_size=20)
+  out = pp(tf.constant(_encoded(fmt, mode)), _seed(0)).numpy()
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  if mode == "L":  # gray stays gray: three equal channels
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_train_preset_and_progressive_schedule_from_config():
+  """train_from_config builds config.input.pp_train (not pp_eval); without progressive resizing
+  the size is image_size at every step (also in TF); with it the schedule is FFCV's formula
+  computed by hand: interp(epoch, [0, 2], [64, 128]) rounded to 32 -> 64, 96, 128 at epochs 0,
+  1, 2, the last change exactly at end_epoch."""
+  config = load_config("configs/resnet50_imagenet.py:mrl")
+  config.input.progressive_resize.enabled = False
+  tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=10)
+  assert tp.preprocess.name == config.input.pp_train.name == "inception_crop"
+  assert tp.preprocess.flip and tp.all_sizes() == (config.input.image_size,)
+  assert int(tp.size_for_step_tf(12345)) == config.input.image_size
+  config.input.progressive_resize.update(enabled=True, start_epoch=0, end_epoch=2, min_res=64,
+                                         max_res=128, multiple=32)
+  tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=10)
+  assert tp.sizes == (64, 96, 128) and tp.change_steps == (10, 20)
