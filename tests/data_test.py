@@ -371,3 +371,22 @@ def test_real_dataset_pipelines_with_mock_data(tmp_path, reader, name, split):
                                        process_count=1))
     assert [float(b["mask"].sum()) for b in eval_batches] == [16.0, 8.0]
     assert np.isfinite(eval_batches[0]["image"]).all()
+
+
+def test_a_batch_that_cannot_be_bound_fails_alone_and_leaves_the_function_usable():
+  """TF 2.x keeps a tf.function's lock when binding its inputs fails, which would hang every
+  other grain thread calling it; the pipeline converts inputs first (pipeline._call). A bad
+  batch raises in its own thread, and the next call, from another thread, still completes."""
+  import threading  # pylint: disable=import-outside-toplevel
+  pp = preprocess.Preprocess(name="resize", image_size=4, channels=1)
+  fn = pipeline._batch_fn(pp)  # pylint: disable=protected-access
+  seeds = np.zeros((1, 2), np.int64)
+  with pytest.raises((TypeError, ValueError)):
+    pipeline._call(fn, [{"image": b"x"}], seeds)  # pylint: disable=protected-access
+  png = tf.io.encode_png(np.full((6, 6, 1), 7, np.uint8)).numpy()
+  out = []
+  thread = threading.Thread(  # a daemon: a hung call must fail the test, not hang pytest
+      target=lambda: out.append(pipeline._call(fn, [png], seeds)), daemon=True)  # pylint: disable=protected-access
+  thread.start()
+  thread.join(60)
+  assert not thread.is_alive() and out[0].numpy().max() == 7
