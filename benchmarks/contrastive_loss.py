@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.timing import interleaved  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks.timing import report  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 4096, "pairs in the batch")
@@ -102,11 +103,7 @@ def main(argv):
           "to the single-size loss measured in the same run (alternating rounds, medians).\n",
           "| loss | computation | ms | ratio to full size only |", "|---|---|---|---|"]
   text += [f"| {loss} | {name} | {1e3 * s:.0f} | {r:.2f} |" for loss, name, s, r in rows]
-  out = "\n".join(text) + "\n"
-  print(out)
-  if args.append:
-    with open(args.append, "a") as f:
-      f.write(out)
+  report("\n".join(text) + "\n", args.append)
 
 
 if __name__ == "__main__":

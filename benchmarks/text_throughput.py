@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.timing import interleaved  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks.timing import report  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def text_config(objective: str, variant: str, nesting: str, batch: int, length: int,
@@ -180,11 +181,7 @@ def main(argv):
     tokens = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
     text.append(f"| {r['what']} | {r['sizes']} | {r['ms']:.1f} | {tokens} | "
                 f"{r['ratio']:.3f} |")
-  out = "\n".join(text) + "\n"
-  print(out)
-  if args.append:
-    with open(args.append, "a") as f:
-      f.write(out)
+  report("\n".join(text) + "\n", args.append)
 
 
 if __name__ == "__main__":

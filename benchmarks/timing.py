@@ -12,3 +12,11 @@ def interleaved(runners: dict, rounds: int, steps: int) -> dict:
       if r:
         times[name].append(t)
   return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def report(text: str, append: str = "") -> None:
+  """Prints a benchmark's markdown and, with --append=FILE, appends it there."""
+  print(text)
+  if append:
+    with open(append, "a") as f:
+      f.write(text)

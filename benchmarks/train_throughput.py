@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.timing import interleaved  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks.timing import report  # noqa: E402  pylint: disable=wrong-import-position
 
 # Dense bf16 peak FLOP/s by device_kind substring (vendor specs).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -190,11 +191,7 @@ def main(argv):
                  f"{1e3 * r['step_s']:.1f} | {r['compile_s']:.0f} | {r['flops'] / 1e12:.3f} | "
                  f"{100 * r['mfu']:.1f}% | {r['mrl_over_ff']:.4f} | "
                  f"{r['flops_mrl_over_ff']:.5f} | {r['memory_gib']:.1f} |")
-  text = header + "\n".join(table) + "\n"
-  print(text)
-  if args.append:
-    with open(args.append, "a") as f:
-      f.write(text)
+  report(header + "\n".join(table) + "\n", args.append)
 
 
 if __name__ == "__main__":
