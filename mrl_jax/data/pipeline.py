@@ -201,18 +201,22 @@ SKIPPED = "skipped"  # batch key: unreadable images skipped while making this ba
 DECODE_ERRORS = (tf.errors.InvalidArgumentError,)  # what TF's decoders raise on a corrupt file
 
 
-@functools.cache
-def _batch_fn(pp: preprocess_lib.Preprocess):
-  """The per-example definition mapped over a batch in one TF call (5x fewer TF dispatches)."""
-  out = tf.TensorSpec([pp.image_size, pp.image_size, pp.channels], tf.uint8)
+def _mapped(one, out):
+  """one(encoded, seed) mapped over a batch in one TF call (5x fewer TF dispatches)."""
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
                                 tf.TensorSpec([None, 2], tf.int64)])
-  def fn(images, seeds):
-    return tf.map_fn(lambda a: pp(a[0], a[1]), (images, seeds), fn_output_signature=out,
+  def fn(encoded, seeds):
+    return tf.map_fn(lambda a: one(a[0], a[1]), (encoded, seeds), fn_output_signature=out,
                      parallel_iterations=32)
 
   return fn
+
+
+@functools.cache
+def _batch_fn(pp: preprocess_lib.Preprocess):
+  """Encoded images of a batch -> uint8 images."""
+  return _mapped(pp, tf.TensorSpec([pp.image_size, pp.image_size, pp.channels], tf.uint8))
 
 
 def _label_tf(label, label_format: str, num_classes: int):
@@ -250,13 +254,7 @@ def _record_batch_fn(pp: preprocess_lib.Preprocess, source_key: tuple):
     return pp(record[image_key], seed), _label_tf(record[label_key], label_format,
                                                   num_classes)
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
-                                tf.TensorSpec([None, 2], tf.int64)])
-  def fn(records, seeds):
-    return tf.map_fn(lambda a: one(a[0], a[1]), (records, seeds), fn_output_signature=out,
-                     parallel_iterations=32)
-
-  return fn
+  return _mapped(one, out)
 
 
 @dataclasses.dataclass(frozen=True)
