@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -121,3 +122,28 @@ def test_periodic_eval_and_metrics_after_a_resume_from_an_older_checkpoint(data_
   drop = ("train/images_per_second", "train/step_time", "train/input_wait")  # wall-clock
   strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
   assert strip(second) == strip(first)
+
+
+@pytest.mark.slow
+def test_a_slow_input_pipeline_is_reported_and_warned_once(data_dir, tmp_path, capsys,
+                                                           monkeypatch):
+  """Each batch reaches the loop 0.3 s late: the loop's measured wait share (train line,
+  metrics.jsonl, summary.json) is above the 20 % limit and the input-bound warning prints
+  exactly once."""
+  global_batches = train_lib.pipeline.global_batches
+
+  def slow_batches(*args, **kwargs):
+    for batch in global_batches(*args, **kwargs):
+      time.sleep(0.3)
+      yield batch
+
+  monkeypatch.setattr(train_lib.pipeline, "global_batches", slow_batches)
+  workdir = str(tmp_path / "run")
+  summary = train_lib.train_and_evaluate(_config(data_dir, 4, log_every_steps=2), workdir,
+                                         devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  assert out.count("WARNING: input-bound") == 1 and "input-wait" in out
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    waits = [r["train/input_wait"] for r in map(json.loads, f) if "train/input_wait" in r]
+  assert len(waits) >= 2 and min(waits[1:]) > 0.2  # step 1 includes compiling
+  assert summary["input_wait"] > 0.2
