@@ -63,6 +63,20 @@ def test_info_nce_equals_numpy_with_large_logits(symmetric, eps):
   np.testing.assert_allclose(np.asarray(got), np_info_nce(logits, symmetric, eps), rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_info_nce_gradient_is_both_softmaxes_minus_the_smoothed_targets(eps):
+  """d/dl of mean_i 0.5 (row_i + col_i) = (softmax_rows + softmax_cols - 2 t) / (2B)."""
+  n = 6
+  logits = np.random.default_rng(2).normal(size=(n, n)) * 5.0
+  got = jax.grad(lambda l: contrastive.info_nce(l, symmetric=True, label_smoothing=eps).mean())(
+      jnp.asarray(logits, jnp.float32))
+  softmax = lambda l, axis: np.exp(l - l.max(axis, keepdims=True)) / np.exp(
+      l - l.max(axis, keepdims=True)).sum(axis, keepdims=True)
+  t = np.full((n, n), eps / n) + np.eye(n) * (1 - eps)
+  want = (softmax(logits, 1) + softmax(logits, 0) - 2 * t) / (2 * n)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7)
+
+
 def test_matryoshka_contrastive_loss_equals_sentence_transformers():
   """sum_m w_m * MultipleNegativesRankingLoss(shrink(a, m), shrink(p, m)) with sentence-
   transformers' own `shrink` (truncate, L2-normalise) and loss on the same embeddings; with
