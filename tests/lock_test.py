@@ -133,3 +133,55 @@ def test_a_held_workdir_is_refused_before_the_dataset_is_opened(tmp_path, monkey
     with pytest.raises(ConfigError, match="is in use by another training job"):
       train_lib.train_and_evaluate(config, workdir)
   assert not opened
+
+
+def test_process_start_time_is_the_kernels_starttime_field():
+  """proc(5): field 22 of /proc/<pid>/stat is the start time in clock ticks since boot (the
+  command name, field 2, has no spaces for a python process); a finished pid has none."""
+  with open("/proc/self/stat") as f:
+    want = f.read().split()[21]
+  assert lock_lib._process_start_time(os.getpid()) == want
+  assert lock_lib._process_start_time(_dead_pid()) is None
+
+
+def test_the_heartbeat_is_rewritten_while_the_job_runs(tmp_path, monkeypatch):
+  monkeypatch.setattr(lock_lib, "HEARTBEAT_SECONDS", 0.05)
+  workdir = str(tmp_path / "run")
+  with lock_lib.WorkdirLock(workdir) as held:
+    time.sleep(0.5)
+    record = json.load(open(os.path.join(workdir, "LOCK")))
+    assert record["heartbeat"] > held.record["job_start"] + 0.2
+    assert {k: v for k, v in record.items() if k != "heartbeat"} == {
+        k: v for k, v in held.record.items() if k != "heartbeat"}
+  assert not os.path.exists(os.path.join(workdir, "LOCK"))
+
+
+def test_a_lock_another_job_took_over_is_not_removed_at_exit(tmp_path):
+  workdir = str(tmp_path / "run")
+  with lock_lib.WorkdirLock(workdir):
+    _write_lock(workdir, token="the-new-holder")
+  assert json.load(open(os.path.join(workdir, "LOCK")))["token"] == "the-new-holder"
+
+
+def test_without_procfs_a_signal_probe_tells_whether_the_holder_runs(monkeypatch):
+  monkeypatch.setattr(lock_lib, "_process_start_time", lambda pid: None)
+  real_exists = os.path.exists
+  monkeypatch.setattr(lock_lib.os.path, "exists", lambda p: p != "/proc" and real_exists(p))
+  assert lock_lib._alive_here({"pid": os.getpid()})
+  assert not lock_lib._alive_here({"pid": _dead_pid()})
+  assert not lock_lib._alive_here({"pid": "123"})  # not a pid
+
+
+def test_on_an_object_store_the_lock_is_written_then_read_back(tmp_path, monkeypatch):
+  """No exclusive create on gs://: an existing lock refuses, a fresh one is written and held
+  only if the record read back is this job's (another job's write in between wins)."""
+  monkeypatch.setattr(lock_lib.paths, "is_remote", lambda p: True)
+  workdir = str(tmp_path / "run")
+  with lock_lib.WorkdirLock(workdir) as held:
+    assert json.load(open(os.path.join(workdir, "LOCK")))["token"] == held.token
+    with pytest.raises(ConfigError, match="in use by another training job"):
+      lock_lib.WorkdirLock(workdir).__enter__()
+  assert not os.path.exists(os.path.join(workdir, "LOCK"))
+  racing = lock_lib.WorkdirLock(workdir)
+  monkeypatch.setattr(racing, "_read", lambda: {"token": "a-faster-job"})
+  assert not racing._create(racing._new_record())

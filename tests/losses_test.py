@@ -220,3 +220,58 @@ def test_softmax_on_multi_hot_targets_spreads_the_mass_over_the_labels():
   logp = logits[0] - np.log(np.exp(logits[0]).sum())
   assert float(loss) == pytest.approx(-(logp[0] + logp[2]) / 2, rel=1e-6)
   assert float(metrics["prec1@4"]) == 1.0
+
+
+def test_softmax_multi_hot_normalises_each_row_by_its_own_label_count():
+  """Rows with 1, 2 and 3 labels (and one with none: no loss) in one batch, against numpy."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 5)).astype(np.float32)
+  logits[np.arange(4), [0, 2, 3, 1]] += 5.0  # top classes: 3 rows right, in other columns
+  targets = np.array([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]],
+                     np.uint8)
+  for name in losses.LOSSES:
+    loss, metrics = losses.matryoshka_loss({5: jnp.asarray(logits)}, jnp.asarray(targets),
+                                           loss=name)
+    # prec1: the top class is one of the row's labels, per row
+    hit = targets[np.arange(4), logits.argmax(-1)] > 0
+    assert float(metrics["prec1@5"]) == pytest.approx(hit.mean()) == 0.75
+  loss, _ = losses.matryoshka_loss({5: jnp.asarray(logits)}, jnp.asarray(targets))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  t = targets / np.maximum(targets.sum(-1, keepdims=True), 1)
+  assert float(loss) == pytest.approx(-(t * logp).sum(-1).mean(), rel=1e-5)
+
+
+def test_one_real_example_is_its_own_loss_and_an_all_padding_batch_is_zero():
+  logits = {4: jnp.asarray(np.random.default_rng(4).normal(size=(3, 5)), jnp.float32)}
+  labels = jnp.asarray([1, 2, 3])
+  one, _ = losses.matryoshka_loss(logits, labels, mask=jnp.asarray([0, 1, 0]))
+  want = np_cross_entropy(np.asarray(logits[4])[1:2], np.asarray([2]), 0.0)[0]
+  assert float(one) == pytest.approx(want, rel=1e-5)
+  none, metrics = losses.matryoshka_loss(logits, labels, mask=jnp.zeros(3))
+  assert float(none) == 0.0 and float(metrics["top1@4"]) == 0.0
+
+
+def test_zero_weights_are_allowed_and_negative_ones_are_not():
+  assert losses.nesting_weights((0.0, 0.5, 2), (8, 16, 32)) == (0.0, 0.5, 2.0)
+  with pytest.raises(ConfigError, match="negative weight"):
+    losses.nesting_weights((1.0, -0.5), (8, 16))
+
+
+@pytest.mark.parametrize("keep_smallest, keep_largest", [(True, True), (True, False),
+                                                         (False, True), (False, False)])
+def test_sampling_as_many_sizes_as_are_kept(keep_smallest, keep_largest):
+  """k = the kept sizes (none free), kept + 1 or kept + 2 (the free ones scaled by n_free / k_free)
+  per step."""
+  weights = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0])
+  kept = [i for i, keep in ((0, keep_smallest), (4, keep_largest)) if keep]
+  n_free = 5 - len(kept)
+  for k in (len(kept), len(kept) + 1, len(kept) + 2) if kept else (1, 2):
+    for seed in range(8):
+      got = np.asarray(losses.sample_nesting_weights(
+          jax.random.key(seed), weights, k, keep_smallest=keep_smallest,
+          keep_largest=keep_largest))
+      assert all(got[i] == weights[i] for i in kept)
+      free = [i for i in range(5) if i not in kept and got[i] != 0]
+      assert len(free) == k - len(kept)
+      for i in free:
+        assert got[i] == pytest.approx(float(weights[i]) * n_free / (k - len(kept)))

@@ -324,3 +324,36 @@ def test_pixel_statistics_are_checked_against_the_channels():
   config.input.update(mean=(1.0,), std=(0.0,))
   with pytest.raises(ConfigError, match=r"config.input.std=\(0.0,\); allowed: positive"):
     models.create_model(config, models.resolve(config), nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", ["mrl", "mrle", "ff"])
+def test_full_classifier_is_the_head_that_reads_every_feature(kind):
+  """The full-size head the evaluators' baselines use: MRL's head_d, MRL-E's tied head; an FF-m
+  model with m < d has none."""
+  nesting = (4,) if kind == "ff" else (2, 4, 8)
+  heads = heads_lib.MatryoshkaHeads(8, 3, nesting, efficient=kind == "mrle", rngs=nnx.Rngs(0))
+  got = heads.full_classifier()
+  if kind == "ff":
+    assert got is None
+    return
+  head = heads.tied if kind == "mrle" else heads.head_8
+  np.testing.assert_array_equal(got[0], head.kernel[...])
+  np.testing.assert_array_equal(got[1], head.bias[...])
+  z = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+  np.testing.assert_allclose(heads(jnp.asarray(z))[8], z @ got[0] + got[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_one_class_head_is_allowed_and_zero_classes_is_an_error():
+  heads = heads_lib.MatryoshkaHeads(8, 1, (4, 8), rngs=nnx.Rngs(0))
+  assert heads(jnp.ones((2, 8)))[4].shape == (2, 1)
+  with pytest.raises(ConfigError, match="num_classes 0"):
+    heads_lib.MatryoshkaHeads(8, 0, (4, 8), rngs=nnx.Rngs(0))
+
+
+def test_mrle_logits_take_the_head_dtype_not_the_feature_dtype():
+  """A bfloat16 head on float32 features computes in bfloat16, for MRL-E as nnx.Linear (MRL)."""
+  z = jnp.ones((2, 8), jnp.float32)
+  for efficient in (False, True):
+    heads = heads_lib.MatryoshkaHeads(8, 3, (4, 8), efficient=efficient, dtype=jnp.bfloat16,
+                                      rngs=nnx.Rngs(0))
+    assert heads(z)[4].dtype == jnp.bfloat16, efficient

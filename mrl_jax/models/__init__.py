@@ -115,7 +115,7 @@ def resolve(config) -> ModelSpec:
                      eval_sizes=tuple(sorted(set(nesting) | set(extra))),
                      num_classes=num_classes, objective=objective,
                      tokenizer=tokenizer.fingerprint)
-  head_sizes, _ = heads_lib.head_nesting(config.mrl.head, nesting, config.mrl.get("ff_size"), d)
+  head_sizes = heads_lib.head_nesting(config.mrl.head, nesting, config.mrl.get("ff_size"), d)
   if config.num_classes < 1:
     raise ConfigError(f"config.num_classes={config.num_classes}; allowed: >= 1")
   trained = head_sizes if config.mrl.head == "ff" else nesting

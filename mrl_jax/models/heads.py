@@ -80,8 +80,8 @@ class MatryoshkaHeads(nnx.Module):
 
 
 def head_nesting(head: str, nesting: tuple[int, ...], ff_size: int | None,
-                 feature_dim: int) -> tuple[tuple[int, ...], bool]:
-  """(sizes the heads read, efficient?) for a head type from config.mrl."""
+                 feature_dim: int) -> tuple[int, ...]:
+  """The sizes the heads of a head type (config.mrl) read."""
   if head not in HEAD_TYPES:
     raise ConfigError(f"head type {head!r} is not supported (config.mrl.head); "
                       f"allowed: {list(HEAD_TYPES)}")
@@ -89,5 +89,5 @@ def head_nesting(head: str, nesting: tuple[int, ...], ff_size: int | None,
     if ff_size is None:
       raise ConfigError("config.mrl.ff_size must be set for head 'ff' (e.g. ff=64 in the "
                         "config arg); allowed: 1 <= ff_size <= feature_dim")
-    return nesting_lib.validate([ff_size], feature_dim, "config.mrl.ff_size"), False
-  return nesting, head == "mrle"
+    return nesting_lib.validate([ff_size], feature_dim, "config.mrl.ff_size")
+  return nesting
