@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from mrl_jax import lock as lock_lib
@@ -35,6 +36,9 @@ def test_a_held_lock_refuses_a_second_job_naming_the_holder(tmp_path):
     record = json.load(open(os.path.join(workdir, "LOCK")))
     assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
     assert record["process_start"] == lock_lib._process_start_time(os.getpid())
+    umask = os.umask(0)
+    os.umask(umask)  # readable by the other jobs and users of a shared file system
+    assert os.stat(os.path.join(workdir, "LOCK")).st_mode & 0o777 == 0o644 & ~umask
     with pytest.raises(ConfigError) as e:
       lock_lib.WorkdirLock(workdir).__enter__()
     message = str(e.value)
@@ -167,9 +171,20 @@ def test_without_procfs_a_signal_probe_tells_whether_the_holder_runs(monkeypatch
   monkeypatch.setattr(lock_lib, "_process_start_time", lambda pid: None)
   real_exists = os.path.exists
   monkeypatch.setattr(lock_lib.os.path, "exists", lambda p: p != "/proc" and real_exists(p))
+  sent = []
+  real_kill = os.kill
+
+  def kill(pid, sig):  # records the probe; never delivers a real signal
+    sent.append(sig)
+    if sig != 0:
+      raise AssertionError(f"signal {sig} sent to the lock holder {pid}")
+    real_kill(pid, 0)
+
+  monkeypatch.setattr(lock_lib.os, "kill", kill)
   assert lock_lib._alive_here({"pid": os.getpid()})
   assert not lock_lib._alive_here({"pid": _dead_pid()})
   assert not lock_lib._alive_here({"pid": "123"})  # not a pid
+  assert sent == [0, 0]
 
 
 def test_on_an_object_store_the_lock_is_written_then_read_back(tmp_path, monkeypatch):
@@ -185,3 +200,91 @@ def test_on_an_object_store_the_lock_is_written_then_read_back(tmp_path, monkeyp
   racing = lock_lib.WorkdirLock(workdir)
   monkeypatch.setattr(racing, "_read", lambda: {"token": "a-faster-job"})
   assert not racing._create(racing._new_record())
+
+
+def test_process_start_time_reads_past_a_parenthesis_in_the_command_name(tmp_path):
+  """The command name (field 2) may contain ') ': the fields are counted after its last ')'."""
+  link = tmp_path / "a) b"
+  os.symlink(sys.executable, link)
+  proc = subprocess.Popen([str(link), "-c", "import time; time.sleep(60)"])
+  try:
+    prefix, deadline = f"{proc.pid} (a) b) ", time.time() + 10
+    while True:  # the name changes when exec completes
+      with open(f"/proc/{proc.pid}/stat") as f:
+        line = f.read()
+      if line.startswith(prefix) or time.time() > deadline:
+        break
+      time.sleep(0.01)
+    assert line.startswith(prefix), line[:40]
+    assert lock_lib._process_start_time(proc.pid) == line[len(prefix):].split()[19]
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+def test_every_process_of_a_job_stops_when_process_0_is_refused(tmp_path, monkeypatch):
+  """Two processes: process 0 decides and broadcasts; the others raise too (simulated here:
+  jax.process_count and the broadcast patched, each side run in turn)."""
+  workdir = str(tmp_path / "run")
+  _write_lock(workdir, host="node-7", pid=1234)  # a live holder on another host
+  sent = []
+
+  def broadcast(value):  # process 0's value reaches every process
+    sent.append(int(value))
+    return np.int32(0)
+
+  monkeypatch.setattr(lock_lib.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(lock_lib.multihost_utils, "broadcast_one_to_all", broadcast)
+  monkeypatch.setattr(lock_lib.utils, "is_main_process", lambda: False)
+  with pytest.raises(ConfigError) as e:
+    lock_lib.WorkdirLock(workdir).__enter__()
+  assert str(e.value) == f"workdir {workdir} is in use by another training job"
+  monkeypatch.setattr(lock_lib.utils, "is_main_process", lambda: True)
+  with pytest.raises(ConfigError, match="pid 1234 on node-7"):
+    lock_lib.WorkdirLock(workdir).__enter__()
+  assert sent == [1, 0]  # process 1 had no refusal of its own; process 0 was refused
+  monkeypatch.setattr(lock_lib.multihost_utils, "broadcast_one_to_all", lambda v: np.int32(1))
+  monkeypatch.setattr(lock_lib.utils, "is_main_process", lambda: False)
+  with lock_lib.WorkdirLock(workdir) as other:  # process 0 holds it: the others go on
+    assert other.record is None and other._thread is None
+
+
+def test_takeovers_that_keep_racing_give_up_after_three_tries(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  held = lock_lib.WorkdirLock(workdir)
+  tries = []
+  monkeypatch.setattr(held, "_create", lambda record: tries.append(1) and False)
+  monkeypatch.setattr(held, "_read", lambda: {"host": "node-7", "heartbeat": 0})  # stale
+  with pytest.raises(ConfigError, match="could not take the lock .*other jobs keep taking"):
+    held.__enter__()
+  assert len(tries) == 3
+
+
+def test_a_job_that_exits_without_releasing_is_not_kept_alive_by_its_heartbeat(tmp_path):
+  """The heartbeat thread is a daemon: an interpreter that exits while holding the lock (an
+  error path that skips __exit__) ends instead of waiting for it forever."""
+  script = ("import sys; from mrl_jax import lock; "
+            f"lock.WorkdirLock({str(tmp_path / 'run')!r}).__enter__(); sys.exit(3)")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60,
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+
+
+def test_an_error_inside_the_lock_propagates_and_releases_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(RuntimeError, match="the job failed"):
+    with lock_lib.WorkdirLock(workdir):
+      raise RuntimeError("the job failed")
+  assert not os.path.exists(os.path.join(workdir, "LOCK"))
+
+
+def test_no_heartbeat_lands_after_the_lock_is_released(tmp_path, monkeypatch):
+  """__exit__ waits for the heartbeat thread: a beat in flight must not rewrite the LOCK after
+  its removal (a job that ended would then hold its workdir for 10 minutes)."""
+  monkeypatch.setattr(lock_lib, "HEARTBEAT_SECONDS", 0.0002)
+  workdir = str(tmp_path / "run")
+  for _ in range(30):
+    with lock_lib.WorkdirLock(workdir):
+      time.sleep(0.005)
+    time.sleep(0.005)
+    assert not os.path.exists(os.path.join(workdir, "LOCK"))
