@@ -167,3 +167,96 @@ def test_weight_decay_mask_reaches_every_optimizer(name):
     want_b = b - 0.5 * gb
   np.testing.assert_allclose(np.asarray(got["w"]), want_w, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got["b"]), want_b, rtol=1e-5)
+
+
+def _np_adam_moments(grads_list, b1, b2, eps):
+  """Bias-corrected Adam direction m_hat / (sqrt(v_hat) + eps) at each step, per parameter."""
+  m = v = 0.0
+  out = []
+  for t, g in enumerate(grads_list, start=1):
+    g = np.asarray(g, np.float64)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    out.append((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
+  return out
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_adamw_and_lamb_over_two_steps_equal_a_numpy_transcription(name):
+  """Two steps (the betas only show from the second), b1 0.5, b2 0.8, eps 0.1, decay 0.1 on the
+  kernel only (`kernels` rule):
+  adamw: p -= lr (u + wd p [decayed])                   (Loshchilov & Hutter 2019)
+  lamb:  p -= lr |p| / |u + wd p| (u + wd p [decayed])   (You et al. 2020, per parameter)
+  with u the bias-corrected Adam direction."""
+  p = _two_params()
+  grads = [{"w": jnp.asarray([[0.6, -0.8]]), "b": jnp.asarray([0.5])},
+           {"w": jnp.asarray([[-0.2, 0.4]]), "b": jnp.asarray([1.5])}]
+  config = _opt_config(name, b1=0.5, b2=0.8, eps=0.1, weight_decay=0.1)
+  config.optim.weight_decay_rule = "kernels"
+  got = _update(config, p, grads, lr=0.5)
+  for k in p:
+    w = np.asarray(p[k], np.float64)
+    for u in _np_adam_moments([g[k] for g in grads], 0.5, 0.8, 0.1):
+      d = u + (0.1 * w if k == "w" else 0.0)
+      ratio = np.linalg.norm(w) / np.linalg.norm(d) if name == "lamb" else 1.0
+      w = w - 0.5 * ratio * d
+    np.testing.assert_allclose(np.asarray(got[k]), w, rtol=1e-5, err_msg=k)
+
+
+def test_sgd_nesterov_is_pytorchs_over_two_steps():
+  """torch.optim.SGD(nesterov=True): buf = m buf + g; p -= lr (g + m buf)."""
+  p = _two_params()
+  g1, g2 = {"w": jnp.asarray([[0.5, -1.0]]), "b": jnp.asarray([2.0])}, {
+      "w": jnp.asarray([[1.0, 1.0]]), "b": jnp.asarray([-1.0])}
+  config = _opt_config("sgd", momentum=0.9, weight_decay=0.0)
+  config.optim.nesterov = True
+  got = _update(config, p, [g1, g2], lr=0.5)
+  for k in p:
+    w, buf = np.asarray(p[k], np.float64), 0.0
+    for g in (g1, g2):
+      g = np.asarray(g[k], np.float64)
+      buf = 0.9 * buf + g
+      w = w - 0.5 * (g + 0.9 * buf)
+    np.testing.assert_allclose(np.asarray(got[k]), w, rtol=1e-6)
+
+
+def test_steps_override_epochs_and_epochs_round_to_steps():
+  sched = load_config("configs/digits_resnet_mrl.py").schedule
+  sched.update(warmup_steps=7, warmup_epochs=2.0)
+  assert optim.steps_from(sched, "warmup", 10) == 7
+  sched.update(warmup_steps=None, warmup_epochs=0.26)
+  assert optim.steps_from(sched, "warmup", 10) == 3  # 2.6 rounds up
+  sched.update(warmup_epochs=0.0)
+  assert optim.steps_from(sched, "warmup", 10, default=5) == 5
+
+
+def test_warmup_longer_than_the_run_is_clamped_and_one_cycle_peaks_inside_it():
+  """warmup_epochs=50 of a 100-step run at 10 steps/epoch: warmup ends at step 99, so lr rises
+  to the peak by the last step; one_cycle with the peak epoch past the end peaks at step 99."""
+  config = _schedule_config("constant", warmup_epochs=50.0)
+  assert _lrs(config, [0, 99])[1] == pytest.approx(0.2)
+  config = _schedule_config("one_cycle", peak_epoch=20.0, end_lr_factor=0.0)
+  config.schedule.start_lr_factor = 0.5
+  assert _lrs(config, [0, 99, 100]) == pytest.approx([0.1, 0.2, 0.0], abs=1e-7)
+
+
+def test_lit_freezes_exactly_the_locked_tower():
+  """config.model.freeze names a tower: its parameters get zero updates (no decay either);
+  the other tower trains. Only a two-tower model freezes."""
+  config = _opt_config("sgd", momentum=0.0, weight_decay=0.1)
+  config.model.freeze = "image"
+  params = {"image": _two_params(), "text": _two_params()}
+  grads = {"image": {"w": jnp.ones((1, 2)), "b": jnp.ones(1)},
+           "text": {"w": jnp.ones((1, 2)), "b": jnp.ones(1)}}
+  two_towers = type("Spec", (), {"model_name": "two_towers"})()
+  for spec, frozen in ((two_towers, True), (None, False)):
+    tx = optim.make_optimizer(config, spec, params, optax.constant_schedule(0.5))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    got = optax.apply_updates(params, updates)
+    for k in ("w", "b"):
+      want_text = np.asarray(params["text"][k]) - 0.5 * (1 + 0.1 * np.asarray(params["text"][k]))
+      np.testing.assert_allclose(np.asarray(got["text"][k]), want_text, rtol=1e-6)
+      image = np.asarray(got["image"][k])
+      if frozen:
+        np.testing.assert_array_equal(image, np.asarray(params["image"][k]))
+      else:
+        np.testing.assert_allclose(image, want_text, rtol=1e-6)
