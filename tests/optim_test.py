@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from mrl_jax import optim
+from mrl_jax.errors import ConfigError
 from tests.conftest import build_model
 from tests.conftest import load_config
 
@@ -233,7 +234,8 @@ def test_warmup_longer_than_the_run_is_clamped_and_one_cycle_peaks_inside_it():
   """warmup_epochs=50 of a 100-step run at 10 steps/epoch: warmup ends at step 99, so lr rises
   to the peak by the last step; one_cycle with the peak epoch past the end peaks at step 99."""
   config = _schedule_config("constant", warmup_epochs=50.0)
-  assert _lrs(config, [0, 99])[1] == pytest.approx(0.2)
+  assert _lrs(config, [98, 99]) == pytest.approx([0.2 * 98 / 99, 0.2])
+  assert _lrs(config, [0], total_steps=1) == pytest.approx([0.2])  # a 1-step run: no warmup
   config = _schedule_config("one_cycle", peak_epoch=20.0, end_lr_factor=0.0)
   config.schedule.start_lr_factor = 0.5
   assert _lrs(config, [0, 99, 100]) == pytest.approx([0.1, 0.2, 0.0], abs=1e-7)
@@ -260,3 +262,13 @@ def test_lit_freezes_exactly_the_locked_tower():
         np.testing.assert_array_equal(image, np.asarray(params["image"][k]))
       else:
         np.testing.assert_allclose(image, want_text, rtol=1e-6)
+
+
+def test_one_cycle_peaks_no_earlier_than_step_1_and_lr_batch_size_must_be_positive():
+  config = _schedule_config("one_cycle", peak_epoch=0.0, end_lr_factor=0.0)
+  assert _lrs(config, [0, 1]) == pytest.approx([0.0, 0.2])
+  config = _schedule_config("constant", lr_batch_size=1)
+  assert _lrs(config, [0]) == pytest.approx([0.1 * 512])
+  config.schedule.lr_batch_size = 0
+  with pytest.raises(ConfigError, match="lr_batch_size=0 must be > 0"):
+    optim.make_schedule(config, 10, 100)
