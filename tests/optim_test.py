@@ -272,3 +272,25 @@ def test_one_cycle_peaks_no_earlier_than_step_1_and_lr_batch_size_must_be_positi
   config.schedule.lr_batch_size = 0
   with pytest.raises(ConfigError, match="lr_batch_size=0 must be > 0"):
     optim.make_schedule(config, 10, 100)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_with_momentum_and_decay_over_two_steps_equals_optax_definition(nesterov):
+  """optax.lars = add_decayed_weights -> scale_by_trust_ratio -> scale_by_learning_rate ->
+  trace(momentum, nesterov), transcribed: d = g + wd p; s = -lr tc |p| / |d| d;
+  buf = s + m buf; p += s + m buf (nesterov) or buf. Gradients not parallel to the
+  parameters, so that the decay changes the direction."""
+  p = _two_params()
+  grads = [{"w": jnp.asarray([[1.0, -0.5]]), "b": jnp.asarray([0.5])},
+           {"w": jnp.asarray([[-0.3, 0.9]]), "b": jnp.asarray([-1.5])}]
+  config = _opt_config("lars", momentum=0.5, weight_decay=0.1, trust_coefficient=0.01)
+  config.optim.nesterov = nesterov
+  got = _update(config, p, grads, lr=0.5)
+  for k in p:
+    w, buf = np.asarray(p[k], np.float64), 0.0
+    for g in grads:
+      d = np.asarray(g[k], np.float64) + 0.1 * w
+      s = -0.5 * 0.01 * np.linalg.norm(w) / np.linalg.norm(d) * d
+      buf = s + 0.5 * buf
+      w = w + (s + 0.5 * buf if nesterov else buf)
+    np.testing.assert_allclose(np.asarray(got[k]), w, rtol=1e-5, err_msg=k)
