@@ -1,5 +1,6 @@
 """Checkpointer: restore onto another mesh and sharding, step choice, corrupt steps and metadata."""
 
+import logging
 import os
 
 import jax
@@ -117,3 +118,99 @@ def test_a_checkpoint_of_another_signature_is_refused_before_reading_arrays(tmp_
   with pytest.raises(ConfigError, match=r"checkpoint step 2 in .* was written for head='mrl' but "
                      r"the config has head='mrle'"):
     _restore(str(tmp_path), mesh, REPLICATE, expected_signature={"head": "mrle"})
+
+
+def _one_device_state(step):
+  return jax.tree.map(jax.numpy.asarray, _values(step))
+
+
+@pytest.mark.parametrize("every, keep, saved, kept", [
+    (3, 2, [3, 6, 7], [6, 7]),  # every 3rd step, 7 forced; the last 2 kept
+    (0, 0, [1, 2, 3, 4, 5, 6, 7], [7]),  # 0 means every step and keep 1
+])
+def test_saves_every_n_steps_or_when_forced_and_keeps_the_last_k(tmp_path, every, keep, saved,
+                                                                 kept):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=every, keep=keep,
+                                     async_save=False)
+  got = [s for s in range(1, 8)
+         if ckpt.save(s, _one_device_state(s), {"step": s}, force=s == 7)]
+  ckpt.close()
+  assert got == saved
+  assert ckpt.all_steps() == kept == ckpt.complete_steps()
+
+
+def test_an_interrupted_save_is_reported_and_not_a_step(tmp_path, capsys):
+  directory = tmp_path / "c"
+  _save(str(directory), [4], sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]),
+        REPLICATE)
+  os.makedirs(directory / "8.orbax-checkpoint-tmp-1234")
+  capsys.readouterr()
+  ckpt = checkpoint_lib.Checkpointer(str(directory), every_steps=1, keep=10)
+  out = capsys.readouterr().out
+  assert ckpt.all_steps() == [4] == ckpt.complete_steps()
+  ckpt.close()
+  assert out.count("incomplete checkpoint 8.orbax-checkpoint-tmp-1234") == 1
+
+
+def test_write_error_names_the_step_the_cause_and_the_last_complete_checkpoint(tmp_path):
+  directory = tmp_path / "c"
+  ckpt = checkpoint_lib.Checkpointer(str(directory), every_steps=1, keep=10)
+  for step in ("2", "4", "6.orbax-checkpoint-tmp-9"):
+    os.makedirs(directory / step)
+  disk_full = OSError(28, "No space left on device")
+  message = str(ckpt._write_error(4, disk_full))
+  assert message == (f"checkpoint step 4 could not be written to {directory}/4: No space left "
+                     f"on device; the last complete checkpoint is step 2 ({directory}/2); free the"
+                     " space or fix the cause and rerun the same command to resume from it")
+  ckpt._writing = 2  # an asynchronous save of step 2 failed, reported at a later call
+  assert str(ckpt._write_error(9, disk_full)).endswith(
+      f"{directory}/2: No space left on device; the last complete checkpoint is step 4 "
+      f"({directory}/4); free the space or fix the cause and rerun the same command to resume "
+      "from it")
+  empty = checkpoint_lib.Checkpointer(str(tmp_path / "d"), every_steps=1, keep=10)
+  assert str(empty._write_error(1, disk_full)).endswith("; no complete checkpoint yet")
+  ckpt.close()
+  empty.close()
+
+
+def test_write_cause_finds_the_os_error_in_the_chain_or_says_the_last_line():
+  try:
+    try:
+      raise OSError(122, "Disk quota exceeded")
+    except OSError as e:
+      raise RuntimeError("tensorstore: write failed") from e
+  except RuntimeError as e:
+    chained = e
+  assert checkpoint_lib.write_cause(chained) == "Disk quota exceeded"
+  assert checkpoint_lib.write_cause(ValueError("INTERNAL: Read-only file system [x]")) == (
+      "Read-only file system")
+  assert checkpoint_lib.write_cause(ValueError("Traceback\n  at a\n\n  last   words  \n")) == (
+      "ValueError: last words")
+  assert checkpoint_lib.write_cause(KeyError()) == "KeyError: KeyError"
+  assert len(checkpoint_lib.write_cause(ValueError("x" * 1000))) == 300
+  loop = ValueError("a")
+  loop.__context__ = ValueError("b")
+  loop.__context__.__context__ = loop  # a cycle ends the walk
+  assert checkpoint_lib.write_cause(loop) == "ValueError: a"
+
+
+def test_orbax_error_records_are_dropped_and_everything_else_kept():
+  keep = checkpoint_lib._OrbaxWriteErrors().filter
+
+  def record(level, pathname, name="absl", msg="m"):
+    return logging.LogRecord(name, level, pathname, 1, msg, None, None)
+
+  assert not keep(record(logging.ERROR, "/site-packages/orbax/checkpoint/async.py"))
+  assert not keep(record(logging.ERROR, "/x/asyncio/base.py", "asyncio",
+                         "Task exception was never retrieved: orbax ..."))
+  assert keep(record(logging.WARNING, "/site-packages/orbax/checkpoint/async.py"))
+  assert keep(record(logging.ERROR, "/x/asyncio/base.py", "asyncio", "other task failed"))
+  assert keep(record(logging.ERROR, "/work/mrl_jax/train_lib.py"))
+
+
+def test_signature_check_names_the_first_differing_field_in_sorted_order():
+  with pytest.raises(ConfigError) as e:
+    checkpoint_lib.check_signature({"b": 1, "c": 2}, {"a": 0, "b": 1, "c": 3}, "/w", 5)
+  assert str(e.value).startswith("checkpoint step 5 in /w was written for a=None but the config "
+                                 "has a=0;")
+  checkpoint_lib.check_signature({"a": 1}, {"a": 1}, "/w", 5)  # equal: nothing raised
