@@ -187,10 +187,11 @@ def test_adamw_and_lamb_over_two_steps_equal_a_numpy_transcription(name):
   kernel only (`kernels` rule):
   adamw: p -= lr (u + wd p [decayed])                   (Loshchilov & Hutter 2019)
   lamb:  p -= lr |p| / |u + wd p| (u + wd p [decayed])   (You et al. 2020, per parameter)
-  with u the bias-corrected Adam direction."""
-  p = _two_params()
-  grads = [{"w": jnp.asarray([[0.6, -0.8]]), "b": jnp.asarray([0.5])},
-           {"w": jnp.asarray([[-0.2, 0.4]]), "b": jnp.asarray([1.5])}]
+  with u the bias-corrected Adam direction. The bias has two entries, not parallel to its
+  gradients: LAMB's trust ratio would hide a decay of a one-entry parameter."""
+  p = {"w": jnp.asarray([[3.0, 4.0]]), "b": jnp.asarray([1.0, -2.0])}
+  grads = [{"w": jnp.asarray([[0.6, -0.8]]), "b": jnp.asarray([0.5, 0.5])},
+           {"w": jnp.asarray([[-0.2, 0.4]]), "b": jnp.asarray([1.5, -0.3])}]
   config = _opt_config(name, b1=0.5, b2=0.8, eps=0.1, weight_decay=0.1)
   config.optim.weight_decay_rule = "kernels"
   got = _update(config, p, grads, lr=0.5)
