@@ -4,10 +4,13 @@ Loss and gradient (w.r.t. both embeddings) of the image-text losses at B pairs, 
 7 sizes (12, 24, ..., 768), timed in alternating rounds in one process:
 - `one pass`: every size's cosines from the block partial dot products between consecutive
   sizes (contrastive.nested_cosines: one B x B matmul in all, one B x B matrix per size);
+- `tiled`: the same in row tiles of `--tile_rows` with the hand-written gradient
+  (contrastive_tiled.py; config.contrastive.tile_rows), no B x B array;
 - `per size`: each size recomputed from scratch (truncate, normalise, B x B matmul): what a
   direct implementation does, |M| matmuls;
 - `full size only`: the single-size (non-Matryoshka) loss.
-For the softmax loss (CLIP / ALIGN, both directions) and the sigmoid loss (SigLIP).
+For the softmax loss (CLIP / ALIGN, both directions) and the sigmoid loss (SigLIP). Memory is
+XLA's own figure for the compiled function's temporaries (memory_analysis().temp_size_in_bytes).
 
   python benchmarks/contrastive_loss.py                  # B = 4096 on CPU, a few minutes
   python benchmarks/contrastive_loss.py --append=BENCHMARKS.md
@@ -32,6 +35,7 @@ flags.DEFINE_integer("batch", 4096, "pairs in the batch")
 flags.DEFINE_integer("dim", 768, "embedding width")
 flags.DEFINE_integer("steps", 2, "calls per timed round")
 flags.DEFINE_integer("rounds", 3, "alternating timed rounds")
+flags.DEFINE_integer("tile_rows", 256, "rows per tile of the tiled loss")
 flags.DEFINE_string("append", "", "append the table to this markdown file")
 
 
@@ -41,6 +45,7 @@ class Runner:
     import jax  # pylint: disable=g-import-not-at-top
     self.args = args
     self.fn = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
+    self.temp_bytes = self.fn.memory_analysis().temp_size_in_bytes
 
   def run(self, steps):
     import jax  # pylint: disable=g-import-not-at-top
@@ -83,17 +88,21 @@ def main(argv):
   for loss in ("softmax", "sigmoid"):
     bias = -10.0 if loss == "sigmoid" else None
 
-    def nested(x, y, s=sizes, loss=loss, bias=bias):
+    def nested(x, y, s=sizes, loss=loss, bias=bias, tile_rows=0):
       return contrastive.matryoshka_contrastive_loss(x, y, s, jnp.ones(len(s)), scale=10.0,
-                                                     bias=bias, loss=loss, symmetric=True)[0]
+                                                     bias=bias, loss=loss, symmetric=True,
+                                                     tile_rows=tile_rows)[0]
 
     runners = {"one pass": Runner(nested, a, b),
+               f"tiled ({args.tile_rows} rows)": Runner(
+                   lambda x, y, f=nested: f(x, y, tile_rows=args.tile_rows), a, b),
                "per size": Runner(lambda x, y, loss=loss: per_size_loss(x, y, sizes, loss),
                                   a, b),
                "full size only": Runner(lambda x, y: nested(x, y, s=(d,)), a, b)}
     times = interleaved(runners, args.rounds, args.steps)
     for name, seconds in times.items():
-      rows.append((loss, name, seconds, seconds / times["full size only"]))
+      rows.append((loss, name, seconds, seconds / times["full size only"],
+                   runners[name].temp_bytes / 2**20))
       print(rows[-1], flush=True)
   device = jax.devices()[0]
   command = "python benchmarks/contrastive_loss.py " + " ".join(sys.argv[1:])
@@ -101,8 +110,10 @@ def main(argv):
           f" ({device.platform}), B = {args.batch}, d = {d}, sizes {list(sizes)}\n",
           f"Command: `{command}`. Loss + gradient w.r.t. both embeddings, float32; ratios "
           "to the single-size loss measured in the same run (alternating rounds, medians).\n",
-          "| loss | computation | ms | ratio to full size only |", "|---|---|---|---|"]
-  text += [f"| {loss} | {name} | {1e3 * s:.0f} | {r:.2f} |" for loss, name, s, r in rows]
+          "| loss | computation | ms | ratio to full size only | temporaries (MiB) |",
+          "|---|---|---|---|---|"]
+  text += [f"| {loss} | {name} | {1e3 * s:.0f} | {r:.2f} | {mib:.0f} |"
+           for loss, name, s, r, mib in rows]
   report("\n".join(text) + "\n", args.append)
 
 

@@ -12,8 +12,11 @@ pair a binary problem, a learned bias). The Matryoshka loss is the weighted sum 
 All sizes' cosine matrices come from one pass: the dot products and squared norms of the blocks
 between consecutive sizes are accumulated (cos_{m_k} = (dots_{m_(k-1)} + a_blk b_blk^T) /
 (|a|_{m_k} |b|_{m_k})), so |M| sizes cost about one full-size B x B matmul, and only one B x B
-matrix per size is alive at a time. Inside the jitted step the arrays are the global batch,
-so the negatives come from every device (equal on 1 and 8 devices and 2 processes).
+matrix per size is alive at a time. With `tile_rows` > 0 (config.contrastive.tile_rows) the same
+loss is computed T rows at a time with a hand-written gradient (contrastive_tiled.py): no B x B
+array at all, memory O(T B) instead of autodiff's |M| B x B. Inside the jitted step the arrays
+are the global batch, so the negatives come from every device (equal on 1 and 8 devices and
+2 processes).
 
 2D Matryoshka (layers x dims; Li et al. 2024, sentence-transformers' Matryoshka2dLoss =
 AdaptiveLayerLoss(MatryoshkaLoss)): the loss above at the last layer, plus, for sampled earlier
@@ -31,6 +34,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from mrl_jax import contrastive_tiled
 
 
 def nested_cosines(a: jax.Array, b: jax.Array, sizes: Sequence[int]) -> dict[int, jax.Array]:
@@ -87,15 +92,20 @@ LOSSES = ("softmax", "sigmoid")
 
 def matryoshka_contrastive_loss(a: jax.Array, b: jax.Array, sizes: Sequence[int],
                                 weights, *, scale=20.0, bias=None, loss: str = "softmax",
-                                symmetric: bool = False, label_smoothing: float = 0.0
-                                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                                symmetric: bool = False, label_smoothing: float = 0.0,
+                                tile_rows: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """sum_m w_m * mean_i loss_i(scale_m * cos_m + bias_m) over the nested cosines of a and b.
 
   `loss`: "softmax" (InfoNCE, one or both directions, label smoothing) or "sigmoid" (SigLIP).
   `scale`, `bias`: one value for every size, or one per size ([S], sizes ascending).
   Metrics: `loss@m` and `acc@m` (in-batch top-1: the positive's logit is the row's largest;
-  ties count as hits: a variadic argmax over B x B costs XLA:CPU 5x a log-sum-exp)."""
+  ties count as hits: a variadic argmax over B x B costs XLA:CPU 5x a log-sum-exp).
+  `tile_rows` > 0: row tiles of at most that many rows (module docstring)."""
   sizes = sorted(sizes)
+  if tile_rows > 0:
+    return contrastive_tiled.matryoshka_contrastive_loss(
+        a, b, sizes, weights, scale, bias, loss=loss, symmetric=symmetric,
+        label_smoothing=label_smoothing, tile_rows=tile_rows)
   total, metrics = jnp.zeros((), jnp.float32), {}
   per_size = lambda x, i: x if jnp.ndim(x) == 0 else x[i if x.shape[0] > 1 else 0]
   for i, (m, cos) in enumerate(nested_cosines(a, b, sizes).items()):
@@ -125,13 +135,14 @@ def matryoshka_2d_loss(layers_a: jax.Array, layers_b: jax.Array, sizes: Sequence
                        last_weights, prior_weights, layer_mask: jax.Array, *,
                        scale: float = 20.0, symmetric: bool = False,
                        last_layer_weight: float = 1.0, prior_layers_weight: float = 1.0,
-                       kl_div_weight: float = 1.0, kl_temperature: float = 0.3
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       kl_div_weight: float = 1.0, kl_temperature: float = 0.3,
+                       tile_rows: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """2D Matryoshka (module docstring). layers_*: [L + 1, B, d] pooled embeddings of every layer
   (the last is z); last_weights [S]: the last layer's size weights; prior_weights [L, S]: each
   earlier layer's; layer_mask [L]: 1 for the sampled earlier layers."""
   loss, metrics = matryoshka_contrastive_loss(layers_a[-1], layers_b[-1], sizes, last_weights,
-                                              scale=scale, symmetric=symmetric)
+                                              scale=scale, symmetric=symmetric,
+                                              tile_rows=tile_rows)
   loss = loss * last_layer_weight
   count = jnp.maximum(layer_mask.sum(), 1.0)
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -139,7 +150,7 @@ def matryoshka_2d_loss(layers_a: jax.Array, layers_b: jax.Array, sizes: Sequence
   for layer in range(layers_a.shape[0] - 1):
     value, _ = matryoshka_contrastive_loss(layers_a[layer], layers_b[layer], sizes,
                                            prior_weights[layer], scale=scale,
-                                           symmetric=symmetric)
+                                           symmetric=symmetric, tile_rows=tile_rows)
     loss = loss + layer_mask[layer] * value * prior_layers_weight / count
     metrics[f"loss_layer{layer}"] = value
     if kl_temperature > 0:

@@ -132,6 +132,9 @@ def validate_text(config, spec: models.ModelSpec) -> None:
     raise ConfigError(f"config.contrastive.scale={c.scale}; allowed: > 0")
   if c.kl_temperature < 0:
     raise ConfigError(f"config.contrastive.kl_temperature={c.kl_temperature}; allowed: >= 0")
+  if not isinstance(c.tile_rows, int) or c.tile_rows < 0:
+    raise ConfigError(f"config.contrastive.tile_rows={c.tile_rows!r}; allowed: an int >= 0 "
+                      "(0: the whole batch at once)")
   if spec.objective == "contrastive" and config.input.batch_size < 2:
     raise ConfigError(f"config.input.batch_size={config.input.batch_size}: in-batch negatives "
                       "need a batch of at least 2")

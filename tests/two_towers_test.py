@@ -161,11 +161,13 @@ def _two_steps(config, mesh_cfg, devices):
   return initial, jax.tree.map(np.asarray, (state.params, state.batch_stats)), losses
 
 
-@pytest.mark.parametrize("arg", ["runlocal", "sigmoid,runlocal"])
-def test_dual_step_on_8_devices_and_fsdp_equals_1_device(digits_dir, arg):
+@pytest.mark.parametrize("arg, tile_rows", [("runlocal", 8), ("sigmoid,runlocal", 0)])
+def test_dual_step_on_8_devices_and_fsdp_equals_1_device(digits_dir, arg, tile_rows):
   """Negatives from the whole global batch: the same losses and parameters on 1 device, 8
-  (data) and 4 x 2 (data x fsdp, every parameter sharded)."""
-  config = _config(digits_dir, arg, **{"sharding.fsdp_min_size_mb": 0.0})
+  (data) and 4 x 2 (data x fsdp, every parameter sharded); the loss in 4 row tiles of 8 (each
+  tile's columns split over the devices) or the whole batch at once."""
+  config = _config(digits_dir, arg, **{"sharding.fsdp_min_size_mb": 0.0,
+                                       "contrastive.tile_rows": tile_rows})
   _, one, loss_one = _two_steps(config, {"data": 1, "fsdp": 1}, 1)
   _, eight, loss_eight = _two_steps(config, {"data": 8, "fsdp": 1}, 8)
   config.sharding.strategy = "fsdp"

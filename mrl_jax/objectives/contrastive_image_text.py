@@ -38,6 +38,7 @@ class Objective:
                         f"{list(contrastive.LOSSES)}")
     self.loss_name = cfg.loss
     self.label_smoothing = float(cfg.label_smoothing)
+    self.tile_rows = int(cfg.tile_rows)
 
   def loss(self, module, batch, *, rngs, weights, rng):
     del rng
@@ -46,7 +47,7 @@ class Objective:
     bias = None if module.bias is None else module.bias[...]
     loss, metrics = contrastive.matryoshka_contrastive_loss(
         z_img, z_txt, self.sizes, weights, scale=scale, bias=bias, loss=self.loss_name,
-        symmetric=True, label_smoothing=self.label_smoothing)
+        symmetric=True, label_smoothing=self.label_smoothing, tile_rows=self.tile_rows)
     metrics["scale"] = scale[0]
     if bias is not None:
       metrics["bias"] = bias[0]

@@ -39,13 +39,15 @@ class Objective:
     self.scale = float(cfg.scale)
     self.symmetric = bool(cfg.symmetric)
     self.two_d = bool(cfg.two_d)
+    self.tile_rows = int(cfg.tile_rows)
 
   def loss(self, module, batch, *, rngs, weights, rng):
     tokens, b = split_pair(batch)
     z, aux = module(tokens, rngs=rngs)
     if not self.two_d:
       return contrastive.matryoshka_contrastive_loss(z[:b], z[b:], self.sizes, weights,
-                                                     scale=self.scale, symmetric=self.symmetric)
+                                                     scale=self.scale, symmetric=self.symmetric,
+                                                     tile_rows=self.tile_rows)
     cfg, mrl = self.config.contrastive, self.config.mrl
     layers = aux["layers"]  # [L + 1, 2B, d]
     num_earlier = layers.shape[0] - 1
@@ -63,7 +65,7 @@ class Objective:
         layers[:, :b], layers[:, b:], self.sizes, last, prior, mask, scale=self.scale,
         symmetric=self.symmetric, last_layer_weight=cfg.last_layer_weight,
         prior_layers_weight=cfg.prior_layers_weight, kl_div_weight=cfg.kl_div_weight,
-        kl_temperature=cfg.kl_temperature)
+        kl_temperature=cfg.kl_temperature, tile_rows=self.tile_rows)
 
   def train_preprocess(self, source, steps_per_epoch: int):
     del steps_per_epoch
