@@ -1,7 +1,10 @@
 """Checkpointer: restore onto another mesh and sharding, step choice, corrupt steps and metadata."""
 
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -214,3 +217,101 @@ def test_signature_check_names_the_first_differing_field_in_sorted_order():
   assert str(e.value).startswith("checkpoint step 5 in /w was written for a=None but the config "
                                  "has a=0;")
   checkpoint_lib.check_signature({"a": 1}, {"a": 1}, "/w", 5)  # equal: nothing raised
+
+
+def test_a_synchronous_save_is_complete_when_save_returns(tmp_path):
+  """async_save=False (what init_from's reader asks for): the step is on disk at return, not
+  later on orbax's thread. A state of 32 MB makes an asynchronous write still running then."""
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=1, keep=1,
+                                     async_save=False)
+  big = {"w": jax.numpy.ones((2048, 4096), jax.numpy.float32)}
+  assert ckpt.save(1, big, {"step": 1})
+  assert ckpt.complete_steps() == [1]
+  ckpt.close()
+
+
+def test_save_without_force_follows_the_interval(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=2, keep=3,
+                                     async_save=False)
+  assert [ckpt.save(s, _one_device_state(s), {"step": s}) for s in (1, 2, 3)] == [
+      False, True, False]
+  ckpt.close()
+
+
+def test_a_failed_asynchronous_write_is_raised_by_wait_and_close(tmp_path, monkeypatch):
+  """orbax reports an asynchronous write's failure from wait_until_finished: wait() and close()
+  turn it into the one-line CheckpointError naming the step being written."""
+  for finish in ("wait", "close"):
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / finish), every_steps=1, keep=2)
+    assert ckpt.save(3, _one_device_state(3), {"step": 3})
+    ckpt.manager.wait_until_finished()
+    def failed():
+      raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", failed)
+    with pytest.raises(CheckpointError, match=r"^checkpoint step 3 could not be written to .*"
+                                              r"/3: No space left on device; "):
+      getattr(ckpt, finish)()
+    monkeypatch.undo()
+    ckpt.close()
+
+
+def test_a_finished_save_is_not_blamed_for_a_later_failure(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=1, keep=2)
+  ckpt.save(2, _one_device_state(2), {"step": 2})
+  ckpt.wait()
+  message = str(ckpt._write_error(4, OSError(28, "No space left on device")))
+  assert message.startswith("checkpoint step 4 could not be written"), message
+  ckpt.close()
+
+
+def test_complete_steps_of_a_removed_directory_is_empty(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=1, keep=2)
+  os.rmdir(tmp_path / "c")
+  assert ckpt.complete_steps() == []
+  ckpt.close()
+
+
+def test_read_in_a_fresh_process_with_one_device_of_a_checkpoint_saved_on_eight(tmp_path):
+  """`read` needs no model, mesh or earlier restore: a new process with one device reads a
+  checkpoint written FSDP-sharded on 8 devices (init_from and export do this)."""
+  directory = str(tmp_path / "c")
+  _save(directory, [5], sharding.make_mesh({"data": 4, "fsdp": 2}), FSDP)
+  code = ("import json, sys; from mrl_jax import checkpoint as c; "
+          f"state, meta = c.Checkpointer({directory!r}, every_steps=1, keep=1, "
+          "async_save=False).read(5); "
+          "print(json.dumps({k: v.tolist() for k, v in state.items()}), json.dumps(meta), sep=chr(10))")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  state, meta = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+  want = _values(5)
+  for key in want:
+    np.testing.assert_array_equal(np.asarray(state[key]), want[key])
+  assert meta == {"signature": {"head": "mrl"}, "step": 5}
+
+
+def test_close_stops_every_thread_orbax_started(tmp_path):
+  import threading  # pylint: disable=g-import-not-at-top
+  before = set(threading.enumerate())
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=1, keep=2)
+  ckpt.save(1, _one_device_state(1), {"step": 1})
+  assert set(threading.enumerate()) - before  # orbax's save and metadata threads
+  ckpt.close()
+  assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+
+
+def test_abort_logs_a_failed_write_as_the_one_line_error_and_raises_nothing(tmp_path,
+                                                                           monkeypatch, caplog):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=1, keep=2)
+  ckpt.save(3, _one_device_state(3), {"step": 3})
+  ckpt.manager.wait_until_finished()
+  def failed():
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(ckpt.manager, "wait_until_finished", failed)
+  with caplog.at_level(logging.WARNING):
+    ckpt.abort()
+  assert any(r.getMessage().startswith("checkpoint step 3 could not be written to ")
+             for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -219,6 +219,9 @@ def test_bad_image_text_input_is_one_line(digits_dir, tmp_path):
   with pytest.raises(ConfigError, match=r"the towers' widths differ \(image 32, text 128\) "
                                         r"and config.model.projection=0"):
     models.resolve(config)
+  with pytest.raises(ConfigError, match=r"^config.contrastive.tile_rows=-1; allowed: an int >= 0 "
+                                        r"\(0: the whole batch at once\)$"):
+    validation.validate(_config(digits_dir, **{"contrastive.tile_rows": -1}), 1)
   missing = str(tmp_path / "prompts.json")
   config = _config(digits_dir, **{"eval.zeroshot_prompts": missing})
   code, _, err = run(config)

@@ -77,6 +77,9 @@ MODULES = {
     "checkpoint": ("mrl_jax/checkpoint.py", [
         ["tests/checkpoint_test.py"],
         ["tests/reliability_test.py"]]),
+    "contrastive_tiled": ("mrl_jax/contrastive_tiled.py", [
+        ["tests/contrastive_tiled_test.py"],
+        ["tests/contrastive_test.py"]]),
     "lock": ("mrl_jax/lock.py", [
         ["tests/lock_test.py", "-m", "not slow"],
         ["tests/lock_test.py", "tests/multihost_test.py"]]),
