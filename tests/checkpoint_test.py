@@ -191,6 +191,16 @@ def test_write_cause_finds_the_os_error_in_the_chain_or_says_the_last_line():
       "ValueError: last words")
   assert checkpoint_lib.write_cause(KeyError()) == "KeyError: KeyError"
   assert len(checkpoint_lib.write_cause(ValueError("x" * 1000))) == 300
+  only_cause = RuntimeError("wrapped")  # `raise ... from` outside an except: no __context__
+  only_cause.__cause__ = OSError(28, "No space left on device")
+  assert checkpoint_lib.write_cause(only_cause) == "No space left on device"
+  try:
+    try:
+      raise OSError(13, "Permission denied")
+    except OSError:
+      raise RuntimeError("implicit")  # pylint: disable=raise-missing-from  # only __context__
+  except RuntimeError as e:
+    assert checkpoint_lib.write_cause(e) == "Permission denied"
   loop = ValueError("a")
   loop.__context__ = ValueError("b")
   loop.__context__.__context__ = loop  # a cycle ends the walk
@@ -293,14 +303,26 @@ def test_read_in_a_fresh_process_with_one_device_of_a_checkpoint_saved_on_eight(
   assert meta == {"signature": {"head": "mrl"}, "step": 5}
 
 
-def test_close_stops_every_thread_orbax_started(tmp_path):
+@pytest.mark.parametrize("finish", ["close", "abort"])
+def test_close_and_abort_stop_every_thread_orbax_started(tmp_path, finish):
   import threading  # pylint: disable=g-import-not-at-top
   before = set(threading.enumerate())
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), every_steps=1, keep=2)
   ckpt.save(1, _one_device_state(1), {"step": 1})
   assert set(threading.enumerate()) - before  # orbax's save and metadata threads
-  ckpt.close()
-  assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+  getattr(ckpt, finish)()
+  started = set(threading.enumerate()) - before
+  for thread in started:  # one may still be on its way out
+    thread.join(timeout=5)
+  assert not [t.name for t in started if t.is_alive()]
+
+
+def test_the_orbax_log_filter_is_installed_once(tmp_path):
+  for name in ("a", "b"):
+    checkpoint_lib.Checkpointer(str(tmp_path / name), every_steps=1, keep=1).close()
+  for logger in ("absl", "asyncio"):
+    filters = logging.getLogger(logger).filters
+    assert sum(isinstance(f, checkpoint_lib._OrbaxWriteErrors) for f in filters) == 1
 
 
 def test_abort_logs_a_failed_write_as_the_one_line_error_and_raises_nothing(tmp_path,
