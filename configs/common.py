@@ -124,8 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Dual encoders: loss softmax (CLIP / ALIGN, both directions) | sigmoid (SigLIP); the scale
   # (1 / temperature) is learned there from `scale`, one per size with per_size_scale; the
   # sigmoid loss's bias starts at bias_init; label_smoothing (ALIGN: 0.1). tile_rows: the loss
-  # is computed this many rows at a time with a hand-written gradient (no B x B array is
-  # stored; 0: the whole batch at once under autodiff).
+  # is computed that many rows at a time (the largest divisor of the global batch that is not
+  # larger) with a hand-written gradient, no B x B array stored; 0: the whole batch at once
+  # under autodiff.
   c.contrastive = ml_collections.ConfigDict(dict(
       scale=20.0, symmetric=False, two_d=False, layers_per_step=1, last_layer_weight=1.0,
       prior_layers_weight=1.0, kl_div_weight=1.0, kl_temperature=0.3,
