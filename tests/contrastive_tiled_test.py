@@ -140,3 +140,30 @@ def test_compiled_step_holds_no_batch_by_batch_array():
 
   assert temp_bytes(0) > len(sizes) * square
   assert temp_bytes(16) < square
+
+
+def test_column_log_sum_exp_is_shifted_per_column():
+  """Columns far apart: at scale 100 one caption matches every image (logits ~ +100) and one
+  matches none (~ -100). A column's log-sum-exp must be shifted by that column's own maximum
+  (exp(-200) underflows); the result equals the untiled loss and is finite."""
+  rng = np.random.default_rng(4)
+  u = rng.normal(size=(1, 16)).astype(np.float32)
+  a = u + 0.05 * rng.normal(size=(8, 16)).astype(np.float32)
+  b = u + 0.05 * rng.normal(size=(8, 16)).astype(np.float32)
+  b[1] = -u[0]
+  kw = dict(scale=100.0, symmetric=True)
+  want, _ = contrastive.matryoshka_contrastive_loss(a, b, SIZES, jnp.ones(3), **kw)
+  got, _ = contrastive.matryoshka_contrastive_loss(a, b, SIZES, jnp.ones(3), tile_rows=2, **kw)
+  assert np.isfinite(float(got))
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_tiled_loss_is_invariant_to_the_embeddings_scale():
+  """Cosines do not depend on the norm: embeddings 100x smaller (norms well under 1) give the
+  same loss, and a zero prefix stays a cosine of 0 (its norm clamped at 1e-12, not at 1)."""
+  a, b = _inputs(seed=5)
+  a = a.at[2, :4].set(0.0)
+  kw = dict(scale=10.0, symmetric=True, tile_rows=4)
+  want, _ = contrastive.matryoshka_contrastive_loss(a, b, SIZES, jnp.ones(3), **kw)
+  got, _ = contrastive.matryoshka_contrastive_loss(a * 1e-2, b * 1e-2, SIZES, jnp.ones(3), **kw)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
