@@ -43,15 +43,13 @@ def nested_cosines(a: jax.Array, b: jax.Array, sizes: Sequence[int]) -> dict[int
 
   A zero prefix has cosine 0 with everything (its norm is clamped at 1e-12)."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  out, dots, norm_a, norm_b, start = {}, 0.0, 0.0, 0.0, 0
-  for m in sorted(sizes):
-    blk_a, blk_b = a[:, start:m], b[:, start:m]
-    dots = dots + blk_a @ blk_b.T
-    norm_a = norm_a + jnp.sum(blk_a * blk_a, axis=-1)
-    norm_b = norm_b + jnp.sum(blk_b * blk_b, axis=-1)
-    inv_a = 1.0 / jnp.maximum(jnp.sqrt(norm_a), 1e-12)
-    inv_b = 1.0 / jnp.maximum(jnp.sqrt(norm_b), 1e-12)
-    out[m] = dots * inv_a[:, None] * inv_b[None, :]
+  sizes = sorted(sizes)
+  inv_a = contrastive_tiled.inverse_norms(a, sizes)
+  inv_b = contrastive_tiled.inverse_norms(b, sizes)
+  out, dots, start = {}, 0.0, 0
+  for k, m in enumerate(sizes):
+    dots = dots + a[:, start:m] @ b[:, start:m].T
+    out[m] = dots * inv_a[k][:, None] * inv_b[k][None, :]
     start = m
   return out
 

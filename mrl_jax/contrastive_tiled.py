@@ -32,9 +32,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-REDUCTIONS = ("rows", "both", "softplus")
-
-
 def tile_size(batch: int, tile_rows: int) -> int:
   """The largest divisor of `batch` that is at most `tile_rows` (the scan needs equal tiles)."""
   return max(t for t in range(1, min(batch, tile_rows) + 1) if batch % t == 0)
@@ -59,9 +56,8 @@ def _sweep(a, b, ia, ib, s, c, w, *, sizes, reduction, tile, stats, grads, lse=N
   b_blocks = [b[:, start:m] for start, m in blocks]
   bt_blocks = [x.T for x in b_blocks]
   a_blocks = [a[:, start:m].reshape(n_tiles, tile, m - start) for start, m in blocks]
-  row_lse = per_tile(lse[0]) if lse is not None else jnp.zeros((n_tiles, n_sizes, tile))
   tiles = (jnp.arange(n_tiles) * tile, a_blocks, [x.transpose(0, 2, 1) for x in a_blocks],
-           per_tile(ia), row_lse)
+           per_tile(ia), None if lse is None else per_tile(lse[0]))
   online_cols = stats and reduction == "both"
 
   def body(carry, x):
@@ -87,10 +83,9 @@ def _sweep(a, b, ia, ib, s, c, w, *, sizes, reduction, tile, stats, grads, lse=N
         else:
           e = jnp.exp(logits - top[:, None])
           total = jnp.sum(e, axis=1)
-          lse_r = lse_r.at[k].set(top + jnp.log(total))
-          new["lse"].append(lse_r[k])
+          new["lse"].append(top + jnp.log(total))
           half = 0.5 if reduction == "both" else 1.0
-          new["values"].append(values[k] + half * jnp.sum(lse_r[k]))
+          new["values"].append(values[k] + half * jnp.sum(new["lse"][-1]))
           if grads and reduction == "rows":
             g = w[k] * e / total[:, None]
         if online_cols:
@@ -170,8 +165,9 @@ def _reduce_bwd(sizes, reduction, tile, residuals, cotangents):
 _reduce.defvjp(_reduce_fwd, _reduce_bwd)
 
 
-def _inverse_norms(x, sizes):
-  """[S, B]: 1 / |x[:, :m]| per size (clamped at 1e-12, as contrastive.nested_cosines)."""
+def inverse_norms(x, sizes):
+  """[S, B]: 1 / |x[:, :m]| per size (sizes ascending), from the blocks' squared norms; a zero
+  prefix's norm is clamped at 1e-12, so its cosines are 0."""
   squares, out, start = 0.0, [], 0
   for m in sizes:
     squares = squares + jnp.sum(x[:, start:m] ** 2, axis=-1)
@@ -188,7 +184,7 @@ def matryoshka_contrastive_loss(a, b, sizes: Sequence[int], weights, scale, bias
   sizes = tuple(sorted(sizes))
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   batch = a.shape[0]
-  ia, ib = _inverse_norms(a, sizes), _inverse_norms(b, sizes)
+  ia, ib = inverse_norms(a, sizes), inverse_norms(b, sizes)
   scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (len(sizes),))
   bias = jnp.zeros_like(scale) if bias is None else jnp.broadcast_to(
       jnp.asarray(bias, jnp.float32), (len(sizes),))
