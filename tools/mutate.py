@@ -11,8 +11,11 @@ or comparison swapped, a constant off by one, `and`/`or` swapped, `not` dropped,
 swapped, a keyword argument left out, a statement deleted, a return value lost). Each mutant
 is written into a private copy of the repository and the module's tests (MODULES, fast ones
 first) run against it with `pytest -x`; the mutant is *killed* when a test fails (or the run
-times out), *survives* otherwise. Lines that no test of the module executes (recorded once per
-module with coverage.py) survive without a run. Log, progress and error-message code is not
+times out), *survives* otherwise. coverage.py records once per module which test runs which
+line (tools/mutate_contexts.py): a mutant first runs only the tests that execute its line, and
+only if none fails, every test of its tiers (a jitted or cached function is traced by the first
+test that calls it, so a later test can see a line without running it). Lines that no test of
+the module executes survive without a run. Log, progress and error-message code is not
 mutated (output only).
 
 Results go to docs/mutation/results.json (one entry per mutant, keyed by an id stable under
@@ -274,18 +277,20 @@ def _copy_repo(target: str) -> str:
   return target
 
 
-def baseline(module: str, workdir: str) -> tuple[list[float], set[int]]:
-  """Seconds per tier on the unmutated code (which must pass) and the module lines it runs
-  (coverage.py's C tracer, restricted to the module)."""
+def baseline(module: str, workdir: str) -> tuple[list[float], list[dict[int, list[str]]]]:
+  """Seconds per tier on the unmutated code (which must pass) and, per tier, the module's lines
+  with the tests that run them (node ids; "" for lines run while collecting), from coverage.py's
+  C tracer restricted to the module."""
   path, tiers = MODULES[module]
-  data_file = os.path.join(workdir, ".mutate_coverage")
-  seconds, lines = [], set()
-  for tier in tiers:
+  seconds, contexts = [], []
+  for i, tier in enumerate(tiers):
+    data_file = os.path.join(workdir, f".mutate_coverage_{i}")
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}",
            f"--include={os.path.join(workdir, path)}", "-m", "pytest", "-q", "-x", "-n", "0",
-           "--no-header", *tier]
-    proc = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True,
+           "--no-header", "-p", "mutate_contexts", *tier]
+    env = _env({"PYTHONPATH": os.path.join(workdir, "tools")})
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=3600, check=False)
     if proc.returncode != 0:
       raise SystemExit(f"{module}: the tests fail without any mutation ({tier}):\n"
@@ -294,26 +299,38 @@ def baseline(module: str, workdir: str) -> tuple[list[float], set[int]]:
     import coverage  # pylint: disable=g-import-not-at-top
     data = coverage.CoverageData(basename=data_file)
     data.read()
+    by_line = {}
     for measured in data.measured_files():
-      lines |= set(data.lines(measured) or ())
-  return seconds, lines
+      for line, names in data.contexts_by_lineno(measured).items():
+        by_line.setdefault(line, set()).update(names)
+    contexts.append({line: sorted(names) for line, names in by_line.items()})
+  return seconds, contexts
 
 
-def run_mutant(mutant: dict, workdir: str, seconds: list[float]) -> tuple[str, str]:
-  """('killed' | 'survived', by which tier / 'timeout'); restores the module afterwards."""
+def run_mutant(mutant: dict, workdir: str, seconds: list[float],
+               contexts: list[dict[int, list[str]]]) -> tuple[str, str]:
+  """('killed' | 'survived', by which tier / 'timeout'); restores the module afterwards. The
+  tests that run the mutated line go first; every test of the tiers only if none of them
+  fails."""
   path, tiers = MODULES[mutant["module"]]
   target = os.path.join(workdir, path)
   with open(target) as f:
     original = f.read()
+  runs = []  # (label, pytest arguments, timeout)
+  for i, tier in enumerate(tiers):
+    tests = contexts[i].get(mutant["statement_line"], [])
+    if tests and "" not in tests:
+      runs.append((f"tier {i + 1}, {len(tests)} test(s) running the line", tests, seconds[i]))
+  runs += [(f"tier {i + 1}", tier, seconds[i]) for i, tier in enumerate(tiers)]
   try:
     with open(target, "w") as f:
       f.write(mutant["source"])
-    for i, tier in enumerate(tiers):
-      code, _ = _pytest(workdir, tier, _env(), timeout=3 * seconds[i] + 60)
+    for label, args, tier_seconds in runs:
+      code, _ = _pytest(workdir, args, _env(), timeout=3 * tier_seconds + 60)
       if code == "timeout":
-        return "killed", f"tier {i + 1} (timeout)"
+        return "killed", f"{label} (timeout)"
       if code != 0:
-        return "killed", f"tier {i + 1}"
+        return "killed", label
     return "survived", ""
   finally:
     with open(target, "w") as f:
@@ -346,7 +363,8 @@ def run(modules: list[str], workers: int, rerun: bool) -> None:
     if not todo:
       print(f"{module}: every mutant has a result for this version", flush=True)
       continue
-    seconds, covered = baseline(module, copies[0])
+    seconds, contexts = baseline(module, copies[0])
+    covered = set().union(*contexts)
     print(f"{module}: {len(todo)} mutants; tiers {[round(s) for s in seconds]} s; "
           f"{len(covered)} lines run by its tests", flush=True)
     free = list(copies)
@@ -356,7 +374,7 @@ def run(modules: list[str], workers: int, rerun: bool) -> None:
         return mutant, "survived", "no test runs this line"
       workdir = free.pop()
       try:
-        return mutant, *run_mutant(mutant, workdir, seconds)
+        return mutant, *run_mutant(mutant, workdir, seconds, contexts)
       finally:
         free.append(workdir)
 
