@@ -90,3 +90,66 @@ def test_k_larger_than_the_database_is_refused():
     knn.ExactSearch(mesh).search(np.ones((2, 4), np.float32), np.ones((3, 4), np.float32), 4, 5)
 
 
+
+
+@pytest.mark.parametrize("devices, chunk_rows", [(1, None), (8, None), (2, 23)])
+def test_padding_rows_never_displace_real_rows_when_every_cosine_is_negative(devices,
+                                                                            chunk_rows):
+  """Padding rows (to whole blocks) score 0 if unmasked; with every real cosine below 0 a
+  padding-only sub-block would then win a pruned candidate slot. Queries of norm 0.01 also
+  check that the returned scores are cosines whatever the query norm."""
+  rng = np.random.default_rng(5)
+  db = np.abs(rng.normal(size=(40, 8))).astype(np.float32) + 0.1
+  q = -0.01 * np.abs(rng.normal(size=(6, 8))).astype(np.float32) / np.sqrt(8)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:devices])
+  search = knn.ExactSearch(mesh, query_block=4, database_block=16, chunk_rows=chunk_rows,
+                           sub_block=4, group=2)
+  for k in (2, 5):
+    scores, index = search.search(q, db, 8, k)
+    ref_scores, ref_index = reference_neighbors(q, db, 8, k)
+    assert (ref_scores < 0).all()
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
+
+
+def test_the_pruning_matmul_asks_for_full_float32_precision(monkeypatch):
+  """XLA:CPU multiplies float32 at full precision whatever it is asked; a TPU or GPU would use
+  bfloat16 passes by default and prune the wrong sub-blocks: the call must ask for HIGHEST."""
+  precisions = []
+  dot = knn.jnp.dot
+  monkeypatch.setattr(knn.jnp, "dot", lambda *a, **kw: precisions.append(
+      kw.get("precision")) or dot(*a, **kw))
+  db, _, q, _ = random_problem(0)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  knn.ExactSearch(mesh, query_block=7, database_block=13, sub_block=2, group=3).search(
+      q, db, 5, 10)
+  assert precisions and set(precisions) == {jax.lax.Precision.HIGHEST}
+
+
+def test_block_sizes_follow_their_documented_rules():
+  """Hand-computed: a block is the database size rounded up to a power of two, at most
+  database_block, then to whole sub-blocks; a device holds its share in whole blocks; a
+  super-block is the largest divisor of the sub-blocks per block up to `group`; queries are
+  scored in groups whose gathered [g, C, m] float32 block is at most 1 MiB (at least 4)."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:8])
+  search = knn.ExactSearch(mesh, database_block=100, sub_block=32)
+  assert [search.block_rows(n) for n in (1, 2, 3, 17, 33, 64, 65, 1000)] == [
+      1, 2, 4, 32, 64, 64, 128, 128]  # 100 -> 128: whole sub-blocks
+  assert knn.ExactSearch(mesh, database_block=4096).block_rows(5000) == 4096
+  assert search._per_device(1000, 64) == 128  # ceil(1000 / 8) = 125 -> 2 blocks
+  assert search._per_device(1025, 64) == 192  # 129 -> 3 blocks
+  assert [knn._divisor_at_most(n, limit) for n, limit in
+          ((12, 5), (12, 12), (7, 16), (1, 16), (16, 3), (9, 2), (30, 7), (4, 1))] == [
+              4, 12, 7, 1, 2, 1, 6, 1]
+  groups = []
+
+  def fn(q, x):
+    groups.append(q.shape[0])
+    return (q[:, None, :] * x).sum(-1)
+
+  for num, size, want in ((64, 64, 64), (16, 8, 2048), (1024, 2048, 4), (100, 24, 64),
+                          (3, 5, 16384), (1, 1, 1 << 18)):
+    groups.clear()
+    q = jax.numpy.ones((5, size))
+    out = knn.score_groups(fn, q, jax.numpy.ones((5, num, size)))
+    assert groups == [want] and out.shape == (5, num), (num, size, groups)
