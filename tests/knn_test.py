@@ -24,6 +24,7 @@ LAYOUTS = [
     (8, 11, 12, None, 2, 3),  # sharded, pruned on every device
     (8, 11, 5, 97, 2, 3),  # sharded + database streamed in chunks
     (2, 11, 12, 97, 2, 3),  # sharded + chunks, pruned, super-blocks first
+    (1, 16, 4, None, 8, 2),  # blocks smaller than a sub-block, pruned
 ]
 
 
@@ -153,3 +154,26 @@ def test_block_sizes_follow_their_documented_rules():
     q = jax.numpy.ones((5, size))
     out = knn.score_groups(fn, q, jax.numpy.ones((5, num, size)))
     assert groups == [want] and out.shape == (5, num), (num, size, groups)
+
+
+@pytest.mark.parametrize("devices, chunk_rows", [(1, None), (8, 29)])
+def test_every_row_is_its_own_nearest_neighbour_and_progress_counts_every_query(devices,
+                                                                                chunk_rows):
+  """Each of 100 distinct rows as a query (k = 1, the smallest allowed) finds itself, the
+  first and last rows of every chunk and device included; progress reports each query block
+  once, when the last chunk is done."""
+  rng = np.random.default_rng(6)
+  db = rng.normal(size=(100, 6)).astype(np.float32)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:devices])
+  search = knn.ExactSearch(mesh, query_block=32, database_block=8, chunk_rows=chunk_rows,
+                           sub_block=2, group=2)
+  done = []
+  scores, index = search.search(db, db, 6, 1, progress=done.append)
+  np.testing.assert_array_equal(index[:, 0], np.arange(100))
+  np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-6)
+  assert done == [32, 32, 32, 4]
+  prepared = search.prepare(db, 6)
+  assert [c.block for c in prepared.chunks] == [8] * len(prepared.chunks)
+  wide = knn.ExactSearch(mesh, database_block=64)
+  assert [c.block for c in wide.prepare(db, 6).chunks] == [64]  # by rows, not dimensions
+  np.testing.assert_array_equal(search.search(db, prepared, 6, 1)[1][:, 0], np.arange(100))
