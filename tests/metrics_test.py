@@ -50,6 +50,12 @@ def test_multi_label_relevance_counts_and_metrics_on_a_hand_worked_case():
   # A single-label database against multi-label queries (ImageNet-ReaL's case).
   single = metrics.relevance(np.array([[5, 2], [7, 7]]), np.array([[3, 5], [1, -1]]))
   assert single.tolist() == [[True, False], [False, False]]
+  # class 0 is a label like any other; -1 (padding) matches nothing, not even -1
+  zero = metrics.relevance(np.array([[[0, -1], [2, -1], [-1, -1]]]), np.array([[0, -1]]))
+  assert zero.tolist() == [[True, False, False]]
+  # multi-label neighbours, single-label queries
+  mixed = metrics.relevance(np.array([[[1, 4], [0, -1]], [[2, -1], [3, 2]]]), np.array([4, 2]))
+  assert mixed.tolist() == [[True, False], [True, True]]
 
 
 def test_knn_vote_over_multi_label_neighbours():
@@ -64,6 +70,10 @@ def test_label_lists_and_unlabelled_queries():
   multi_hot = np.array([[0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]])
   lists = metrics.label_lists(multi_hot)
   assert lists.tolist() == [[1, 3], [-1, -1], [0, -1]]
+  # the width is the most labels of any row, at least 1 (an empty split or no label at all)
+  assert metrics.label_lists(np.array([[0, 0, 1], [1, 0, 0]])).tolist() == [[2], [0]]
+  assert metrics.label_lists(np.zeros((2, 3))).tolist() == [[-1], [-1]]
+  assert metrics.label_lists(np.zeros((0, 3))).shape == (0, 1)
   assert metrics.has_label(lists).tolist() == [True, False, True]
   kept = extract.Features(np.arange(6.0).reshape(3, 2), lists).labelled()
   assert kept.z.tolist() == [[0.0, 1.0], [4.0, 5.0]] and kept.labels.tolist() == [[1, 3], [0, -1]]
@@ -76,6 +86,12 @@ def test_relevant_counts_single_and_multi_label_databases():
   # Items {0,1}, {1}, {2}, {0}: a query {0, 1} shares a label with 3 of them (the union).
   database = np.array([[0, 1], [1, -1], [2, -1], [0, -1]])
   assert metrics.relevant_counts(database, np.array([[0, 1], [2, -1]])).tolist() == [3, 1]
+  # a query class that no database item has (and no num_classes): 0 relevant, not an error
+  assert metrics.relevant_counts(np.array([0, 0, 1]), np.array([3, 0])).tolist() == [0, 2]
+  assert metrics.relevant_counts(np.array([0, 0, 1]), np.array([[3, -1], [1, 4]])).tolist() \
+      == [0, 1]
+  assert metrics.relevant_counts(database, np.array([[5, -1], [2, 4]])).tolist() == [0, 1]
+  assert metrics.relevant_counts(database, np.array([[0, -1]]), num_classes=9).tolist() == [2]
 
 
 def test_class_mean_average_precision_equals_sklearn():

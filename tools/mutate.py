@@ -308,10 +308,11 @@ def baseline(module: str, workdir: str) -> tuple[list[float], list[dict[int, lis
 
 
 def run_mutant(mutant: dict, workdir: str, seconds: list[float],
-               contexts: list[dict[int, list[str]]]) -> tuple[str, str]:
+               contexts: list[dict[int, list[str]]], selected_only: bool = False
+               ) -> tuple[str, str]:
   """('killed' | 'survived', by which tier / 'timeout'); restores the module afterwards. The
   tests that run the mutated line go first; every test of the tiers only if none of them
-  fails."""
+  fails (unless selected_only: a survivor is then marked as such, to be rerun in full)."""
   path, tiers = MODULES[mutant["module"]]
   target = os.path.join(workdir, path)
   with open(target) as f:
@@ -321,7 +322,9 @@ def run_mutant(mutant: dict, workdir: str, seconds: list[float],
     tests = contexts[i].get(mutant["statement_line"], [])
     if tests and "" not in tests:
       runs.append((f"tier {i + 1}, {len(tests)} test(s) running the line", tests, seconds[i]))
-  runs += [(f"tier {i + 1}", tier, seconds[i]) for i, tier in enumerate(tiers)]
+  full = not selected_only or not runs
+  if full:
+    runs += [(f"tier {i + 1}", tier, seconds[i]) for i, tier in enumerate(tiers)]
   try:
     with open(target, "w") as f:
       f.write(mutant["source"])
@@ -331,7 +334,7 @@ def run_mutant(mutant: dict, workdir: str, seconds: list[float],
         return "killed", f"{label} (timeout)"
       if code != 0:
         return "killed", label
-    return "survived", ""
+    return "survived", "" if full else "selected tests only"
   finally:
     with open(target, "w") as f:
       f.write(original)
@@ -350,7 +353,7 @@ def load(path, default):
   return default
 
 
-def run(modules: list[str], workers: int, rerun: bool) -> None:
+def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = False) -> None:
   results = load(RESULTS, {})
   root = tempfile.mkdtemp(prefix="mrl_mutate_")
   copies = [_copy_repo(os.path.join(root, f"w{i}")) for i in range(workers)]
@@ -374,7 +377,7 @@ def run(modules: list[str], workers: int, rerun: bool) -> None:
         return mutant, "survived", "no test runs this line"
       workdir = free.pop()
       try:
-        return mutant, *run_mutant(mutant, workdir, seconds, contexts)
+        return mutant, *run_mutant(mutant, workdir, seconds, contexts, selected_only)
       finally:
         free.append(workdir)
 
@@ -468,6 +471,10 @@ def main() -> None:
   parser.add_argument("--show", help="print one mutant's diff and exit")
   parser.add_argument("--report", action="store_true", help="only rewrite the report")
   parser.add_argument("--rerun", action="store_true", help="rerun mutants with a result")
+  parser.add_argument("--selected-only", action="store_true",
+                      help="run only the tests that execute the mutated line (a quick first "
+                      "pass for modules with slow tests; survivors are marked and run again "
+                      "in full by a later run)")
   args = parser.parse_args()
   modules = [m for m in args.modules.split(",") if m]
   unknown = [m for m in modules if m not in MODULES]
@@ -482,7 +489,7 @@ def main() -> None:
     return None
   if args.report:
     return report()
-  return run(modules, max(1, args.workers), args.rerun)
+  return run(modules, max(1, args.workers), args.rerun, args.selected_only)
 
 
 if __name__ == "__main__":
