@@ -21,6 +21,9 @@ def test_map_precision_recall_hit_on_a_hand_computed_list():
   assert out["recall@4"] == pytest.approx(0.2)  # 2 of the 10 class-3 items
   assert out["topk_hit@4"] == 1.0
   assert out["map@1"] == out["precision@1"] == 1.0
+  # one relevant item in the database, found: recall 1 (the denominator is the count, not 2)
+  one = metrics.retrieval_metrics(np.array([[0, 3]]), np.array([3]), np.array([1]), [2])
+  assert one["recall@2"] == 1.0 and one["map@2_standard"] == pytest.approx(1 / 2)
 
 
 def test_no_relevant_item_gives_zero_everywhere():
@@ -64,6 +67,10 @@ def test_knn_vote_over_multi_label_neighbours():
   assert metrics.knn_predict(neighbors, 3).tolist() == [2]
   assert metrics.knn_accuracy(neighbors, np.array([[2, -1]]), 3) == 1.0
   assert metrics.knn_accuracy(neighbors, np.array([[4, -1]]), 3) == 0.0
+  # 1-NN: right when any label of the nearest is the query's, not only its first
+  assert metrics.knn_accuracy(np.array([[[9, 5], [1, -1]]]), np.array([[5, -1]]), 1) == 1.0
+  # an unlabelled neighbour casts no vote, even when it is the nearest
+  assert metrics.knn_predict(np.array([[[-1, -1], [5, -1], [2, -1]]]), 3).tolist() == [5]
 
 
 def test_label_lists_and_unlabelled_queries():
@@ -92,6 +99,9 @@ def test_relevant_counts_single_and_multi_label_databases():
       == [0, 1]
   assert metrics.relevant_counts(database, np.array([[5, -1], [2, 4]])).tolist() == [0, 1]
   assert metrics.relevant_counts(database, np.array([[0, -1]]), num_classes=9).tolist() == [2]
+  assert metrics.relevant_counts(database, np.array([[-1, -1]])).tolist() == [0]  # no label
+  assert metrics.relevant_counts(database, np.zeros((0, 2), int)).tolist() == []  # no query
+  assert metrics.relevant_counts(np.array([0, 1]), np.zeros(0, int)).tolist() == []
 
 
 def test_class_mean_average_precision_equals_sklearn():
@@ -115,6 +125,13 @@ def test_class_mean_average_precision_ranks_ties_as_sklearn():
   scores = np.round(rng.random((80, 6)) * 3)
   want = np.mean([average_precision_score(truth[:, c], scores[:, c]) for c in range(6)])
   assert metrics.class_mean_average_precision(scores, truth) == pytest.approx(want, abs=1e-12)
+  # classes with one positive (AP = 1 / its rank: 2, 3) and one with none (ignored);
+  # no positive at all: 0
+  one = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+  one_scores = np.array([[0.9, 0.1, 0.3], [0.5, 0.2, 0.1], [0.1, 0.8, 0.2]])
+  assert metrics.class_mean_average_precision(one_scores[:, :1], one[:, :1]) == 0.5
+  assert metrics.class_mean_average_precision(one_scores, one) == pytest.approx((1 / 2 + 1 / 3) / 2)
+  assert metrics.class_mean_average_precision(one_scores, np.zeros((3, 3))) == 0.0
   perm = rng.permutation(80)
   assert metrics.class_mean_average_precision(scores[perm], truth[perm]) == pytest.approx(
       want, abs=1e-12)
@@ -130,6 +147,7 @@ def test_spearman_equals_scipy_with_ties():
   assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
   np.testing.assert_allclose(metrics.average_ranks([3.0, 1.0, 3.0, 2.0]), [3.5, 1, 3.5, 2])
   assert metrics.spearman([1, 1, 1], [1, 2, 3]) == 0.0  # no variation: no correlation
+  assert metrics.spearman([1.0, 2.0], [3.0, 5.0]) == 1.0  # two points (|ranks| product 1/4)
 
 
 def test_ranking_metrics_on_hand_made_ranks():
@@ -140,4 +158,8 @@ def test_ranking_metrics_on_hand_made_ranks():
   assert got["mrr@10"] == pytest.approx((1 + 1 / 3) / 3)
   assert (got["recall@1"], got["recall@5"], got["recall@10"]) == pytest.approx((1 / 3, 2 / 3,
                                                                                 2 / 3))
-  assert metrics.ranking_metrics(np.array([np.inf]))["ndcg@10"] == 0.0
+  assert metrics.ranking_metrics(np.array([np.inf]), ks=(1,))["ndcg@10"] == 0.0
+  # rank 10 still counts, rank 11 does not (BEIR's @10)
+  edge = metrics.ranking_metrics(np.array([10, 11]), ks=(10,))
+  assert edge["ndcg@10"] == pytest.approx(1 / np.log2(11) / 2)
+  assert edge["mrr@10"] == pytest.approx(0.1 / 2) and edge["recall@10"] == 0.5
