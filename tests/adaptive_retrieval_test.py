@@ -173,7 +173,7 @@ def test_each_exact_search_runs_once_after_a_one_query_warm_up():
 
 
 @pytest.mark.parametrize("devices,chunk_rows,on_device", [(1, 0, True), (2, 0, False),
-                                                          (1, 64, False)])
+                                                          (1, 64, False), (1, 200, True)])
 def test_timed_passes_hold_only_the_search_and_the_rerank(monkeypatch, devices, chunk_rows,
                                                           on_device):
   """A clock that advances 1 s per reading: each timed pass holds exactly one search or rerank
@@ -189,6 +189,8 @@ def test_timed_passes_hold_only_the_search_and_the_rerank(monkeypatch, devices, 
   starts = [i for i, e in enumerate(events) if e == "tick"][::2]
   timed = [events[i + 1:i + 3] for i in starts]
   assert timed == [[("search", len(q)), "tick"]] * 3 + [[("rerank", len(q), on_device), "tick"]]
+  if not 0 < chunk_rows < len(db):  # not streamed: each search compiled before its timer
+    assert [events[i - 1] for i in starts[:3]] == [("search", 1)] * 3
   reranks = [e for e in events if e[0] == "rerank"]
   assert reranks == [("rerank", 1, on_device), ("rerank", len(q), on_device)]
   assert events.index(reranks[0]) < starts[-1]  # the warm-up comes before the timed rerank

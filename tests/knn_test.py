@@ -177,3 +177,17 @@ def test_every_row_is_its_own_nearest_neighbour_and_progress_counts_every_query(
   wide = knn.ExactSearch(mesh, database_block=64)
   assert [c.block for c in wide.prepare(db, 6).chunks] == [64]  # by rows, not dimensions
   np.testing.assert_array_equal(search.search(db, prepared, 6, 1)[1][:, 0], np.arange(100))
+
+
+def test_a_streamed_search_waits_for_each_chunk_before_copying_the_one_after_next(monkeypatch):
+  """Dispatch is asynchronous: without a wait per chunk every chunk would be copied to the
+  device before the first is searched. The search waits once per chunk, on the previous
+  chunk's results (None for the first), so at most two chunks are on the device."""
+  waited = []
+  wait = knn.jax.block_until_ready
+  monkeypatch.setattr(knn.jax, "block_until_ready", lambda x: waited.append(x) or wait(x))
+  db, _, q, _ = random_problem(0)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  knn.ExactSearch(mesh, query_block=16, chunk_rows=70).search(q, db, 8, 5)
+  assert len(waited) == 3 and waited[0] is None  # 200 rows in chunks of 70
+  assert all(len(w) == 3 for w in waited[1:])  # the previous chunk's 3 query blocks

@@ -60,6 +60,7 @@ MODULES = {
         ["tests/train_step_test.py", "tests/configs_test.py"]]),
     "train_lib": ("mrl_jax/train_lib.py", [
         ["tests/train_step_test.py", "-m", "not slow"],
+        ["tests/configs_test.py", "-k", "dry_run"],
         ["tests/train_test.py", "tests/train_step_test.py", "tests/lock_test.py",
          "-m", "slow or not slow"],
         ["tests/reliability_test.py"]]),
@@ -437,7 +438,8 @@ def report() -> None:
     verdict = t.get("verdict", "NOT TRIAGED")
     text.append(f"- `{i}` line {e['line']}, {e['operator']}: `{e['original'][:70]}` -> "
                 f"`{e['mutated'][:70]}`: **{verdict}**" + (f": {t['why']}" if t.get("why")
-                                                          else ""))
+                                                          else "")
+                + (f" ({e['detail']})" if e.get("detail") and not t else ""))
   added = sorted((i, t) for i, t in triage.items() if t.get("verdict") == "test added")
   if added:
     text += ["", "## Survivors killed by a test added for them", ""]
