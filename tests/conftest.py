@@ -122,6 +122,17 @@ def trained_digits(data_dir, tmp_path_factory):
   return config, workdir
 
 
+@pytest.fixture
+def traced_tile_rows(monkeypatch) -> list:
+  """The tile_rows of every call of the tiled contrastive loss traced in the test: proves that
+  config.contrastive.tile_rows reaches the step (0 = the untiled loss, never called)."""
+  from mrl_jax import contrastive_tiled  # pylint: disable=g-import-not-at-top
+  tiled, traced = contrastive_tiled.matryoshka_contrastive_loss, []
+  monkeypatch.setattr(contrastive_tiled, "matryoshka_contrastive_loss",
+                      lambda *a, **kw: traced.append(kw["tile_rows"]) or tiled(*a, **kw))
+  return traced
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
   """A GCS JSON-API emulator on localhost (gcp-storage-emulator, in memory) with bucket

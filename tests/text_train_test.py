@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mrl_jax import contrastive_tiled
 from mrl_jax import objectives
 from mrl_jax import optim
 from mrl_jax import sharding
@@ -74,7 +73,8 @@ def _two_steps(config, mesh_cfg, devices):
 
 
 @pytest.mark.parametrize("objective", ["mlm", "contrastive", "contrastive,two_d"])
-def test_text_step_on_8_devices_and_fsdp_equals_1_device(text_dir, objective, monkeypatch):
+def test_text_step_on_8_devices_and_fsdp_equals_1_device(text_dir, objective,
+                                                         traced_tile_rows):
   """The same global batch on 1 device, 8 devices (data) and 4 x 2 (data x fsdp, every
   parameter sharded): equal losses and parameters (dropout included: the step's RNG does not
   depend on the layout). For the contrastive loss this is the check that the negatives are the
@@ -82,14 +82,11 @@ def test_text_step_on_8_devices_and_fsdp_equals_1_device(text_dir, objective, mo
   tiles of 4 (config.contrastive.tile_rows; the step's trace records it)."""
   config = _config(text_dir, objective, **{"sharding.fsdp_min_size_mb": 0.0,
                                            "contrastive.tile_rows": 4})
-  tiled, traced = contrastive_tiled.matryoshka_contrastive_loss, []
-  monkeypatch.setattr(contrastive_tiled, "matryoshka_contrastive_loss",
-                      lambda *a, **kw: traced.append(kw["tile_rows"]) or tiled(*a, **kw))
   one, loss_one = _two_steps(config, {"data": 1, "fsdp": 1}, 1)
   eight, loss_eight = _two_steps(config, {"data": 8, "fsdp": 1}, 8)
   config.sharding.strategy = "fsdp"
   fsdp, loss_fsdp = _two_steps(config, {"data": 4, "fsdp": 2}, 8)
-  assert set(traced) == (set() if objective == "mlm" else {4})
+  assert set(traced_tile_rows) == (set() if objective == "mlm" else {4})
   np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
   np.testing.assert_allclose(loss_fsdp, loss_one, rtol=1e-5)
   for a, b, c in zip(jax.tree.leaves(one), jax.tree.leaves(eight), jax.tree.leaves(fsdp),

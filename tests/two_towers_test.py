@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from mrl_jax import contrastive
-from mrl_jax import contrastive_tiled
 from mrl_jax import inference
 from mrl_jax import models
 from mrl_jax import optim
@@ -164,21 +163,18 @@ def _two_steps(config, mesh_cfg, devices):
 
 @pytest.mark.parametrize("arg, tile_rows", [("runlocal", 8), ("sigmoid,runlocal", 0)])
 def test_dual_step_on_8_devices_and_fsdp_equals_1_device(digits_dir, arg, tile_rows,
-                                                         monkeypatch):
+                                                         traced_tile_rows):
   """Negatives from the whole global batch: the same losses and parameters on 1 device, 8
   (data) and 4 x 2 (data x fsdp, every parameter sharded); the loss in 4 row tiles of 8 (each
   tile's columns split over the devices) or the whole batch at once, as
   config.contrastive.tile_rows says (the step's trace records which)."""
   config = _config(digits_dir, arg, **{"sharding.fsdp_min_size_mb": 0.0,
                                        "contrastive.tile_rows": tile_rows})
-  tiled, traced = contrastive_tiled.matryoshka_contrastive_loss, []
-  monkeypatch.setattr(contrastive_tiled, "matryoshka_contrastive_loss",
-                      lambda *a, **kw: traced.append(kw["tile_rows"]) or tiled(*a, **kw))
   _, one, loss_one = _two_steps(config, {"data": 1, "fsdp": 1}, 1)
   _, eight, loss_eight = _two_steps(config, {"data": 8, "fsdp": 1}, 8)
   config.sharding.strategy = "fsdp"
   _, fsdp, loss_fsdp = _two_steps(config, {"data": 4, "fsdp": 2}, 8)
-  assert set(traced) == ({tile_rows} if tile_rows else set())
+  assert set(traced_tile_rows) == ({tile_rows} if tile_rows else set())
   np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
   np.testing.assert_allclose(loss_fsdp, loss_one, rtol=1e-5)
   for a, b, c in zip(jax.tree.leaves(one), jax.tree.leaves(eight), jax.tree.leaves(fsdp),
