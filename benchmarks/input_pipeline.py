@@ -12,6 +12,13 @@ so its images/s is a per-core figure, and all of them run in one invocation:
   filter): the whole training input of the readers, reading the records, Inception crop, resize,
   flip, uint8 batch, at 160, 192 and 224 px; `share` is its rate over decode_crop's.
 - `read`: the readers alone (records to batches of bytes): their per-example overhead.
+- grain's shuffle alone (`index_shuffle`, one call per record) at several split lengths.
+
+grain reads the photos as a split of ImageNet-1k's length (`--grain_split_length`, 1,281,167:
+record i is photo i mod --num_images): its shuffle's per-record cost depends on the split length alone
+(4.6 us at ImageNet-1k's, 60-140 us at 512 records, measured in the same run), so a 512-record
+split would charge grain a cost it does not have on ImageNet. tf.data's buffer shuffle costs the
+same per record at any length.
 - the pixel difference of area vs antialias on the same windows (levels of 255).
 
 The last column is how many such cores a target rate needs (default 8 GPUs x 3,000 img/s).
@@ -68,7 +75,8 @@ def _limit_threads(threads: int):
   return tf
 
 
-def measure_decode_crop(data_dir: str, threads: int, num_images: int, size: int) -> dict:
+def measure_decode_crop(data_dir: str, threads: int, num_images: int, timed: int, size: int
+                        ) -> dict:
   tf = _limit_threads(threads)
   from mrl_jax.data import photos  # pylint: disable=g-import-not-at-top
   from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -90,10 +98,10 @@ def measure_decode_crop(data_dir: str, threads: int, num_images: int, size: int)
   ds = ds.map(decode_crop, num_parallel_calls=threads)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
-  return _time_examples(iter(ds.with_options(options)), num_images)
+  return _time_examples(iter(ds.with_options(options)), timed)
 
 
-def measure_memory(data_dir: str, threads: int, num_images: int, size: int,
+def measure_memory(data_dir: str, threads: int, num_images: int, timed: int, size: int,
                    max_side: int | None) -> dict:
   """The whole training preprocessing over files in memory (no reader), optionally on the
   photographs re-encoded at max_side."""
@@ -108,7 +116,7 @@ def measure_memory(data_dir: str, threads: int, num_images: int, size: int,
       num_parallel_calls=threads)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
-  return _time_examples(iter(ds.with_options(options)), num_images)
+  return _time_examples(iter(ds.with_options(options)), timed)
 
 
 def _time_examples(it, n: int) -> dict:
@@ -120,8 +128,38 @@ def _time_examples(it, n: int) -> dict:
   return {"images_per_second": n / (time.perf_counter() - t0)}
 
 
-def measure_reader(reader: str, data_dir: str, threads: int, num_images: int, size: int,
-                   resize: str, batch: int) -> dict:
+class _LongSplit:
+  """A data source seen as `length` records: record i is record i mod len(source)."""
+
+  def __init__(self, source, length: int):
+    self.source, self.length = source, length
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, i):
+    return self.source[i % len(self.source)]
+
+
+def _long_grain_split(reader, length: int):
+  """The grain reader's data sources made `length` records long (0: as prepared)."""
+  if length:
+    data_source = reader._data_source  # pylint: disable=protected-access
+    reader._data_source = lambda *a, **k: _LongSplit(data_source(*a, **k), length)  # pylint: disable=protected-access
+
+
+def measure_index_shuffle(length: int) -> dict:
+  """grain's shuffle alone: one `index_shuffle` call per record, as MapDataset.shuffle makes."""
+  import grain  # pylint: disable=g-import-not-at-top
+  n = 2000
+  t0 = time.perf_counter()
+  for i in range(n):
+    grain.experimental.index_shuffle(i % length, max_index=length - 1, seed=3, rounds=4)
+  return {"us_per_record": (time.perf_counter() - t0) / n * 1e6}
+
+
+def measure_reader(reader: str, data_dir: str, threads: int, num_images: int, timed: int,
+                   size: int, resize: str, batch: int, split_length: int) -> dict:
   _limit_threads(threads)
   from configs import common  # pylint: disable=g-import-not-at-top
   from mrl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -133,11 +171,13 @@ def measure_reader(reader: str, data_dir: str, threads: int, num_images: int, si
   config.input.pp_train.resize = resize
   source = pipeline.open_source(config.input)
   r = pipeline.make_reader(config.input, source)
+  if reader == "grain":
+    _long_grain_split(r, split_length)
   tp = preprocess.train_from_config(config.input, channels=3, steps_per_epoch=1)
   it = r.train_batches("train", local_batch=batch, start_batch=0, seed=0, train_preprocess=tp,
                        process_index=0, process_count=1, shuffle_buffer=num_images)
   next(it)  # warm-up: tracing, file opening
-  n_batches = max(2, num_images // batch)
+  n_batches = max(2, timed // batch)
   t0 = time.perf_counter()
   for _ in range(n_batches):
     b = next(it)
@@ -146,8 +186,9 @@ def measure_reader(reader: str, data_dir: str, threads: int, num_images: int, si
   return {"images_per_second": n_batches * batch / seconds}
 
 
-def measure_read(reader: str, data_dir: str, threads: int, num_images: int, batch: int
-                 ) -> dict:
+def measure_read(reader: str, data_dir: str, threads: int, num_images: int, timed: int,
+                 batch: int,
+                 split_length: int) -> dict:
   """The reader alone: records (image bytes undecoded) to batches."""
   tf = _limit_threads(threads)
   import grain  # pylint: disable=g-import-not-at-top
@@ -160,7 +201,8 @@ def measure_read(reader: str, data_dir: str, threads: int, num_images: int, batc
   builder = pipeline.open_source(config.input).builder(pipeline.FILE_FORMAT[reader])
   skip = {"image": tfds.decode.SkipDecoding()}
   if reader == "grain":
-    ds = grain.MapDataset.source(builder.as_data_source(split="train", decoders=skip))
+    src = builder.as_data_source(split="train", decoders=skip)
+    ds = grain.MapDataset.source(_LongSplit(src, split_length) if split_length else src)
     ds = ds.seed(0).shuffle().repeat(None).batch(batch, batch_fn=list).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1))
   else:
@@ -171,7 +213,7 @@ def measure_read(reader: str, data_dir: str, threads: int, num_images: int, batc
     ds = ds.as_numpy_iterator()
   it = iter(ds)
   next(it)
-  n_batches = max(4, 4 * num_images // batch)
+  n_batches = max(4, 4 * timed // batch)
   t0 = time.perf_counter()
   for _ in range(n_batches):
     next(it)
@@ -203,16 +245,20 @@ flags.DEFINE_integer("batch", 64, "batch size")
 flags.DEFINE_list("sizes", [str(s) for s in SIZES], "output sizes (px)")
 flags.DEFINE_float("target", 8 * 3000, "images/s the cores-needed column is computed for")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: a temporary one)")
+flags.DEFINE_integer("timed_images", 2048, "images timed per measurement (after warm-up)")
+flags.DEFINE_integer("repeats", 3, "runs per figure (the median is reported)")
+flags.DEFINE_integer("grain_split_length", 1281167, "the split length grain's shuffle sees "
+                     "(ImageNet-1k's train split; 0: the prepared num_images)")
 flags.DEFINE_string("measure", None, "internal: one measurement as JSON, in a subprocess")
 
 
-def _run(kind: str, **kwargs) -> float:
+def _run(kind: str, key: str = "images_per_second", **kwargs) -> float:
   """One measurement in a fresh process (TF thread settings precede TF initialisation)."""
   spec = json.dumps(dict(kwargs, kind=kind))
   out = subprocess.run([sys.executable, __file__, f"--measure={spec}"], capture_output=True,
                        text=True, check=True,
                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0"))
-  return json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"]
+  return json.loads(out.stdout.strip().splitlines()[-1])[key]
 
 
 def main(argv):
@@ -221,7 +267,8 @@ def main(argv):
     spec = json.loads(FLAGS.measure)
     kind = spec.pop("kind")
     fn = {"decode_crop": measure_decode_crop, "reader": measure_reader,
-          "read": measure_read, "memory": measure_memory}[kind]
+          "read": measure_read, "memory": measure_memory,
+          "index_shuffle": measure_index_shuffle}[kind]
     print(json.dumps(fn(**spec)))
     return 0
   data_dir = FLAGS.data_dir or os.path.join(tempfile.gettempdir(), "mrl_jax_bench_photos")
@@ -229,21 +276,32 @@ def main(argv):
   t0 = time.perf_counter()
   builtin.prepare_both_formats(_builder_cls(FLAGS.num_images), data_dir)
   print(f"dataset ready in {time.perf_counter() - t0:.1f}s ({data_dir})", flush=True)
-  common = dict(data_dir=data_dir, threads=FLAGS.threads, num_images=FLAGS.num_images)
+  common = dict(data_dir=data_dir, threads=FLAGS.threads, num_images=FLAGS.num_images,
+                timed=FLAGS.timed_images)
   per = "per core" if FLAGS.threads == 1 else f"per {FLAGS.threads} threads"
   rows = []
   for size in [int(s) for s in FLAGS.sizes]:
-    bare = _run("decode_crop", size=size, **common)
-    rows.append((size, "decode_crop", "-", bare))
-    print(rows[-1], flush=True)
-    for reader in ("grain", "tf_data"):
-      for resize in ("area", "antialias"):
-        rate = _run("reader", reader=reader, size=size, resize=resize, batch=FLAGS.batch,
-                    **common)
-        rows.append((size, reader, resize, rate))
-        print(rows[-1], flush=True)
-  reads = {reader: _run("read", reader=reader, batch=FLAGS.batch, **common)
+    # Each figure is the median of --repeats runs, interleaved so that a noisy minute of the
+    # machine is spread over every pipeline rather than landing on one.
+    names = [("decode_crop", "-")] + [(reader, resize) for reader in ("grain", "tf_data")
+                                      for resize in ("area", "antialias")]
+    rates = {name: [] for name in names}
+    for _ in range(FLAGS.repeats):
+      for name, resize in names:
+        if name == "decode_crop":
+          rate = _run("decode_crop", size=size, **common)
+        else:
+          rate = _run("reader", reader=name, size=size, resize=resize, batch=FLAGS.batch,
+                      split_length=FLAGS.grain_split_length, **common)
+        rates[(name, resize)].append(rate)
+    for (name, resize), runs in rates.items():
+      rows.append((size, name, resize, float(np.median(runs))))
+      print(rows[-1], [round(r) for r in runs], flush=True)
+  reads = {reader: _run("read", reader=reader, batch=FLAGS.batch,
+                       split_length=FLAGS.grain_split_length, **common)
            for reader in ("grain", "tf_data")}
+  lengths = (FLAGS.num_images, 1281167, 14197122)  # ImageNet-1k's and -21k's train splits
+  shuffle_us = {n: _run("index_shuffle", length=n, key="us_per_record") for n in lengths}
   size = max(int(s) for s in FLAGS.sizes)
   reencoded = {side: _run("memory", size=size, max_side=side, **common) for side in (None, 256)}
   print(f"\n| px | pipeline | resize | images/s {per} | share of decode_crop | "
@@ -256,6 +314,9 @@ def main(argv):
   print(f"\n| reader alone | records/s {per} | us per record |\n|---|---|---|")
   for reader, rate in reads.items():
     print(f"| {reader} | {rate:.0f} | {1e6 / rate:.0f} |")
+  print("\n| grain shuffle, split length | us per record |\n|---|---|")
+  for n, us in shuffle_us.items():
+    print(f"| {n:,} | {us:.1f} |")
   print(f"\n| files (preprocessing at {size} px, in memory) | images/s {per} |\n|---|---|")
   print(f"| as prepared | {reencoded[None]:.0f} |\n| re-encoded, longer side 256, "
         f"quality 90 | {reencoded[256]:.0f} ({reencoded[256] / reencoded[None]:.2f}x) |")
