@@ -278,11 +278,18 @@ def _copy_repo(target: str) -> str:
   return target
 
 
-def baseline(module: str, workdir: str) -> tuple[list[float], list[dict[int, list[str]]]]:
+def _tiers(module: str, only: list[int] | None) -> list[list[str]]:
+  """The module's test tiers, or only the chosen ones (1-based)."""
+  tiers = MODULES[module][1]
+  return tiers if not only else [tiers[i - 1] for i in only if i <= len(tiers)]
+
+
+def baseline(module: str, workdir: str, only: list[int] | None = None
+             ) -> tuple[list[float], list[dict[int, list[str]]]]:
   """Seconds per tier on the unmutated code (which must pass) and, per tier, the module's lines
   with the tests that run them (node ids; "" for lines run while collecting), from coverage.py's
   C tracer restricted to the module."""
-  path, tiers = MODULES[module]
+  path, tiers = MODULES[module][0], _tiers(module, only)
   seconds, contexts = [], []
   for i, tier in enumerate(tiers):
     data_file = os.path.join(workdir, f".mutate_coverage_{i}")
@@ -309,12 +316,12 @@ def baseline(module: str, workdir: str) -> tuple[list[float], list[dict[int, lis
 
 
 def run_mutant(mutant: dict, workdir: str, seconds: list[float],
-               contexts: list[dict[int, list[str]]], selected_only: bool = False
-               ) -> tuple[str, str]:
+               contexts: list[dict[int, list[str]]], selected_only: bool = False,
+               only: list[int] | None = None) -> tuple[str, str]:
   """('killed' | 'survived', by which tier / 'timeout'); restores the module afterwards. The
   tests that run the mutated line go first; every test of the tiers only if none of them
   fails (unless selected_only: a survivor is then marked as such, to be rerun in full)."""
-  path, tiers = MODULES[mutant["module"]]
+  path, tiers = MODULES[mutant["module"]][0], _tiers(mutant["module"], only)
   target = os.path.join(workdir, path)
   with open(target) as f:
     original = f.read()
@@ -335,7 +342,9 @@ def run_mutant(mutant: dict, workdir: str, seconds: list[float],
         return "killed", f"{label} (timeout)"
       if code != 0:
         return "killed", label
-    return "survived", "" if full else "selected tests only"
+    partial = ([] if full else ["selected tests only"]) + (
+        [f"tiers {','.join(map(str, only))} only"] if only else [])
+    return "survived", ", ".join(partial)
   finally:
     with open(target, "w") as f:
       f.write(original)
@@ -354,7 +363,8 @@ def load(path, default):
   return default
 
 
-def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = False) -> None:
+def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = False,
+        only: list[int] | None = None) -> None:
   results = load(RESULTS, {})
   root = tempfile.mkdtemp(prefix="mrl_mutate_")
   copies = [_copy_repo(os.path.join(root, f"w{i}")) for i in range(workers)]
@@ -367,18 +377,22 @@ def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = Fal
     if not todo:
       print(f"{module}: every mutant has a result for this version", flush=True)
       continue
-    seconds, contexts = baseline(module, copies[0])
+    seconds, contexts = baseline(module, copies[0], only)
     covered = set().union(*contexts)
     print(f"{module}: {len(todo)} mutants; tiers {[round(s) for s in seconds]} s; "
           f"{len(covered)} lines run by its tests", flush=True)
     free = list(copies)
+
+    if only:  # mutants whose line the chosen tiers do not run wait for a run with all tiers
+      todo = [m for m in todo if m["statement_line"] in covered]
+      print(f"{module}: {len(todo)} of them on lines tiers {only} run", flush=True)
 
     def one(mutant):
       if mutant["statement_line"] not in covered:
         return mutant, "survived", "no test runs this line"
       workdir = free.pop()
       try:
-        return mutant, *run_mutant(mutant, workdir, seconds, contexts, selected_only)
+        return mutant, *run_mutant(mutant, workdir, seconds, contexts, selected_only, only)
       finally:
         free.append(workdir)
 
@@ -477,6 +491,9 @@ def main() -> None:
                       help="run only the tests that execute the mutated line (a quick first "
                       "pass for modules with slow tests; survivors are marked and run again "
                       "in full by a later run)")
+  parser.add_argument("--tiers", help="comma-separated 1-based tiers of the module's tests to "
+                      "use (e.g. 1,2: its fast ones); mutants on lines only other tiers run "
+                      "are left for a run with all tiers, survivors are marked")
   args = parser.parse_args()
   modules = [m for m in args.modules.split(",") if m]
   unknown = [m for m in modules if m not in MODULES]
@@ -491,7 +508,8 @@ def main() -> None:
     return None
   if args.report:
     return report()
-  return run(modules, max(1, args.workers), args.rerun, args.selected_only)
+  only = [int(t) for t in args.tiers.split(",")] if args.tiers else None
+  return run(modules, max(1, args.workers), args.rerun, args.selected_only, only)
 
 
 if __name__ == "__main__":
