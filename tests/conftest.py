@@ -7,11 +7,26 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as mrl_jax/cli.py
 
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set by optimized_build_test.py: run with XLA's normal optimisations, as users do.
 OPTIMIZED = os.environ.get("MRL_JAX_TEST_OPTIMIZED") == "1"
+
+# Set in the environment, not only in jax.config, so that the xdist workers and every process a
+# test starts (train.py, two-process runs) inherit them. Tests compare numbers, not speed:
+# compile ~2.5x faster with fewer XLA optimisations (optimized_build_test.py reruns one test of
+# each equality family with them). Many tests, workers and subprocesses compile the same
+# programs: one on-disk cache serves them all; a size limit makes jax lock it (filelock), so
+# two processes never read an entry while it is being written.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if OPTIMIZED else "1"
+os.environ.setdefault("MRL_JAX_TEST_COMPILE_CACHE", tempfile.mkdtemp(prefix="jax_cache_"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MRL_JAX_TEST_COMPILE_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 
 @pytest.fixture(scope="session")
@@ -32,21 +47,6 @@ def load_config(path_and_arg: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def pytest_configure(config):
-  del config
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  # Tests compare numbers, not speed: compile ~2.5x faster with fewer XLA optimisations.
-  # optimized_build_test.py reruns one test of each equality family with them (OPTIMIZED).
-  if not OPTIMIZED:
-    jax.config.update("jax_disable_most_optimizations", True)
-  # Many tests compile the same programs (same config, new closure): reuse them from disk.
-  cache = os.environ.get("MRL_JAX_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="jax_cache_")
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def build_model(config):

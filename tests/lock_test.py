@@ -97,7 +97,7 @@ def test_two_train_py_processes_on_one_workdir_one_trains(data_dir, tmp_path):
   """The same command twice into one new workdir: the second exits 2 with one line naming the
   first; the first's checkpoints and metrics.jsonl are those of one run."""
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, XLA_FLAGS="")
   cmd = [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
          "--config.total_steps=6", "--config.log_every_steps=1",

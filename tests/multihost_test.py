@@ -12,7 +12,6 @@ import pytest
 
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import train_lib
-from tests.conftest import OPTIMIZED
 from tests.conftest import REPO
 from tests.conftest import load_config
 
@@ -48,11 +47,9 @@ def _cmd(data_dir, workdir, *extra):
           "--config.log_every_steps=1", "--config.schedule.warmup_epochs=0.1", *extra]
 
 
-def _env(tmp_path, devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(not OPTIMIZED)))  # as in this process (conftest)
+def _env(devices):
+  # The compilation settings and cache come from conftest's environment, as in this process.
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _losses(workdir):
@@ -83,7 +80,7 @@ def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp
   done = run_processes(
       lambda port: [_cmd(data_dir, two, f"--coordinator_address=127.0.0.1:{port}",
                          "--num_processes=2", f"--process_id={i}") for i in range(2)],
-      [_env(tmp_path, 1)] * 2)
+      [_env(1)] * 2)
   outs = [(out, err) for _, out, err in done]
   for p, out, err in done:
     assert p.returncode == 0, err[-3000:]

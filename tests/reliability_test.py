@@ -22,7 +22,6 @@ from mrl_jax import cli
 from mrl_jax import state as state_lib
 from mrl_jax import train_lib
 from mrl_jax.errors import ConfigError
-from tests.conftest import OPTIMIZED
 from tests.conftest import REPO
 from tests.conftest import digits_config
 from tests.conftest import load_config
@@ -47,11 +46,9 @@ def _run_cli(fn):
 
 # --- 1. preemption ----------------------------------------------------------------------------
 
-def _subprocess_env(tmp_path):
-  """1 CPU device and a compilation cache shared by the test's training processes."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(not OPTIMIZED)))
-  return env
+def _subprocess_env():
+  """1 CPU device (the compilation settings and cache come from conftest's environment)."""
+  return dict(os.environ, XLA_FLAGS="")
 
 
 def _train_cmd(data_dir, workdir, steps):
@@ -66,7 +63,7 @@ def test_sigterm_saves_exits_0_and_resume_equals_uninterrupted(data_dir, tmp_pat
   """No race with the child's speed: it runs a constant learning rate for 10^6 steps (it can
   never finish first), gets SIGTERM once it logged step 8, saves at whatever step S it reached
   and exits 0; resumed to S + 4, it equals an uninterrupted run of S + 4 steps bitwise."""
-  env = _subprocess_env(tmp_path)
+  env = _subprocess_env()
   constant = ["--config.schedule.name=constant", "--config.schedule.warmup_epochs=0"]
   interrupted = str(tmp_path / "interrupted")
   proc = subprocess.Popen(_train_cmd(data_dir, interrupted, 10**6) + constant, cwd=REPO,
@@ -310,7 +307,7 @@ def _check_failed_save(result, workdir, step, last, cause):
 @pytest.mark.slow
 def test_failed_save_is_one_line_exit_4_and_the_rerun_resumes(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  env = _subprocess_env(tmp_path)
+  env = _subprocess_env()
   cmd = _train_cmd(data_dir, workdir, 6)[2:] + ["--config.checkpoint_every_steps=2"]
   failed = subprocess.run([sys.executable, "-c", _FAIL_STEP_4, *cmd], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
@@ -331,7 +328,7 @@ def test_full_file_system_during_a_save(data_dir, tmp_path):
   workdir = tmp_path / "run"
   ckpts = workdir / "checkpoints"
   ckpts.mkdir(parents=True)
-  env = _subprocess_env(tmp_path)
+  env = _subprocess_env()
   probe = tmp_path / "probe"  # the size of one checkpoint of this config
   done = subprocess.run(_train_cmd(data_dir, str(probe), 2), cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600, check=False)

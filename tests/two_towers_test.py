@@ -270,7 +270,7 @@ def test_two_processes_train_the_dual_encoder_as_one(digits_dir, tmp_path):
       "--config.checkpoint_every_steps=3", "--config.schedule.name=constant",
       "--config.schedule.warmup_steps=0", "--config.eval.image_text_sets=()",
       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-  done = run_processes(lambda port: [cmd(port, i) for i in range(2)], [_env(tmp_path, 1)] * 2)
+  done = run_processes(lambda port: [cmd(port, i) for i in range(2)], [_env(1)] * 2)
   for p, _, err in done:
     assert p.returncode == 0, err[-3000:]
   for x, y in zip(jax.tree.leaves(_final_state(one, 3)["params"]),
