@@ -73,6 +73,7 @@ def test_resnet50_mrl_dry_run_counts(tmp_path):
   sizes = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
   assert on_disk["nesting_sizes"] == sizes
   assert on_disk["num_params_heads"] == (sum(sizes) + len(sizes)) * 1000 == 4_097_000
+  assert on_disk["num_params_total"] == 23_508_032 + 4_097_000
   assert on_disk["head"] == "mrl" and on_disk["feature_dim"] == 2048
   assert on_disk["num_classes"] == 1000
 

@@ -52,7 +52,8 @@ def _batch(seed):
 
 def test_sizes_per_step_updates_exactly_that_many_heads_and_varies_them():
   """sizes_per_step=2 of 6 heads, none kept: each step moves exactly 2 heads' kernels (plain
-  SGD, no decay: the other heads get no gradient), and different steps pick different pairs."""
+  SGD, no decay: the other heads get no gradient), different steps pick different pairs, and
+  neither end is always picked."""
   model, state, step, mesh = _setup("resnet")
   chosen = []
   with jax.set_mesh(mesh):
@@ -67,6 +68,10 @@ def test_sizes_per_step_updates_exactly_that_many_heads_and_varies_them():
       chosen.append(moved)
       state = new_state
   assert len(set(chosen)) > 1
+  # None kept (config.mrl.keep_smallest/keep_largest=False reach the step): the smallest and
+  # the largest head each sit out some step.
+  assert any(model.nesting[0] not in c for c in chosen), chosen
+  assert any(model.nesting[-1] not in c for c in chosen), chosen
 
 
 def test_vit_dropout_is_random_in_training_and_off_in_eval():
@@ -144,13 +149,9 @@ def _np_smoothed_ce(logits, labels, eps):
   return float(-(t * logp).sum(-1).mean())
 
 
-@pytest.mark.parametrize("devices, accum", [(1, 1), (8, 2)])
-def test_one_step_equals_an_independent_sgd_step(devices, accum):
-  """The jitted, sharded step on 1 and 8 devices, with and without accumulation, equals one
-  SGD step written from the definitions (label smoothing 0.1, weight decay 0.01 on kernels):
-  an error the same on every layout (smoothing not reaching the loss, the decay mask not
-  applied, micro-batch gradients summed instead of averaged) fails here. The logged per-size
-  losses equal numpy's smoothed CE of the model's logits."""
+def _sgd_step(devices, accum):
+  """(model, state, jitted step, mesh) of the digits ResNet under plain SGD, lr 0.1, decay 0.01
+  on kernels, label smoothing 0.1."""
   config = load_config("configs/digits_resnet_mrl.py:runlocal")
   config.optim.update(momentum=0.0, nesterov=False, weight_decay=0.01,
                       weight_decay_rule="kernels", grad_accum_steps=accum)
@@ -164,6 +165,18 @@ def test_one_step_equals_an_independent_sgd_step(devices, accum):
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
   state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding)
+  return model, state, step, mesh
+
+
+@pytest.mark.parametrize("devices, accum", [(1, 1), (8, 2)])
+def test_one_step_equals_an_independent_sgd_step(devices, accum):
+  """The jitted, sharded step on 1 and 8 devices, with and without accumulation, equals one
+  SGD step written from the definitions (label smoothing 0.1, weight decay 0.01 on kernels):
+  an error the same on every layout (smoothing not reaching the loss, the decay mask not
+  applied, micro-batch gradients summed instead of averaged) fails here. The logged per-size
+  losses equal numpy's smoothed CE of the model's logits."""
+  model, state, step, mesh = _sgd_step(devices, accum)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch = _batch(7)
   copy = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
   params, batch_stats = copy(state.params), copy(state.batch_stats)  # the step donates state
@@ -175,8 +188,50 @@ def test_one_step_equals_an_independent_sgd_step(devices, accum):
                               jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=2e-6,
                                err_msg=jax.tree_util.keystr(path))
+  # What the loop logs, from the reference: SGD's update is -lr * (gradient + decay), so the
+  # gradient is (old - new) / lr - decay.
+  norm = lambda tree: float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                                        for x in jax.tree.leaves(tree))))
+  grad = jax.tree.map(lambda p, w: (np.asarray(p, np.float64) - np.asarray(w)) / 0.1
+                      - 0.01 * np.asarray(p) * (p.ndim >= 2), params, want)
+  assert int(new_state.step) == 1 and bool(metrics["finite"])
+  (count,) = jax.tree.leaves(new_state.opt_state)  # the schedule's step count: updated too
+  assert int(count) == 1
+  for x, sharding_ in zip(jax.tree.leaves(new_state), jax.tree.leaves(state_sharding),
+                          strict=True):
+    assert x.sharding == sharding_  # the state comes out placed as it went in
+  assert float(metrics["lr"]) == pytest.approx(0.1, rel=1e-6)
+  assert float(metrics["l2_params"]) == pytest.approx(norm(want), rel=1e-5)
+  assert float(metrics["l2_updates"]) == pytest.approx(
+      norm(jax.tree.map(lambda p, w: np.asarray(w, np.float64) - np.asarray(p), params, want)),
+      rel=1e-3)
+  assert float(metrics["l2_grads"]) == pytest.approx(norm(grad), rel=1e-3)
+  # The step donates its input state: the old buffers are freed, not kept beside the new ones.
+  assert all(x.is_deleted() for x in jax.tree.leaves(state.params))
   if accum == 1:
-    _, logits, _ = model.apply(params, batch_stats, batch["image"], train=True)
-    for m in model.nesting:
-      assert float(metrics[f"loss@{m}"]) == pytest.approx(
-          _np_smoothed_ce(logits[m], batch["label"], 0.1), rel=1e-5)
+    _, logits, stats = model.apply(params, batch_stats, batch["image"], train=True)
+    for got, ref in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats),
+                        strict=True):  # BatchNorm's running statistics, updated by the step
+      np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    per_size = [_np_smoothed_ce(logits[m], batch["label"], 0.1) for m in model.nesting]
+    for m, want_m in zip(model.nesting, per_size):
+      assert float(metrics[f"loss@{m}"]) == pytest.approx(want_m, rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(sum(per_size), rel=1e-5)  # weights 1
+
+
+def test_a_non_finite_step_leaves_the_state_and_counts_the_step():
+  """A NaN in one kernel makes the loss and gradients NaN: the step reports finite=False and
+  returns the state it was given (parameters, statistics, optimizer state) with step + 1."""
+  _, state, step, mesh = _sgd_step(1, 1)
+  poisoned = "['heads']['head_8']['kernel']"
+  state = state.replace(params=jax.tree_util.tree_map_with_path(
+      lambda path, x: x.at[0, 0].set(jnp.nan) if jax.tree_util.keystr(path) == poisoned else x,
+      state.params))
+  before = jax.tree.map(np.asarray, (state.params, state.batch_stats, state.opt_state))
+  with jax.set_mesh(mesh):
+    new_state, metrics = step(state, _batch(7))
+  assert not bool(metrics["finite"]) and int(new_state.step) == 1
+  after = jax.tree.map(np.asarray, (new_state.params, new_state.batch_stats,
+                                    new_state.opt_state))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+    np.testing.assert_array_equal(x, y)
