@@ -149,33 +149,38 @@ def _np_smoothed_ce(logits, labels, eps):
   return float(-(t * logp).sum(-1).mean())
 
 
-def _sgd_step(devices, accum):
+def _sgd_step(devices, accum, fsdp=False, objective=None):
   """(model, state, jitted step, mesh) of the digits ResNet under plain SGD, lr 0.1, decay 0.01
-  on kernels, label smoothing 0.1."""
+  on kernels, label smoothing 0.1; fsdp: every parameter sharded over a 2-way fsdp axis."""
   config = load_config("configs/digits_resnet_mrl.py:runlocal")
+  if fsdp:
+    config.sharding.update(strategy="fsdp", fsdp_min_size_mb=0.0)
   config.optim.update(momentum=0.0, nesterov=False, weight_decay=0.01,
                       weight_decay_rule="kernels", grad_accum_steps=accum)
   config.schedule.update(name="constant", base_lr=0.1, lr_batch_size=128, warmup_epochs=0.0)
   config.input.batch_size = 128
   config.loss.label_smoothing = 0.1
   spec = validation.validate(config, devices, 1)
-  mesh = sharding.make_mesh({"data": devices, "fsdp": 1}, jax.devices()[:devices])
+  fsdp_size = 2 if fsdp else 1
+  mesh = sharding.make_mesh({"data": devices // fsdp_size, "fsdp": fsdp_size},
+                            jax.devices()[:devices])
   model, abstract_params, _ = state_lib.build_model(config, spec)
   schedule = optim.make_schedule(config, 10, 100)
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
   state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
-  step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding)
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding,
+                                   objective and objective(spec))
   return model, state, step, mesh
 
 
-@pytest.mark.parametrize("devices, accum", [(1, 1), (8, 2)])
-def test_one_step_equals_an_independent_sgd_step(devices, accum):
-  """The jitted, sharded step on 1 and 8 devices, with and without accumulation, equals one
-  SGD step written from the definitions (label smoothing 0.1, weight decay 0.01 on kernels):
-  an error the same on every layout (smoothing not reaching the loss, the decay mask not
-  applied, micro-batch gradients summed instead of averaged) fails here. The logged per-size
-  losses equal numpy's smoothed CE of the model's logits."""
-  model, state, step, mesh = _sgd_step(devices, accum)
+@pytest.mark.parametrize("devices, accum, fsdp", [(1, 1, False), (8, 2, False), (8, 1, True)])
+def test_one_step_equals_an_independent_sgd_step(devices, accum, fsdp):
+  """The jitted, sharded step on 1 and 8 devices (data, or data x fsdp), with and without
+  accumulation, equals one SGD step written from the definitions (label smoothing 0.1, weight
+  decay 0.01 on kernels): an error the same on every layout (smoothing not reaching the loss,
+  the decay mask not applied, micro-batch gradients summed instead of averaged) fails here. The
+  logged per-size losses equal numpy's smoothed CE of the model's logits."""
+  model, state, step, mesh = _sgd_step(devices, accum, fsdp)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch = _batch(7)
   copy = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
@@ -235,3 +240,26 @@ def test_a_non_finite_step_leaves_the_state_and_counts_the_step():
                                     new_state.opt_state))
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+class _NanGradient:
+  """An objective whose loss, sqrt(|w - w|) of one kernel, is 0 while its gradient is NaN."""
+
+  def __init__(self, spec):
+    self.sizes = spec.head_sizes
+
+  def loss(self, module, batch, **_):
+    del batch
+    kernel = module.heads.head_8.kernel[...]
+    return jnp.sum(jnp.sqrt(jnp.abs(kernel - kernel))), {}
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_non_finite_step():
+  """A step is finite only if the loss and every gradient are: a finite loss alone is not."""
+  _, state, step, mesh = _sgd_step(1, 1, objective=_NanGradient)
+  before = jax.tree.map(np.asarray, state.params)
+  with jax.set_mesh(mesh):
+    new_state, metrics = step(state, _batch(7))
+  assert float(metrics["loss"]) == 0.0 and not bool(metrics["finite"])
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(new_state.params), strict=True):
+    np.testing.assert_array_equal(x, np.asarray(y))
