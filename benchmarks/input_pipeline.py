@@ -13,13 +13,13 @@ so its images/s is a per-core figure, and all of them run in one invocation:
   flip, uint8 batch, at 160, 192 and 224 px; `share` is its rate over decode_crop's.
 - `read`: the readers alone (records to batches of bytes): their per-example overhead.
 - grain's shuffle alone (`index_shuffle`, one call per record) at several split lengths.
+- the pixel difference of area vs antialias on the same windows (levels of 255).
 
 grain reads the photos as a split of ImageNet-1k's length (`--grain_split_length`, 1,281,167:
-record i is photo i mod --num_images): its shuffle's per-record cost depends on the split length alone
-(4.6 us at ImageNet-1k's, 60-140 us at 512 records, measured in the same run), so a 512-record
-split would charge grain a cost it does not have on ImageNet. tf.data's buffer shuffle costs the
-same per record at any length.
-- the pixel difference of area vs antialias on the same windows (levels of 255).
+record i is photo i mod --num_images): its shuffle's cost per record depends on the split
+length alone (4.6 us at ImageNet-1k's, ~53 us at 512 records, printed by the same run), so a
+512-record split would charge grain a cost it does not have on ImageNet. tf.data's buffer
+shuffle costs the same per record at any length.
 
 The last column is how many such cores a target rate needs (default 8 GPUs x 3,000 img/s).
 
@@ -187,8 +187,7 @@ def measure_reader(reader: str, data_dir: str, threads: int, num_images: int, ti
 
 
 def measure_read(reader: str, data_dir: str, threads: int, num_images: int, timed: int,
-                 batch: int,
-                 split_length: int) -> dict:
+                 batch: int, split_length: int) -> dict:
   """The reader alone: records (image bytes undecoded) to batches."""
   tf = _limit_threads(threads)
   import grain  # pylint: disable=g-import-not-at-top

@@ -24,7 +24,22 @@ FAMILIES = [
     "tests/models_test.py::test_remat_gives_the_same_outputs_and_gradients",
     "tests/sharding_test.py::test_gradient_accumulation_equals_the_full_batch_step",
     "tests/train_step_test.py::test_resume_is_bitwise_with_sampled_sizes_and_dropout",
+    # The build each run asks for reaches jax, here and in the processes tests start.
+    "tests/optimized_build_test.py::test_processes_compile_with_the_build_the_run_asks_for",
 ]
+
+
+def test_processes_compile_with_the_build_the_run_asks_for():
+  """conftest sets the XLA build through the environment: the suite's processes compile with
+  most optimisations off, the optimised rerun's with them on, and so do their subprocesses."""
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.config.read("jax_disable_most_optimizations") is not OPTIMIZED
+  child = subprocess.run(
+      [sys.executable, "-c", "import jax; print(jax.config.read('jax_disable_most_optimizations'),"
+       " jax.config.jax_compilation_cache_dir)"],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
+      check=True)
+  assert child.stdout.split() == [str(not OPTIMIZED), os.environ["MRL_JAX_TEST_COMPILE_CACHE"]]
 
 
 @pytest.mark.slow

@@ -169,7 +169,7 @@ def _sgd_step(devices, accum, fsdp=False, objective=None):
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
   state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding,
-                                   objective and objective(spec))
+                                   objective(spec) if objective else None)
   return model, state, step, mesh
 
 

@@ -281,7 +281,10 @@ def _copy_repo(target: str) -> str:
 def _tiers(module: str, only: list[int] | None) -> list[list[str]]:
   """The module's test tiers, or only the chosen ones (1-based)."""
   tiers = MODULES[module][1]
-  return tiers if not only else [tiers[i - 1] for i in only if i <= len(tiers)]
+  bad = [i for i in only or () if not 1 <= i <= len(tiers)]
+  if bad:
+    raise SystemExit(f"no tier {bad[0]} of {module} (--tiers); allowed: 1..{len(tiers)}")
+  return [tiers[i - 1] for i in only] if only else tiers
 
 
 def baseline(module: str, workdir: str, only: list[int] | None = None
