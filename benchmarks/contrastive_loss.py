@@ -8,12 +8,14 @@ Loss and gradient (w.r.t. both embeddings) of the image-text losses at B pairs, 
   (contrastive_tiled.py; config.contrastive.tile_rows), no B x B array;
 - `per size`: each size recomputed from scratch (truncate, normalise, B x B matmul): what a
   direct implementation does, |M| matmuls;
-- `full size only`: the single-size (non-Matryoshka) loss.
+- `full size only`: the single-size (non-Matryoshka) loss;
+- `largest n sizes` (--tiled_size_counts): the tiled loss on sizes[-n:], what each size adds.
 For the softmax loss (CLIP / ALIGN, both directions) and the sigmoid loss (SigLIP). Memory is
 XLA's own figure for the compiled function's temporaries (memory_analysis().temp_size_in_bytes).
 
   python benchmarks/contrastive_loss.py                  # B = 4096 on CPU, a few minutes
   python benchmarks/contrastive_loss.py --append=BENCHMARKS.md
+  python benchmarks/contrastive_loss.py --tile_rows=128 --tiled_size_counts=1,2,4
 """
 
 import datetime
@@ -36,6 +38,8 @@ flags.DEFINE_integer("dim", 768, "embedding width")
 flags.DEFINE_integer("steps", 2, "calls per timed round")
 flags.DEFINE_integer("rounds", 3, "alternating timed rounds")
 flags.DEFINE_integer("tile_rows", 256, "rows per tile of the tiled loss")
+flags.DEFINE_list("tiled_size_counts", [], "also time the tiled loss on only the largest n "
+                  "sizes, for each n (e.g. 1,2,4): what each further size adds")
 flags.DEFINE_string("append", "", "append the table to this markdown file")
 
 
@@ -99,6 +103,9 @@ def main(argv):
                "per size": Runner(lambda x, y, loss=loss: per_size_loss(x, y, sizes, loss),
                                   a, b),
                "full size only": Runner(lambda x, y: nested(x, y, s=(d,)), a, b)}
+    for n in map(int, args.tiled_size_counts):
+      runners[f"tiled ({args.tile_rows} rows), largest {n} sizes"] = Runner(
+          lambda x, y, f=nested, n=n: f(x, y, s=sizes[-n:], tile_rows=args.tile_rows), a, b)
     times = interleaved(runners, args.rounds, args.steps)
     for name, seconds in times.items():
       rows.append((loss, name, seconds, seconds / times["full size only"],

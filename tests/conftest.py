@@ -31,9 +31,14 @@ os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """A TFDS data_dir with both built-in datasets prepared in both file formats (once)."""
+  """A TFDS data_dir with every built-in dataset prepared in both file formats, once per test
+  session: xdist workers share one directory (their common parent), and builtin.prepare's file
+  lock makes the others wait for the first and find the datasets ready (~16 s of CPU each)."""
   from mrl_jax.data import builtin  # pylint: disable=g-import-not-at-top
-  path = os.environ.get("MRL_JAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+  path = os.environ.get("MRL_JAX_TEST_DATA_DIR")
+  if not path and os.environ.get("PYTEST_XDIST_WORKER"):
+    path = str(tmp_path_factory.getbasetemp().parent / "tfds")
+  path = path or str(tmp_path_factory.mktemp("tfds"))
   for name in builtin.BUILTIN:
     builtin.prepare(name, path)
   return path
