@@ -270,6 +270,21 @@ def _env(extra=None) -> dict:
   return env
 
 
+def repair_compile_cache(path: str) -> int:
+  """Removes the entries of a jax compilation cache that have no access-time file; returns how
+  many. With a size limit (conftest sets one) jax's LRU cache reads every entry's `-atime` file
+  before each write; an entry written without the limit (an older run) has none, and every
+  later write then fails with FileNotFoundError, which jax prints to stderr: a test that checks
+  a process's stderr would then fail, and count a mutant as killed, for that alone."""
+  if not os.path.isdir(path):
+    return 0
+  names = set(os.listdir(path))
+  stale = [n for n in names if n.endswith("-cache") and n[:-len("-cache")] + "-atime" not in names]
+  for name in stale:
+    os.remove(os.path.join(path, name))
+  return len(stale)
+
+
 def _copy_repo(target: str) -> str:
   if os.path.exists(target):
     shutil.rmtree(target)
@@ -369,6 +384,9 @@ def load(path, default):
 def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = False,
         only: list[int] | None = None) -> None:
   results = load(RESULTS, {})
+  stale = repair_compile_cache(_env()["MRL_JAX_TEST_COMPILE_CACHE"])
+  if stale:
+    print(f"removed {stale} compilation cache entries without an access time", flush=True)
   root = tempfile.mkdtemp(prefix="mrl_mutate_")
   copies = [_copy_repo(os.path.join(root, f"w{i}")) for i in range(workers)]
   for module in modules:
