@@ -27,6 +27,22 @@ def _checkpoint_steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
+def test_epochs_become_steps_from_the_dataset_size(data_dir):
+  """steps_per_epoch = floor(train examples / global batch), at least 1, and *_epochs times it:
+  the 1,438 digits at batch 64 are 22 steps an epoch, so 40 epochs are 880 steps; a batch larger
+  than the split is still 1 step an epoch; total_steps, when set, wins."""
+  from mrl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, None, **{"input.batch_size": 64, "total_epochs": 40.0})
+  source = pipeline.open_source(config.input)
+  assert train_lib.run_info(config, source) == train_lib.RunInfo(1438, 22, 880)
+  config.input.batch_size = 2048
+  assert train_lib.run_info(config, source) == train_lib.RunInfo(1438, 1, 40)
+  config.total_epochs = 0.01  # rounds to 0 steps: a run is at least 1 step
+  assert train_lib.run_info(config, source).total_steps == 1
+  config.total_steps = 7
+  assert train_lib.run_info(config, source).total_steps == 7
+
+
 @pytest.mark.slow
 def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsys):
   workdir = str(tmp_path / "run")
