@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,3 +96,44 @@ def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp
   # Both processes wrote their part of the checkpoint (orbax OCDBT, one folder per process).
   state_dir = os.path.join(two, "checkpoints", "8", "state")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(data_dir, tmp_path):
+  """A preemption notice reaches one host of two: JAX's preemption service agrees on a step,
+  every process saves there and exits 0 (no race with the processes' speed: they run a
+  constant learning rate for 10^6 steps and process 1 gets SIGTERM once process 0 logged step
+  3); the checkpoint is complete and a rerun resumes from it."""
+  workdir = str(tmp_path / "run")
+  constant = ["--config.schedule.name=constant", "--config.schedule.warmup_epochs=0"]
+
+  def cmd(port, i, steps):
+    return _cmd(data_dir, workdir, f"--config.total_steps={steps}", *constant,
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={i}")
+
+  port = free_port()
+  procs = [subprocess.Popen(cmd(port, i, 10**6), cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for line in procs[0].stdout:
+    if line.startswith("step 3/"):
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  saved = [l for l in outs[0][0].splitlines() if l.startswith("Received ")]
+  assert len(saved) == 1 and saved[0].startswith(
+      "Received a preemption notice (SIGTERM): saved a checkpoint at step "), outs[0][0][-2000:]
+  stop = int(saved[0].split("at step ")[1].split()[0])
+  assert stop >= 3
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
+  try:
+    assert ckpt.complete_steps()[-1] == stop
+  finally:
+    ckpt.close()
+  done = run_processes(lambda port: [cmd(port, i, stop + 2) for i in range(2)], [_env(1)] * 2)
+  for p, out, err in done:
+    assert p.returncode == 0, err[-3000:]
+  assert f"Resuming from checkpoint step {stop}" in done[0][1]
+  assert json.load(open(os.path.join(workdir, "summary.json")))["final_step"] == stop + 2
