@@ -99,11 +99,15 @@ def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(data_dir, tmp_path):
-  """A preemption notice reaches one host of two: JAX's preemption service agrees on a step,
-  every process saves there and exits 0 (no race with the processes' speed: they run a
-  constant learning rate for 10^6 steps and process 1 gets SIGTERM once process 0 logged step
-  3); the checkpoint is complete and a rerun resumes from it."""
+@pytest.mark.parametrize("sig, reason", [("SIGTERM", "a preemption notice (SIGTERM)"),
+                                         ("SIGINT", "SIGINT on another process")])
+def test_a_signal_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(
+    data_dir, tmp_path, sig, reason):
+  """A signal reaches one host of two (no race with the processes' speed: they run a constant
+  learning rate for 10^6 steps and process 1 gets it once process 0 logged step 3): for SIGTERM
+  JAX's preemption service agrees on a step, a SIGINT (Ctrl-C) is shared at the next log step;
+  every process saves there and exits 0, the checkpoint is complete and (SIGTERM) a rerun
+  resumes from it."""
   workdir = str(tmp_path / "run")
   constant = ["--config.schedule.name=constant", "--config.schedule.warmup_epochs=0"]
 
@@ -117,14 +121,14 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(data
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   for line in procs[0].stdout:
     if line.startswith("step 3/"):
-      procs[1].send_signal(signal.SIGTERM)
+      procs[1].send_signal(getattr(signal, sig))
       break
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   saved = [l for l in outs[0][0].splitlines() if l.startswith("Received ")]
   assert len(saved) == 1 and saved[0].startswith(
-      "Received a preemption notice (SIGTERM): saved a checkpoint at step "), outs[0][0][-2000:]
+      f"Received {reason}: saved a checkpoint at step "), outs[0][0][-2000:]
   stop = int(saved[0].split("at step ")[1].split()[0])
   assert stop >= 3
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
@@ -132,6 +136,8 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(data
     assert ckpt.complete_steps()[-1] == stop
   finally:
     ckpt.close()
+  if sig == "SIGINT":
+    return
   done = run_processes(lambda port: [cmd(port, i, stop + 2) for i in range(2)], [_env(1)] * 2)
   for p, out, err in done:
     assert p.returncode == 0, err[-3000:]
