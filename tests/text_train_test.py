@@ -187,6 +187,9 @@ def test_bad_text_input_is_one_line_exit_2(text_dir, tmp_path):
   code, _, err = run(_config(text_dir, "mlm", **{"text.max_length": 600}), "b")
   _one_line(code, err, "config.text.max_length=600 is longer than the position table "
                        "config.model.max_len=512")
+  code, _, err = run(_config(text_dir, "mlm", **{"input.dataset": "sklearn_digits"}), "b2")
+  _one_line(code, err, "dataset 'sklearn_digits' has no text feature 'text' "
+                       "(config.text.features); available: []")
   # The same vocabulary size, two tokens swapped: another tokenizer for the same checkpoint.
   trained = _config(text_dir, "contrastive")
   assert run(trained, "c")[0]["final_step"] == 4
