@@ -186,6 +186,7 @@ BAD_CONFIGS = [
     ({"mesh.data": 3}, "config.mesh={'data': 3, 'fsdp': 1} has 3 devices but 8 are available"),
     ({"input.data_dir": "EMPTY", "input.dataset": "cifar10", "num_classes": 10},
      "dataset 'cifar10' is not prepared in"),
+    ({"num_classes": 12}, "config.num_classes=12 but dataset 'sklearn_digits' has 10 classes"),
     ({"input.dataset": "wiki_passages"}, "dataset 'wiki_passages' has no image feature 'image' "
      "(config.input.image_key); a classifier needs images"),
 ]
