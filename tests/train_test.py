@@ -82,6 +82,9 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   saved_config = json.loads(open(os.path.join(workdir, "config.json")).read())
   assert saved_config["total_steps"] == 40 and saved_config["mrl.nesting"] == "halving:2"
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  table = os.path.join(workdir, "parameters.txt")  # written once, when a run starts
+  assert "| encoder/blocks/0/conv1/bn/scale" in open(table).read()
+  written = os.path.getmtime(table)
   capsys.readouterr()
 
   # Same workdir, more steps: resumes from step 40 instead of starting again.
@@ -93,6 +96,7 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   assert summary["final_step"] == 46
   steps = sorted(_train_losses(workdir))
   assert steps == list(range(1, 47))  # 41..46 appended, nothing re-run
+  assert os.path.getmtime(table) == written
 
 
 MESHES = [
