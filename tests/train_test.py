@@ -82,6 +82,15 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   saved_config = json.loads(open(os.path.join(workdir, "config.json")).read())
   assert saved_config["total_steps"] == 40 and saved_config["mrl.nesting"] == "halving:2"
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # TensorBoard's hparams: the run's config, written once, when the run starts.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  events.Reload()
+  hparams = plugin_data_pb2.HParamsPluginData.FromString(events.SummaryMetadata(
+      "_hparams_/session_start_info").plugin_data.content).session_start_info.hparams
+  assert hparams["schedule.base_lr"].number_value == 0.2
+  assert hparams["optim.name"].string_value == "sgd"
   table = os.path.join(workdir, "parameters.txt")  # written once, when a run starts
   assert "| encoder/blocks/0/conv1/bn/scale" in open(table).read()
   written = os.path.getmtime(table)
