@@ -63,7 +63,7 @@ MODULES = {
         ["tests/configs_test.py", "-k", "dry_run"],
         ["tests/train_test.py", "tests/train_step_test.py", "tests/lock_test.py",
          "-m", "slow or not slow"],
-        ["tests/reliability_test.py"]]),
+        ["tests/reliability_test.py", "tests/multihost_test.py"]]),
     "preprocess": ("mrl_jax/data/preprocess.py", [
         ["tests/preprocess_test.py"],
         ["tests/data_test.py"]]),
@@ -80,7 +80,7 @@ MODULES = {
         ["tests/adaptive_classification_test.py"]]),
     "checkpoint": ("mrl_jax/checkpoint.py", [
         ["tests/checkpoint_test.py"],
-        ["tests/reliability_test.py"]]),
+        ["tests/reliability_test.py", "tests/multihost_test.py"]]),
     "contrastive_tiled": ("mrl_jax/contrastive_tiled.py", [
         ["tests/contrastive_tiled_test.py"],
         ["tests/contrastive_test.py"]]),
