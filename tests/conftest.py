@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as mrl_jax/cli.py
 
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -42,6 +43,17 @@ def data_dir(tmp_path_factory):
   for name in builtin.BUILTIN:
     builtin.prepare(name, path)
   return path
+
+
+@contextlib.contextmanager
+def checkpointer(workdir: str):
+  """A Checkpointer on `<workdir>/checkpoints` that reads any step, closed afterwards."""
+  from mrl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
+  try:
+    yield ckpt
+  finally:
+    ckpt.close()
 
 
 def load_config(path_and_arg: str):

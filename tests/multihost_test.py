@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import train_lib
 from tests.conftest import REPO
+from tests.conftest import checkpointer
 from tests.conftest import load_config
 
 
@@ -59,11 +59,8 @@ def _losses(workdir):
 
 
 def _state(workdir, step):
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
-  try:
+  with checkpointer(workdir) as ckpt:
     return ckpt.read(step)[0]
-  finally:
-    ckpt.close()
 
 
 @pytest.mark.slow
@@ -131,11 +128,8 @@ def test_a_signal_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(
       f"Received {reason}: saved a checkpoint at step "), outs[0][0][-2000:]
   stop = int(saved[0].split("at step ")[1].split()[0])
   assert stop >= 3
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
-  try:
+  with checkpointer(workdir) as ckpt:
     assert ckpt.complete_steps()[-1] == stop
-  finally:
-    ckpt.close()
   if sig == "SIGINT":
     return
   done = run_processes(lambda port: [cmd(port, i, stop + 2) for i in range(2)], [_env(1)] * 2)

@@ -17,23 +17,19 @@ import jax
 import numpy as np
 import pytest
 
-from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import cli
 from mrl_jax import state as state_lib
 from mrl_jax import train_lib
 from mrl_jax.errors import ConfigError
 from tests.conftest import REPO
+from tests.conftest import checkpointer
 from tests.conftest import digits_config
 from tests.conftest import load_config
 
 
 def _final_state(workdir, step):
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
-  try:
-    state, _ = ckpt.read(step)
-  finally:
-    ckpt.close()
-  return state
+  with checkpointer(workdir) as ckpt:
+    return ckpt.read(step)[0]
 
 
 def _run_cli(fn):
@@ -262,8 +258,8 @@ def test_nonfinite_loss_stops_with_step_and_per_size_losses_keeping_good_checkpo
   assert code == cli.EXIT_NONFINITE, err
   assert "error: non-finite loss or gradient at step " in err
   assert "loss@2=" in err and "loss@32=" in err and "the last good checkpoint is kept" in err
-  steps = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                                      keep=9).all_steps()
+  with checkpointer(workdir) as ckpt:
+    steps = ckpt.all_steps()
   assert steps and max(steps) < 6
   for step in steps:  # every checkpoint on disk holds finite parameters
     state = _final_state(workdir, step)
@@ -315,8 +311,8 @@ def test_failed_save_is_one_line_exit_4_and_the_rerun_resumes(data_dir, tmp_path
   failed = subprocess.run([sys.executable, "-c", _FAIL_STEP_4, *cmd], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   _check_failed_save(failed, workdir, 4, 2, "No space left on device")
-  assert checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                                     keep=9).complete_steps() == [2]
+  with checkpointer(workdir) as ckpt:
+    assert ckpt.complete_steps() == [2]
   resumed = subprocess.run(_train_cmd(data_dir, workdir, 6), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

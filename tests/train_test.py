@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import train_lib
+from tests.conftest import checkpointer
 from tests.conftest import digits_config
 
 
@@ -108,11 +108,8 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   assert steps == list(range(1, 47))  # 41..46 appended, nothing re-run
   assert os.path.getmtime(table) == written
   assert _checkpoint_steps(workdir) == [40, 46]  # the last step is saved off the interval too
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=9)
-  try:
+  with checkpointer(workdir) as ckpt:
     _, meta = ckpt.read(46)
-  finally:
-    ckpt.close()
   assert meta["step"] == meta["data_position"] == 46 and meta["global_batch"] == 64
 
 
