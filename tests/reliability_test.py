@@ -5,6 +5,7 @@ files on disk, bad configs and arrays.
 """
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -250,17 +251,34 @@ def _exploding(data_dir, steps, policy):
                           "schedule.warmup_epochs": 0.0})
 
 
+@pytest.mark.parametrize("log_every, stop_at", [(1, None), (100, None), (100, 2)])
 def test_nonfinite_loss_stops_with_step_and_per_size_losses_keeping_good_checkpoints(
-    data_dir, tmp_path):
+    data_dir, tmp_path, monkeypatch, log_every, stop_at):
+  """At lr 1e30 the first update makes step 2 non-finite. Each step's finiteness is checked one
+  step late (the device never waits for the host) or at once on a log step, where the values
+  are fetched anyway: with every step logged the run stops before it logs or saves step 2; with
+  step 2 not a log step it stops after step 3 ran, having saved step 2's state (the update was
+  not applied: its parameters are step 1's). A preemption noticed at step 2 still checks it
+  before its final save."""
   workdir = str(tmp_path / "run")
+  config = _exploding(data_dir, 6, "stop")
+  config.log_every_steps = log_every
+  if stop_at:
+    reason = train_lib._StopSignal.stop_reason  # pylint: disable=protected-access
+    monkeypatch.setattr(train_lib._StopSignal, "stop_reason",  # pylint: disable=protected-access
+                        lambda self, step, log_step: "SIGTERM" if step == stop_at
+                        else reason(self, step, log_step))
   code, _, err = _run_cli(lambda: train_lib.train_and_evaluate(
-      _exploding(data_dir, 6, "stop"), workdir, devices=jax.devices()[:1]))
+      config, workdir, devices=jax.devices()[:1]))
   assert code == cli.EXIT_NONFINITE, err
-  assert "error: non-finite loss or gradient at step " in err
+  assert "error: non-finite loss or gradient at step 2 " in err
   assert "loss@2=" in err and "loss@32=" in err and "the last good checkpoint is kept" in err
   with checkpointer(workdir) as ckpt:
     steps = ckpt.all_steps()
-  assert steps and max(steps) < 6
+  assert steps == ([1] if log_every == 1 else [1, 2])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+  assert list(losses) == [1] and np.isfinite(losses[1])
   for step in steps:  # every checkpoint on disk holds finite parameters
     state = _final_state(workdir, step)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
@@ -318,6 +336,27 @@ def test_failed_save_is_one_line_exit_4_and_the_rerun_resumes(data_dir, tmp_path
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming from checkpoint step 2" in resumed.stdout
   assert "Traceback" not in resumed.stderr + failed.stderr
+
+
+def test_a_failed_last_save_is_reported_before_the_final_eval(data_dir, tmp_path, monkeypatch):
+  """The last step's save (asynchronous, like every save) fails: the run waits for it after
+  the loop and stops there, exit 4, before the final eval (minutes at ImageNet scale) runs."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def failing(self, *args, **kwargs):
+    if self._final_path.name == "2":  # pylint: disable=protected-access
+      raise OSError(errno.ENOSPC, "No space left on device", str(self._tmp_path))  # pylint: disable=protected-access
+    return await finalize(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", failing)
+  evals = []
+  monkeypatch.setattr(train_lib, "_log_eval", lambda *args: evals.append(args))
+  workdir = str(tmp_path / "run")
+  code, _, err = _run_cli(lambda: train_lib.train_and_evaluate(
+      digits_config(data_dir, 2), workdir, devices=jax.devices()[:1]))
+  assert code == cli.EXIT_CHECKPOINT, err
+  assert err.startswith("error: checkpoint step 2 could not be written") and not evals, err
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mrl_jax import train_lib
+from mrl_jax import writers
 from tests.conftest import checkpointer
 from tests.conftest import digits_config
 
@@ -61,8 +62,17 @@ def test_a_signal_stops_a_single_process_run_at_the_next_step(sig):
 
 
 @pytest.mark.slow
-def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsys):
+def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsys, monkeypatch):
   workdir = str(tmp_path / "run")
+  printed = []  # (step, ETA in seconds, when printing began, when it ended) of each train line
+  print_line = train_lib._print_train_line  # pylint: disable=protected-access
+
+  def timed_print(step, total, values, nesting, eta_seconds):
+    began = time.perf_counter()
+    print_line(step, total, values, nesting, eta_seconds)
+    printed.append((step, eta_seconds, began, time.perf_counter()))
+
+  monkeypatch.setattr(train_lib, "_print_train_line", timed_print)
   config = _config(data_dir, 40, **{"input.batch_size": 64, "model.width": 8,
                                     "schedule.base_lr": 0.2, "schedule.warmup_steps": 2,
                                     "keep_checkpoints": 2})
@@ -80,6 +90,17 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   assert all(0.0 <= v["top1"] <= 1.0 for v in on_disk["eval"].values())
   assert on_disk["eval"]["64"]["top1"] > 0.3  # 10 classes: chance is 0.1
   assert summary["final_step"] == 40
+  # Throughput leaves out the compiling first step: examples over the seconds of steps 2..40,
+  # each logged (log_every_steps 1) with its own step time.
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  step_times = [r["train/step_time"] for r in records if "train/step_time" in r and r["step"] > 1]
+  assert len(step_times) == 39
+  np.testing.assert_allclose(on_disk["images_per_second"], 39 * 64 / sum(step_times), rtol=1e-6)
+  logged = [(r["train/images_per_second"], r["train/step_time"]) for r in records
+            if "train/step_time" in r]
+  assert len(logged) == 40
+  np.testing.assert_allclose([rate * seconds for rate, seconds in logged], 64, rtol=1e-6)
+  _check_eta(printed, first=1, last=40)
   saved_config = json.loads(open(os.path.join(workdir, "config.json")).read())
   assert saved_config["total_steps"] == 40 and saved_config["mrl.nesting"] == "halving:2"
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
@@ -96,6 +117,7 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   assert "| encoder/blocks/0/conv1/bn/scale" in open(table).read()
   written = os.path.getmtime(table)
   capsys.readouterr()
+  printed.clear()
 
   # Same workdir, more steps: resumes from step 40 instead of starting again.
   config = _config(data_dir, 46, **{"input.batch_size": 64, "model.width": 8,
@@ -104,6 +126,7 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   summary = train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   assert "Resuming from checkpoint step 40" in capsys.readouterr().out
   assert summary["final_step"] == 46
+  _check_eta(printed, first=41, last=46)  # counted from the resumed run's own first step
   steps = sorted(_train_losses(workdir))
   assert steps == list(range(1, 47))  # 41..46 appended, nothing re-run
   assert os.path.getmtime(table) == written
@@ -111,6 +134,83 @@ def test_training_reduces_loss_checkpoints_and_resumes(data_dir, tmp_path, capsy
   with checkpointer(workdir) as ckpt:
     _, meta = ckpt.read(46)
   assert meta["step"] == meta["data_position"] == 46 and meta["global_batch"] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [2, 3, None])
+def test_a_stop_saves_the_step_it_stops_at_once(data_dir, tmp_path, monkeypatch, stop_at):
+  """A SIGTERM noticed at step 3 saves step 3 (off the checkpoint interval of 2). Noticed at
+  step 2, whose interval save has just begun (asynchronously), the stop waits for that save and
+  does not write step 2 again (orbax refuses a step that exists). The run returns as preempted.
+  Stopped or not, its metrics are on disk when it returns, though they are written on a thread
+  (here the last one 2.5 s late)."""
+  reason = train_lib._StopSignal.stop_reason  # pylint: disable=protected-access
+  monkeypatch.setattr(train_lib._StopSignal, "stop_reason",  # pylint: disable=protected-access
+                      lambda self, step, log_step: "SIGTERM" if step == stop_at
+                      else reason(self, step, log_step))
+  last = stop_at or 6
+  write = writers.JsonlWriter.write_scalars
+
+  def late_write(self, step, scalars):
+    if step == last and (stop_at or "val/top1@2" in scalars):
+      time.sleep(2.5)
+    write(self, step, scalars)
+
+  monkeypatch.setattr(writers.JsonlWriter, "write_scalars", late_write)
+  workdir = str(tmp_path / "run")
+  summary = train_lib.train_and_evaluate(_config(data_dir, 6, checkpoint_every_steps=2),
+                                         workdir, devices=jax.devices()[:1])
+  if stop_at:
+    assert summary == {"final_step": stop_at, "preempted": True}
+  else:
+    assert summary["final_step"] == 6 and "preempted" not in summary
+  with checkpointer(workdir) as ckpt:
+    assert ckpt.all_steps() == (list(range(2, stop_at + 1)) if stop_at else [2, 4, 6])
+    assert ckpt.read(last)[1]["step"] == last
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(l) for l in f]
+  assert [r["step"] for r in records if "train/loss" in r] == list(range(1, last + 1))
+  assert [r["step"] for r in records if "val/top1@2" in r] == ([] if stop_at else [6])
+
+
+def test_the_train_line_shows_the_smallest_and_largest_size_and_the_eta(capsys):
+  """A log step's line: loss, the head accuracy at the smallest and largest size (once when
+  there is one size), lr, throughput (examples, not images, for text), the input-wait share and
+  the ETA in h/m/s; an eval's line lists its accuracies by size."""
+  values = {"loss": 1.23456, "top1@8": 0.5, "top1@16": 0.6, "top1@32": 0.75, "lr": 0.1,
+            "images_per_second": 1234.4, "input_wait": 0.123}
+  train_lib._print_train_line(5, 10, values, (8, 16, 32), 65.4)  # pylint: disable=protected-access
+  train_lib._print_train_line(5, 10, {**values, "top1@2048": 0.25}, (2048,), None)  # pylint: disable=protected-access
+  text = {"loss": 2.0, "acc@64": 0.9, "mlm_acc@64": 0.3, "lr": 1e-4, "images_per_second": 99.6,
+          "input_wait": 0.0}
+  train_lib._print_train_line(7, 9, text, (64,), 3725)  # pylint: disable=protected-access
+  written = []
+
+  class Recorder:
+    def write_scalars(self, step, scalars):
+      written.append((step, scalars))
+
+  train_lib._log_eval(4, {"top1@16": 0.5, "top1@8": 0.25, "top5@8": 0.75}, Recorder())  # pylint: disable=protected-access
+  assert capsys.readouterr().out.splitlines() == [
+      "step 5/10 loss=1.2346 top1@8=0.500 top1@32=0.750 lr=0.1 1234 img/s input-wait 12% eta 1m05s",
+      "step 5/10 loss=1.2346 top1@2048=0.250 lr=0.1 1234 img/s input-wait 12% eta --",
+      "step 7/9 loss=2.0000 mlm_acc@64=0.300 lr=0.0001 100 ex/s input-wait 0% eta 1h02m",
+      "eval step 4: top1@8=0.2500 top1@16=0.5000"]
+  assert written == [(4, {"val/top1@16": 0.5, "val/top1@8": 0.25, "val/top5@8": 0.75})]
+  assert [train_lib.format_duration(s) for s in (0, 9.4, 59.5, 60, 3599, 3600, 86399)] == [
+      "0s", "9s", "1m00s", "1m00s", "59m59s", "1h00m", "23h59m"]
+
+
+def _check_eta(printed, first, last):
+  """The ETA printed at step s is the wall time per step since the first (compiling) step
+  ended, times the steps left: (now - first_done) / (s - first) * (last - s), with now between
+  the end of the previous line and the start of this one, first_done just before line `first`."""
+  assert [p[0] for p in printed] == list(range(first, last + 1)) and printed[0][1] is None
+  first_done = printed[0][2]
+  for (_, _, _, previous_end), (step, eta, began, _) in zip(printed, printed[1:-1]):
+    since_first = eta * (step - first) / (last - step)
+    assert previous_end - first_done <= since_first <= began - first_done + 0.02, step
+  assert printed[-1][1] == 0.0
 
 
 MESHES = [
@@ -174,26 +274,56 @@ def test_periodic_eval_and_metrics_after_a_resume_from_an_older_checkpoint(data_
   assert strip(second) == strip(first)
 
 
+def _late_batches(monkeypatch, delay):
+  """The train loop's batches, the i-th `delay(i)` seconds late; returns the seconds each next()
+  took, timed in the generator. The loop's stream is the run's first (evals make their own)."""
+  global_batches = train_lib.pipeline.global_batches
+  seconds_in_next, streams = [], []
+
+  def late(batches):
+    asked = time.perf_counter()
+    for i, batch in enumerate(batches):
+      time.sleep(delay(i))
+      seconds_in_next.append(time.perf_counter() - asked)
+      yield batch
+      asked = time.perf_counter()
+
+  def late_batches(*args, **kwargs):
+    streams.append(global_batches(*args, **kwargs))
+    return late(streams[0]) if len(streams) == 1 else streams[-1]
+
+  monkeypatch.setattr(train_lib.pipeline, "global_batches", late_batches)
+  return seconds_in_next
+
+
 @pytest.mark.slow
 def test_a_slow_input_pipeline_is_reported_and_warned_once(data_dir, tmp_path, capsys,
                                                            monkeypatch):
-  """Each batch reaches the loop 0.3 s late: the loop's measured wait share (train line,
-  metrics.jsonl, summary.json) is above the 20 % limit and the input-bound warning prints
-  exactly once."""
-  global_batches = train_lib.pipeline.global_batches
-
-  def slow_batches(*args, **kwargs):
-    for batch in global_batches(*args, **kwargs):
-      time.sleep(0.3)
-      yield batch
-
-  monkeypatch.setattr(train_lib.pipeline, "global_batches", slow_batches)
+  """Each batch after the first reaches the loop 0.3 s late: the loop's measured wait share
+  (train line, metrics.jsonl, summary.json) is above the 20 % limit and the input-bound warning
+  prints once, at step 2. The first step waits for the pipeline's start-up (here 3 s) and its
+  wall time is mostly compiling: it is left out of the warning. Each logged share is the time
+  the loop spent in next() since the last log (timed in the generator) over that interval's
+  wall time (its step time x steps); the eval at step 2 starts the next interval afresh."""
+  seconds_in_next = _late_batches(monkeypatch, lambda i: 3.0 if i == 0 else 0.3)
   workdir = str(tmp_path / "run")
-  summary = train_lib.train_and_evaluate(_config(data_dir, 4, log_every_steps=2), workdir,
-                                         devices=jax.devices()[:1])
+  summary = train_lib.train_and_evaluate(
+      _config(data_dir, 4, log_every_steps=2, eval_every_steps=2), workdir,
+      devices=jax.devices()[:1])
   out = capsys.readouterr().out
-  assert out.count("WARNING: input-bound") == 1 and "input-wait" in out
+  warned = [l for l in out.splitlines() if "WARNING: input-bound" in l]
+  assert len(warned) == 1 and "of the time before step 2 (" in warned[0], warned
+  assert "input-wait" in out
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    waits = [r["train/input_wait"] for r in map(json.loads, f) if "train/input_wait" in r]
-  assert len(waits) >= 2 and min(waits[1:]) > 0.2  # step 1 includes compiling
-  assert summary["input_wait"] > 0.2
+    logged = [r for r in map(json.loads, f) if "train/input_wait" in r]
+  assert [r["step"] for r in logged] == [1, 2, 4]  # the first step, every 2nd, the last
+  waits = [r["train/input_wait"] for r in logged]
+  assert min(waits[1:]) > 0.2  # step 1 includes compiling
+  expected, last = [], 0
+  for r in logged:
+    steps = r["step"] - last
+    expected.append(sum(seconds_in_next[last:r["step"]]) / (r["train/step_time"] * steps))
+    last = r["step"]
+  # The loop's timed interval holds the generator's: they differ by scheduling, a few ms.
+  np.testing.assert_allclose(waits, expected, atol=0.01)
+  assert summary["input_wait"] == waits[-1]
