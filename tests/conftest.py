@@ -56,6 +56,16 @@ def checkpointer(workdir: str):
     ckpt.close()
 
 
+def stop_at_step(monkeypatch, stop_at: int) -> None:
+  """The train loop sees a SIGTERM at step `stop_at` (the stop check reports it there), as a
+  preemption noticed at that step would be; other steps keep the real check."""
+  from mrl_jax import train_lib  # pylint: disable=g-import-not-at-top
+  reason = train_lib._StopSignal.stop_reason  # pylint: disable=protected-access
+  monkeypatch.setattr(train_lib._StopSignal, "stop_reason",  # pylint: disable=protected-access
+                      lambda self, step, log_step: "SIGTERM" if step == stop_at
+                      else reason(self, step, log_step))
+
+
 def load_config(path_and_arg: str):
   """Loads `configs/x.py[:arg]` the way --config does."""
   import importlib.util  # pylint: disable=g-import-not-at-top

@@ -26,6 +26,7 @@ from tests.conftest import REPO
 from tests.conftest import checkpointer
 from tests.conftest import digits_config
 from tests.conftest import load_config
+from tests.conftest import stop_at_step
 
 
 def _final_state(workdir, step):
@@ -264,10 +265,7 @@ def test_nonfinite_loss_stops_with_step_and_per_size_losses_keeping_good_checkpo
   config = _exploding(data_dir, 6, "stop")
   config.log_every_steps = log_every
   if stop_at:
-    reason = train_lib._StopSignal.stop_reason  # pylint: disable=protected-access
-    monkeypatch.setattr(train_lib._StopSignal, "stop_reason",  # pylint: disable=protected-access
-                        lambda self, step, log_step: "SIGTERM" if step == stop_at
-                        else reason(self, step, log_step))
+    stop_at_step(monkeypatch, stop_at)
   code, _, err = _run_cli(lambda: train_lib.train_and_evaluate(
       config, workdir, devices=jax.devices()[:1]))
   assert code == cli.EXIT_NONFINITE, err

@@ -13,6 +13,7 @@ from mrl_jax import train_lib
 from mrl_jax import writers
 from tests.conftest import checkpointer
 from tests.conftest import digits_config
+from tests.conftest import stop_at_step
 
 
 def _config(data_dir, steps, arg="runlocal", **overrides):
@@ -144,10 +145,8 @@ def test_a_stop_saves_the_step_it_stops_at_once(data_dir, tmp_path, monkeypatch,
   does not write step 2 again (orbax refuses a step that exists). The run returns as preempted.
   Stopped or not, its metrics are on disk when it returns, though they are written on a thread
   (here the last one 2.5 s late)."""
-  reason = train_lib._StopSignal.stop_reason  # pylint: disable=protected-access
-  monkeypatch.setattr(train_lib._StopSignal, "stop_reason",  # pylint: disable=protected-access
-                      lambda self, step, log_step: "SIGTERM" if step == stop_at
-                      else reason(self, step, log_step))
+  if stop_at:
+    stop_at_step(monkeypatch, stop_at)
   last = stop_at or 6
   write = writers.JsonlWriter.write_scalars
 
