@@ -26,3 +26,15 @@ def test_cache_entries_without_an_access_time_are_removed_so_writes_work(tmp_pat
     cache.put("new", b"value")
   assert cache.get("new") == b"value" and cache.get("kept") == b"x"
   assert mutate.repair_compile_cache(str(tmp_path / "missing")) == 0
+
+
+def test_pending_reruns_survivors_and_other_sources_unless_new_only():
+  """Which mutants a run picks, by their recorded result (a hand-written table)."""
+  mutants = [{"id": i} for i in ("killed", "survived", "stale", "new")]
+  results = {"killed": {"fingerprint": "f1", "status": "killed"},
+             "survived": {"fingerprint": "f1", "status": "survived"},
+             "stale": {"fingerprint": "f0", "status": "killed"}}
+  ids = lambda **kw: [m["id"] for m in mutate.pending(mutants, results, "f1", **kw)]
+  assert ids() == ["survived", "stale", "new"]
+  assert ids(new_only=True) == ["stale", "new"]
+  assert ids(rerun=True) == ["killed", "survived", "stale", "new"]

@@ -24,7 +24,7 @@ by hand in tools/mutation_triage.json: "equivalent" (no test can tell: the reaso
 there) or fixed by adding a test, after which a rerun kills it. The kill rate is
 killed / (mutants - equivalent). Runs resume: mutants with a result for the same module source
 are skipped when they were killed: tests get added, not weakened (--rerun redoes them all);
-survivors always run again.
+survivors run again, unless --new-only (only mutants without a result: a module's new lines).
 """
 
 import argparse
@@ -381,8 +381,21 @@ def load(path, default):
   return default
 
 
+def pending(candidates: list[dict], results: dict, fingerprint: str, rerun: bool = False,
+            new_only: bool = False) -> list[dict]:
+  """The mutants to run. Killed mutants of this source stay killed (tests are added, not
+  weakened); survivors and mutants of another source run again, survivors not with new_only
+  (a survivor whose test was added and run by hand waits for a full rerun)."""
+  def done(m):
+    result = results.get(m["id"], {})
+    if result.get("fingerprint") != fingerprint:
+      return False
+    return new_only or result["status"] == "killed"
+  return [m for m in candidates if rerun or not done(m)]
+
+
 def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = False,
-        only: list[int] | None = None) -> None:
+        only: list[int] | None = None, new_only: bool = False) -> None:
   results = load(RESULTS, {})
   stale = repair_compile_cache(_env()["MRL_JAX_TEST_COMPILE_CACHE"])
   if stale:
@@ -391,10 +404,7 @@ def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = Fal
   copies = [_copy_repo(os.path.join(root, f"w{i}")) for i in range(workers)]
   for module in modules:
     fingerprint = _fingerprint(module)
-    # Killed mutants of this source stay killed (tests are added, not weakened); survivors and
-    # mutants of another source run again.
-    todo = [m for m in mutants(module) if rerun or results.get(m["id"], {}).get(
-        "fingerprint") != fingerprint or results[m["id"]]["status"] != "killed"]
+    todo = pending(mutants(module), results, fingerprint, rerun, new_only)
     if not todo:
       print(f"{module}: every mutant has a result for this version", flush=True)
       continue
@@ -508,6 +518,9 @@ def main() -> None:
   parser.add_argument("--show", help="print one mutant's diff and exit")
   parser.add_argument("--report", action="store_true", help="only rewrite the report")
   parser.add_argument("--rerun", action="store_true", help="rerun mutants with a result")
+  parser.add_argument("--new-only", action="store_true",
+                      help="run only mutants without a result for this source (survivors "
+                      "are not rerun)")
   parser.add_argument("--selected-only", action="store_true",
                       help="run only the tests that execute the mutated line (a quick first "
                       "pass for modules with slow tests; survivors are marked and run again "
@@ -530,7 +543,9 @@ def main() -> None:
   if args.report:
     return report()
   only = [int(t) for t in args.tiers.split(",")] if args.tiers else None
-  return run(modules, max(1, args.workers), args.rerun, args.selected_only, only)
+  if args.rerun and args.new_only:
+    raise SystemExit("--rerun and --new-only exclude each other; pass one of them")
+  return run(modules, max(1, args.workers), args.rerun, args.selected_only, only, args.new_only)
 
 
 if __name__ == "__main__":
