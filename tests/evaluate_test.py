@@ -16,6 +16,7 @@ from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
 from mrl_jax.errors import ConfigError
 from mrl_jax.evaluation import evaluate
+from mrl_jax.evaluation import knn
 from tests.conftest import REPO
 from tests.references import random_problem
 from tests.references import reference_metrics
@@ -202,9 +203,15 @@ def test_database_streamed_in_chunks_gives_the_results_of_one_chunk(trained_digi
 
 
 @pytest.mark.slow
-def test_exported_embeddings_evaluate_like_the_checkpoint(trained_digits, tmp_path):
+def test_exported_embeddings_evaluate_like_the_checkpoint(trained_digits, tmp_path, monkeypatch):
   """eval.py --export_embeddings writes what embeddings-only mode reads, and the neighbour
-  metrics from it equal eval.py's on the checkpoint; float16 and a size cut keep the layout."""
+  metrics from it equal eval.py's on the checkpoint; float16 and a size cut keep the layout.
+  Both evaluations search with one ExactSearch (its compiled programs), as a run's evals do."""
+  evaluate.exact_search.cache_clear()
+  built = []
+  init = knn.ExactSearch.__init__
+  monkeypatch.setattr(knn.ExactSearch, "__init__",
+                      lambda self, *a, **k: built.append(1) or init(self, *a, **k))
   config, workdir = trained_digits
   config = config.copy_and_resolve_references()
   config.eval.update(linear=False, adaptive_retrieval=True, adaptive_classification=False,
@@ -219,7 +226,9 @@ def test_exported_embeddings_evaluate_like_the_checkpoint(trained_digits, tmp_pa
   exported = evaluate.evaluate_embeddings(out, sizes, str(tmp_path / "out"), knn_ks=[1, 5],
                                           retrieval_ks=[10, 25], devices=jax.devices()[:1],
                                           adaptive=config.eval,
+                                          query_block=config.eval.query_block,
                                           database_block=config.eval.database_block)
+  assert len(built) == 1
   for m in sizes:
     assert exported["sizes"][str(m)] == direct["sklearn_digits"]["sizes"][str(m)], m
   timing = ("seconds", "ms_per_query_block", "wallclock_speedup_vs_exact")

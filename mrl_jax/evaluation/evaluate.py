@@ -14,6 +14,7 @@ of any model (embeddings.py: this project's layout or the official dumps, memory
 Outputs per query dataset: `<out>/results.json`, `results.csv`, `accuracy_vs_dim.png`.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -56,8 +57,16 @@ def _query_datasets(config) -> list[tuple[str, str, str | None]]:
 
 
 def _search(ev, mesh) -> knn.ExactSearch:
-  return knn.ExactSearch(mesh, query_block=ev.query_block, database_block=ev.database_block,
-                         chunk_rows=ev.get("database_chunk_rows"))
+  return exact_search(mesh, ev.query_block, ev.database_block, ev.get("database_chunk_rows"))
+
+
+@functools.lru_cache(maxsize=8)
+def exact_search(mesh, query_block: int, database_block: int, chunk_rows: int | None
+                 ) -> knn.ExactSearch:
+  """One search per mesh and blocking in a process: its jitted programs (one per size and
+  block shape) are traced and compiled once, not again at every periodic eval of a run."""
+  return knn.ExactSearch(mesh, query_block=query_block, database_block=database_block,
+                         chunk_rows=chunk_rows)
 
 
 def evaluate_checkpoint(config, workdir, *, checkpoint_step: int | None = None,
@@ -226,8 +235,7 @@ def evaluate_embeddings(location: embeddings.Location | str, sizes: Sequence[int
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices)
   inputs = evaluators.Inputs(
       query_sets={"queries": queries}, database=database,
-      search=knn.ExactSearch(mesh, query_block=query_block, database_block=database_block,
-                             chunk_rows=database_chunk_rows))
+      search=exact_search(mesh, query_block, database_block, database_chunk_rows))
   body = evaluators.collect(evaluators.run(todo, inputs), sizes)
   results = {
       "model": None, "checkpoint_step": None, "dataset": location.name,
