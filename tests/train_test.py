@@ -227,6 +227,22 @@ def one_device_losses(data_dir, tmp_path_factory):
   return _train_losses(workdir)
 
 
+def test_input_warnings_fire_once_each_above_the_threshold_naming_the_step(capsys):
+  """The input watch the loop calls at log steps (and once more after the final eval): a wait
+  share exactly at the threshold does not warn, above it warns once; the first skipped image
+  warns once, at the step it is first seen, whatever comes later."""
+  watch = train_lib._InputWatch()  # pylint: disable=protected-access
+  share = train_lib.INPUT_WAIT_WARN
+  for step, wait, skipped in [(2, share, 0), (3, 0.1, 0), (4, 0.1, 2), (5, 0.9, 3), (6, 0.9, 4)]:
+    watch.check(step, wait, skipped)
+  watch.check_skipped(7, 5)
+  out = capsys.readouterr().out.splitlines()
+  want = ["WARNING: skipped 2 unreadable image(s) (corrupt files) by step 4, counted in ",
+          "WARNING: input-bound: the train loop waited for input 90% of the time before step 5 "
+          "(warning above 20%)"]
+  assert [l[:len(w)] for l, w in zip(out, want)] == want and len(out) == 2, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, strategy", MESHES, ids=["data8", "data4xfsdp2", "data2xfsdp4"])
 def test_loss_curve_on_8_devices_equals_1_device(data_dir, tmp_path, one_device_losses, mesh,
