@@ -41,7 +41,7 @@ def constructions(monkeypatch):
 
 @pytest.mark.parametrize("path", ["configs/digits_resnet_mrl.py:runlocal",
                                   "configs/image_text_digits.py:runlocal"])
-def test_a_run_constructs_the_model_twice_and_its_initial_state_is_a_direct_constructions(
+def test_a_run_constructs_the_model_twice_and_its_state_equals_a_direct_construction(
     path, constructions):
   """build_model, the abstract state a checkpoint restores against and the initial state, as
   train.py asks for them (and again, as eval does), cost two constructions, not 4 + 2; the
