@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,15 @@ def _dead_pid() -> int:
   proc = subprocess.Popen([sys.executable, "-c", "pass"])
   proc.wait()
   return proc.pid
+
+
+def _lock_written(workdir) -> bool:
+  """Whether the LOCK file exists with its whole record (it is created, then written)."""
+  try:
+    with open(os.path.join(workdir, "LOCK")) as f:
+      return "pid" in json.load(f)
+  except (OSError, ValueError):
+    return False
 
 
 def _write_lock(workdir, **record):
@@ -95,7 +105,10 @@ def test_staleness_starts_just_after_the_limit():
 @pytest.mark.slow
 def test_two_train_py_processes_on_one_workdir_one_trains(data_dir, tmp_path):
   """The same command twice into one new workdir: the second exits 2 with one line naming the
-  first; the first's checkpoints and metrics.jsonl are those of one run."""
+  first; the first's checkpoints and metrics.jsonl are those of one run. The first is paused
+  (SIGSTOP) once its lock is written and resumed after the second has ended: with a warm
+  compilation cache it would otherwise finish its 6 steps before the second has imported jax,
+  and the second would find a free workdir."""
   workdir = str(tmp_path / "run")
   env = dict(os.environ, XLA_FLAGS="")
   cmd = [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
@@ -105,11 +118,15 @@ def test_two_train_py_processes_on_one_workdir_one_trains(data_dir, tmp_path):
   first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
-  while not os.path.exists(os.path.join(workdir, "LOCK")):
+  while not _lock_written(workdir):
     assert time.time() < deadline and first.poll() is None, first.communicate()[1][-2000:]
     time.sleep(0.05)
-  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+  os.kill(first.pid, signal.SIGSTOP)  # a live holder (its heartbeat is seconds old)
+  try:
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+  finally:
+    os.kill(first.pid, signal.SIGCONT)
   out, err = first.communicate(timeout=300)
   assert first.returncode == 0, err[-2000:]
   assert second.returncode == 2, second.stderr[-2000:]
