@@ -76,6 +76,56 @@ def test_restore_onto_another_mesh_and_sharding_strategy(tmp_path, saved_on, res
   assert w_shard == ((8, 8) if rule is FSDP and fsdp == 2 else (16, 8))
 
 
+def test_replicated_arrays_are_split_between_replicas_only_from_1_mib_per_slice(tmp_path):
+  """On 8 data replicas, an array whose eighth is at least MIN_SLICE_BYTES (1 MiB) is written in
+  8 slices, one per replica; a smaller one whole, by one replica (orbax's default would split
+  every array). The chunk shapes on disk say which, and every array restores exactly."""
+  assert checkpoint_lib.MIN_SLICE_BYTES == 2 ** 20
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1})
+  rows = {"at": 8 * 256, "under": 8 * 255, "small": 64}  # x 1024 float32: 1 MiB = 256 rows
+  values = {k: np.arange(n * 1024, dtype=np.float32).reshape(n, 1024) for k, n in rows.items()}
+  placed = jax.device_put(values, jax.sharding.NamedSharding(mesh, jax.P()))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1)
+  ckpt.save(1, placed, {"step": 1})
+  ckpt.close()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1)
+  try:
+    chunks = {k: m.storage.chunk_shape
+              for k, m in ckpt.manager.metadata(1).item_metadata["state"].items()}
+    restored, _, _ = ckpt.restore(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed))
+  finally:
+    ckpt.close()
+  assert chunks == {"at": (256, 1024), "under": (8 * 255, 1024), "small": (64, 1024)}
+  for key, want in values.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), want)
+
+
+def test_a_checkpoint_of_orbaxs_standard_handler_restores(tmp_path):
+  """Checkpoints written before the state had its own array handler (orbax's StandardSave, the
+  same format) restore and read as before."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1})
+  state, _ = _placed(_values(4), mesh, REPLICATE)
+  manager = ocp.CheckpointManager(str(tmp_path), item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave({"step": 4})))
+  manager.wait_until_finished()
+  manager.close()
+  restored, meta, step = _restore(str(tmp_path), sharding.make_mesh({"data": 4, "fsdp": 2}),
+                                  FSDP)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every_steps=1, keep=1)
+  try:
+    read, _ = ckpt.read(4)
+  finally:
+    ckpt.close()
+  assert (step, meta) == (4, {"step": 4})
+  for key, want in _values(4).items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), want)
+    np.testing.assert_array_equal(read[key], want)
+
+
 def test_a_chosen_step_restores_that_step_and_a_missing_one_is_a_one_line_error(tmp_path):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
   _save(str(tmp_path), [2, 4, 6], mesh, REPLICATE)
