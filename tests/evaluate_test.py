@@ -187,16 +187,25 @@ def test_unknown_eval_dataset_is_an_error_not_a_fallback(trained_digits):
 
 
 @pytest.mark.slow
-def test_database_streamed_in_chunks_gives_the_results_of_one_chunk(trained_digits):
-  """eval.py's config.eval.database_chunk_rows: 1,438 database rows in chunks of 100 rows
-  (15 chunks, streamed from host over 8 devices) give exactly the one-chunk metrics."""
+def test_database_streamed_in_chunks_gives_the_results_of_one_chunk(trained_digits,
+                                                                    monkeypatch):
+  """eval.py's config.eval.database_chunk_rows: 1,438 database rows in chunks of 400 rows
+  (4 chunks, the last one partial, streamed from host over 8 devices) give exactly the
+  one-chunk metrics. knn_test checks the chunked search itself against numpy."""
   config, workdir = trained_digits
   config = config.copy_and_resolve_references()
   config.eval.update(linear=False, adaptive_retrieval=False, adaptive_classification=False,
                      baselines=(), fewshot_shots=(), knn_k=(1, 5), retrieval_k=(10, 25))
+  prepared = []  # the rows of each database chunk put on the devices
+  prepare = knn.ExactSearch._prepare_chunk  # pylint: disable=protected-access
+  monkeypatch.setattr(knn.ExactSearch, "_prepare_chunk",
+                      lambda self, rows, *a: prepared.append(len(rows)) or prepare(self, rows, *a))
   whole = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:8])
-  config.eval.database_chunk_rows = 100
+  assert set(prepared) == {1438}
+  prepared.clear()
+  config.eval.database_chunk_rows = 400
   chunked = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:8])
+  assert prepared == [400, 400, 400, 238] * (len(prepared) // 4) and prepared
   a, b = whole["sklearn_digits"]["sizes"], chunked["sklearn_digits"]["sizes"]
   assert a.keys() == b.keys() and all(a[m] == b[m] for m in a)
   assert a["8"]["knn1_top1"] > 0.2  # 10 classes: chance is 0.1
