@@ -30,6 +30,15 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 
+def pytest_collection_modifyitems(items):
+  """Files with end-to-end (`slow`) tests run first, the other files after them; each file's
+  tests stay together and in order (module fixtures are set up once per worker). xdist hands
+  out tests in file order, so its workers then end on short tests: in file order one worker
+  sat idle for the last 45 s while the other ran a two-process test."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A TFDS data_dir with every built-in dataset prepared in both file formats, once per test
@@ -101,6 +110,21 @@ def digits_config(data_dir: str, steps: int, arg: str = "runlocal", **overrides)
   return config
 
 
+@contextlib.contextmanager
+def unoptimised_init():
+  """Compiles the initial state with most XLA optimisations off, also in the optimised rerun
+  (optimized_build_test.py): each equality it checks starts both sides from one initial state,
+  so what it tests is the step's build, not the init's (measured: that rerun took 92 s with
+  optimised init compiles, 68 s without)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 _BUILT_STATES = {}
 
 
@@ -114,7 +138,8 @@ def jit_build(constructor, share_state_as: str | None = None):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, _ = nnx.split(nnx.eval_shape(constructor))
   if share_state_as is None or share_state_as not in _BUILT_STATES:
-    state = jax.jit(lambda: nnx.split(constructor())[1])()
+    with unoptimised_init():
+      state = jax.jit(lambda: nnx.split(constructor())[1])()
     if share_state_as is not None:
       _BUILT_STATES[share_state_as] = state
   else:

@@ -17,6 +17,7 @@ from mrl_jax import train_lib
 from mrl_jax import validation
 from tests.conftest import digits_config
 from tests.conftest import load_config
+from tests.conftest import unoptimised_init
 
 
 def _vit(config):
@@ -39,7 +40,8 @@ def _setup(kind: str):
   model, abstract_params, _ = state_lib.build_model(config, spec)
   schedule = optim.make_schedule(config, 10, 100)
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
-  state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
+  with unoptimised_init():
+    state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding)
   return model, state, step, mesh
 
@@ -167,7 +169,8 @@ def _sgd_step(devices, accum, fsdp=False, objective=None):
   model, abstract_params, _ = state_lib.build_model(config, spec)
   schedule = optim.make_schedule(config, 10, 100)
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
-  state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
+  with unoptimised_init():
+    state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding,
                                    objective(spec) if objective else None)
   return model, state, step, mesh
