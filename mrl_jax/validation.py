@@ -82,7 +82,10 @@ def validate(config, num_devices: int, process_count: int = 1) -> models.ModelSp
   if accum < 1:
     raise ConfigError(f"config.optim.grad_accum_steps={accum}; allowed: >= 1")
   batch = config.input.batch_size
-  if batch < 1 or batch % (shards * accum):
+  if batch < 1:
+    raise ConfigError(f"config.input.batch_size={batch}; allowed: a positive multiple of "
+                      f"{shards * accum} (batch shards x grad_accum_steps)")
+  if batch % (shards * accum):
     raise ConfigError(
         f"config.input.batch_size={batch} is not divisible by the {shards} batch shards "
         f"(mesh data={data} x fsdp={fsdp}) x grad_accum_steps={accum}; allowed: multiples of "

@@ -181,6 +181,8 @@ BAD_CONFIGS = [
      "sorted ascending"),
     ({"input.batch_size": 36}, "config.input.batch_size=36 is not divisible by the 8 batch "
      "shards (mesh data=8 x fsdp=1) x grad_accum_steps=1; allowed: multiples of 8"),
+    ({"input.batch_size": 0}, "config.input.batch_size=0; allowed: a positive multiple of 8 "
+     "(batch shards x grad_accum_steps)"),
     ({"mesh.data": 3}, "config.mesh={'data': 3, 'fsdp': 1} has 3 devices but 8 are available"),
     ({"input.data_dir": "EMPTY", "input.dataset": "cifar10", "num_classes": 10},
      "dataset 'cifar10' is not prepared in"),
