@@ -112,7 +112,7 @@ def digits_config(data_dir: str, steps: int, arg: str = "runlocal", **overrides)
 
 @contextlib.contextmanager
 def unoptimised_init():
-  """Compiles the initial state with most XLA optimisations off, also in the optimised rerun
+  """Compiles initial states with most XLA optimisations off, also in the optimised rerun
   (optimized_build_test.py): each equality it checks starts both sides from one initial state,
   so what it tests is the step's build, not the init's (measured: that rerun took 92 s with
   optimised init compiles, 68 s without)."""
@@ -123,6 +123,20 @@ def unoptimised_init():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(autouse=True)
+def _unoptimised_train_state_init(monkeypatch):
+  """In the optimised rerun, state.create_train_state (every train state's init, also inside
+  train_lib) compiles as `unoptimised_init` says."""
+  if OPTIMIZED:
+    from mrl_jax import state  # pylint: disable=g-import-not-at-top
+    create = state.create_train_state
+
+    def unoptimised_create(*args, **kwargs):
+      with unoptimised_init():
+        return create(*args, **kwargs)
+    monkeypatch.setattr(state, "create_train_state", unoptimised_create)
 
 
 _BUILT_STATES = {}

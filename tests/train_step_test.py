@@ -17,7 +17,6 @@ from mrl_jax import train_lib
 from mrl_jax import validation
 from tests.conftest import digits_config
 from tests.conftest import load_config
-from tests.conftest import unoptimised_init
 
 
 def _vit(config):
@@ -40,8 +39,7 @@ def _setup(kind: str):
   model, abstract_params, _ = state_lib.build_model(config, spec)
   schedule = optim.make_schedule(config, 10, 100)
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
-  with unoptimised_init():
-    state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
+  state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding)
   return model, state, step, mesh
 
@@ -169,8 +167,7 @@ def _sgd_step(devices, accum, fsdp=False, objective=None):
   model, abstract_params, _ = state_lib.build_model(config, spec)
   schedule = optim.make_schedule(config, 10, 100)
   tx = optim.make_optimizer(config, spec, abstract_params, schedule)
-  with unoptimised_init():
-    state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
+  state, state_sharding = state_lib.create_train_state(config, spec, tx, mesh)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, state_sharding,
                                    objective(spec) if objective else None)
   return model, state, step, mesh
