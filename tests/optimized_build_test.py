@@ -7,6 +7,8 @@ each family: a step on 8 devices (data with gradient accumulation; data x fsdp) 
 one-device SGD step, remat vs none, and bitwise resume (a ViT with dropout and sampled sizes).
 Their tolerances hold on both builds: the device-count and accumulation steps compare with rtol
 1e-5 - 1e-4 (reductions in another order), remat within its test's tolerance, resume bitwise.
+The initial states still compile unoptimised there (conftest.unoptimised_init): both sides of
+each equality start from one.
 Not rerun, to keep the suite's time: the 6-step loss curves on 8 devices (~40 s; the step
 tests cover the same reductions against a reference that is not the code itself) and two
 processes vs one (~60 s): both sides compile the same 2-device SPMD program (each process its
