@@ -108,11 +108,16 @@ def test_readme_accelerator_install_lines_resolve_to_the_pinned_jax(tmp_path, ex
   added = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
            for i in json.loads(report.read_text())["install"]}
   pins = _pinned()
-  ends_at = {name: added.get(name) or importlib.metadata.version(name)
-             for name in ("jax", "jaxlib", "flax", "orbax-checkpoint", "tensorflow-cpu")}
-  assert ends_at["jax"] == ends_at["jaxlib"] == pins["jax"] == pins["jaxlib"]
-  assert plugin in added
+
+  def ends_at(name):
+    try:
+      return added.get(name) or importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  assert ends_at("jax") == ends_at("jaxlib") == pins["jax"] == pins["jaxlib"]
+  assert ends_at(plugin)  # added, or already installed here
   if extra == "cuda12":
-    assert added["jax-cuda12-plugin"] == pins["jax"]
+    assert ends_at("jax-cuda12-plugin") == pins["jax"]
   for name in ("flax", "orbax-checkpoint", "tensorflow-cpu"):
-    assert ends_at[name] == pins[name]
+    assert ends_at(name) == pins[name]
