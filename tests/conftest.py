@@ -2,8 +2,6 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as mrl_jax/cli.py
 
@@ -23,6 +21,13 @@ OPTIMIZED = os.environ.get("MRL_JAX_TEST_OPTIMIZED") == "1"
 # programs: one on-disk cache serves them all; a size limit makes jax lock it (filelock), so
 # two processes never read an entry while it is being written.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if OPTIMIZED else "1"
+# And XLA:CPU's legacy elemental emitters instead of its MLIR fusion emitters: the same HLO,
+# lowered to LLVM in ~45 % less time (the dual-encoder step: 5.3 -> 2.9 s; the suite: 16 -> 13.4
+# min). The optimised rerun, which inherits this environment, drops it: users' default.
+_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false"]
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in _FLAGS] +
+    _FLAGS[:1 if OPTIMIZED else 2])
 os.environ.setdefault("MRL_JAX_TEST_COMPILE_CACHE", tempfile.mkdtemp(prefix="jax_cache_"))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MRL_JAX_TEST_COMPILE_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"

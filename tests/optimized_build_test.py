@@ -1,8 +1,9 @@
 """One test of each equality family on a normally optimised XLA build, as users run.
 
-The suite compiles with `jax_disable_most_optimizations` (conftest: ~2.5x faster compiles);
-what users run has XLA's optimisations on, which may fuse and reorder float arithmetic. This
-reruns, in a fresh pytest process with MRL_JAX_TEST_OPTIMIZED=1 (no such flag), one test of
+The suite compiles with `jax_disable_most_optimizations` and XLA:CPU's legacy emitters
+(conftest: ~2.5x and ~1.8x faster compiles); what users run has XLA's optimisations on and its
+fusion emitters, which may fuse and reorder float arithmetic otherwise. This reruns, in a fresh
+pytest process with MRL_JAX_TEST_OPTIMIZED=1 (neither flag), one test of
 each family: a step on 8 devices (data with gradient accumulation; data x fsdp) vs an independent
 one-device SGD step, remat vs none, and bitwise resume (a ViT with dropout and sampled sizes).
 Their tolerances hold on both builds: the device-count and accumulation steps compare with rtol
@@ -37,15 +38,19 @@ FAMILIES = [
 
 def test_processes_compile_with_the_build_the_run_asks_for():
   """conftest sets the XLA build through the environment: the suite's processes compile with
-  most optimisations off, the optimised rerun's with them on, and so do their subprocesses."""
+  most optimisations off and the legacy emitters, the optimised rerun's (which inherits the
+  suite's environment) as users do, and so do their subprocesses; each on 8 CPU devices."""
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.config.read("jax_disable_most_optimizations") is not OPTIMIZED
   child = subprocess.run(
-      [sys.executable, "-c", "import jax; print(jax.config.read('jax_disable_most_optimizations'),"
-       " jax.config.jax_compilation_cache_dir)"],
+      [sys.executable, "-c", "import os, jax; print(jax.config.read('jax_disable_most_optimizations'),"
+       " jax.config.jax_compilation_cache_dir, jax.device_count(), os.environ['XLA_FLAGS'])"],
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
       check=True)
-  assert child.stdout.split() == [str(not OPTIMIZED), os.environ["MRL_JAX_TEST_COMPILE_CACHE"]]
+  disabled, cache, devices, *flags = child.stdout.split()
+  assert [disabled, cache, devices] == [str(not OPTIMIZED),
+                                        os.environ["MRL_JAX_TEST_COMPILE_CACHE"], "8"]
+  assert ("--xla_cpu_use_fusion_emitters=false" in flags) is not OPTIMIZED
 
 
 @pytest.mark.slow
