@@ -15,6 +15,7 @@ from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import sharding
 from mrl_jax.errors import CheckpointError
 from mrl_jax.errors import ConfigError
+from tests.conftest import process_env
 
 FSDP = ConfigDict(dict(strategy="fsdp", fsdp_min_size_mb=0.0))
 REPLICATE = ConfigDict(dict(strategy="replicate", fsdp_min_size_mb=0.0))
@@ -340,8 +341,7 @@ def test_read_in_a_fresh_process_with_one_device_of_a_checkpoint_saved_on_eight(
           f"state, meta = c.Checkpointer({directory!r}, every_steps=1, keep=1, "
           "async_save=False).read(5); "
           "print(json.dumps({k: v.tolist() for k, v in state.items()}), json.dumps(meta), sep=chr(10))")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu")
+  env = process_env(JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        timeout=300)

@@ -35,6 +35,15 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 
+def process_env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """The environment of a process a test starts (train.py, a two-process run) on `devices` CPU
+  devices: this one's, so it compiles as the suite does (build, emitters, cache), with `extra`."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
+  count = [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
+  return dict(os.environ, XLA_FLAGS=" ".join(flags + count), **extra)
+
+
 def pytest_collection_modifyitems(items):
   """Files with end-to-end (`slow`) tests run first, the other files after them; each file's
   tests stay together and in order (module fixtures are set up once per worker). xdist hands

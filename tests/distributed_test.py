@@ -21,6 +21,7 @@ from jax._src import xla_bridge
 
 from mrl_jax import distributed
 from mrl_jax.errors import ConfigError
+from tests.conftest import process_env
 from tests.multihost_test import run_processes
 
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]",
@@ -240,8 +241,7 @@ def test_processes_with_different_device_counts_stop_with_one_line(data_dir, tmp
                      f"--workdir={tmp_path / 'run'}", f"--config.input.data_dir={data_dir}",
                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                      f"--process_id={i}"] for i in range(2)],
-      [dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}")
-       for d in (1, 2)], timeout=300)
+      [process_env(d) for d in (1, 2)], timeout=300)
   for i, (p, out, err) in enumerate(done):
     assert p.returncode == 2, err[-2000:]
     assert f"process {i}/2 on " in out and "global devices" in out

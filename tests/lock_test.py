@@ -14,6 +14,7 @@ import pytest
 from mrl_jax import lock as lock_lib
 from mrl_jax.errors import ConfigError
 from tests.conftest import REPO
+from tests.conftest import process_env
 
 
 def _dead_pid() -> int:
@@ -110,7 +111,7 @@ def test_two_train_py_processes_on_one_workdir_one_trains(data_dir, tmp_path):
   compilation cache it would otherwise finish its 6 steps before the second has imported jax,
   and the second would find a free workdir."""
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, XLA_FLAGS="")
+  env = process_env()
   cmd = [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
          "--config.total_steps=6", "--config.log_every_steps=1",

@@ -15,6 +15,7 @@ from mrl_jax import train_lib
 from tests.conftest import REPO
 from tests.conftest import checkpointer
 from tests.conftest import load_config
+from tests.conftest import process_env
 
 
 def free_port() -> int:
@@ -49,8 +50,7 @@ def _cmd(data_dir, workdir, *extra):
 
 
 def _env(devices):
-  # The compilation settings and cache come from conftest's environment, as in this process.
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return process_env(devices)
 
 
 def _losses(workdir):

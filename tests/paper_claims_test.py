@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.conftest import process_env
 
 
 @functools.cache
@@ -34,8 +35,7 @@ def _script():
 def quick_run(data_dir, tmp_path_factory):
   work = tmp_path_factory.mktemp("paper_claims")
   out = work / "results"
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+  env = process_env(TF_CPP_MIN_LOG_LEVEL="2")  # one CPU device, as a user's run has
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "paper_claims.py"), "--quick",
        f"--data_dir={data_dir}", f"--workdir={work / 'runs'}", f"--out={out}"],

@@ -26,6 +26,7 @@ from tests.conftest import REPO
 from tests.conftest import checkpointer
 from tests.conftest import digits_config
 from tests.conftest import load_config
+from tests.conftest import process_env
 from tests.conftest import stop_at_step
 
 
@@ -45,8 +46,8 @@ def _run_cli(fn):
 # --- 1. preemption ----------------------------------------------------------------------------
 
 def _subprocess_env():
-  """1 CPU device (the compilation settings and cache come from conftest's environment)."""
-  return dict(os.environ, XLA_FLAGS="")
+  """1 CPU device."""
+  return process_env()
 
 
 def _train_cmd(data_dir, workdir, steps):

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.conftest import gcs_files
+from tests.conftest import process_env
 
 WORKDIR = "gs://mrl-test/digits_run"
 
@@ -32,7 +33,7 @@ def _train_flags(total_steps):
 
 @pytest.mark.slow
 def test_gs_workdir_train_sigterm_resume_eval_on_an_emulator(data_dir, gcs_emulator, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="", **gcs_emulator)
+  env = process_env(**gcs_emulator)
   # 1. Train "forever"; SIGTERM once step 2 is logged: a checkpoint is saved and it exits 0.
   proc = subprocess.Popen(_cmd("train.py", data_dir, *_train_flags(10**6)), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
