@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import OPTIMIZED
 from tests.conftest import REPO
+from tests.conftest import process_env
 
 FAMILIES = [
     "tests/train_step_test.py::test_one_step_equals_an_independent_sgd_step[8-2-False]",
@@ -39,17 +40,18 @@ FAMILIES = [
 def test_processes_compile_with_the_build_the_run_asks_for():
   """conftest sets the XLA build through the environment: the suite's processes compile with
   most optimisations off and the legacy emitters, the optimised rerun's (which inherits the
-  suite's environment) as users do, and so do their subprocesses; each on 8 CPU devices."""
+  suite's environment) as users do, and so do the processes tests start (conftest.process_env,
+  here on 2 devices)."""
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.config.read("jax_disable_most_optimizations") is not OPTIMIZED
   child = subprocess.run(
-      [sys.executable, "-c", "import os, jax; print(jax.config.read('jax_disable_most_optimizations'),"
-       " jax.config.jax_compilation_cache_dir, jax.device_count(), os.environ['XLA_FLAGS'])"],
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
-      check=True)
+      [sys.executable, "-c", "import os, jax; print("
+       "jax.config.read('jax_disable_most_optimizations'), jax.config.jax_compilation_cache_dir,"
+       " jax.device_count(), os.environ['XLA_FLAGS'])"],
+      env=process_env(2, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, check=True)
   disabled, cache, devices, *flags = child.stdout.split()
   assert [disabled, cache, devices] == [str(not OPTIMIZED),
-                                        os.environ["MRL_JAX_TEST_COMPILE_CACHE"], "8"]
+                                        os.environ["MRL_JAX_TEST_COMPILE_CACHE"], "2"]
   assert ("--xla_cpu_use_fusion_emitters=false" in flags) is not OPTIMIZED
 
 
