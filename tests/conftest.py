@@ -24,10 +24,19 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if OPTIMIZED else "1"
 # And XLA:CPU's legacy elemental emitters instead of its MLIR fusion emitters: the same HLO,
 # lowered to LLVM in ~45 % less time (the dual-encoder step: 5.3 -> 2.9 s; the suite: 16 -> 13.4
 # min). The optimised rerun, which inherits this environment, drops it: users' default.
-_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_cpu_use_fusion_emitters=false"]
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in _FLAGS] +
-    _FLAGS[:1 if OPTIMIZED else 2])
+_DEVICE_COUNT = "--xla_force_host_platform_device_count="
+_LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` CPU devices with the suite's emitters, other flags kept."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith(_DEVICE_COUNT) and f != _LEGACY_EMITTERS]
+  return " ".join(kept + [f"{_DEVICE_COUNT}{devices}"] * (devices > 1) +
+                  [_LEGACY_EMITTERS] * (not OPTIMIZED))
+
+
+os.environ["XLA_FLAGS"] = _xla_flags(8)
 os.environ.setdefault("MRL_JAX_TEST_COMPILE_CACHE", tempfile.mkdtemp(prefix="jax_cache_"))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MRL_JAX_TEST_COMPILE_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
@@ -38,10 +47,7 @@ os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 def process_env(devices: int = 1, **extra: str) -> dict[str, str]:
   """The environment of a process a test starts (train.py, a two-process run) on `devices` CPU
   devices: this one's, so it compiles as the suite does (build, emitters, cache), with `extra`."""
-  flags = [f for f in os.environ["XLA_FLAGS"].split()
-           if not f.startswith("--xla_force_host_platform_device_count=")]
-  count = [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
-  return dict(os.environ, XLA_FLAGS=" ".join(flags + count), **extra)
+  return dict(os.environ, XLA_FLAGS=_xla_flags(devices), **extra)
 
 
 def pytest_collection_modifyitems(items):

@@ -49,10 +49,6 @@ def _cmd(data_dir, workdir, *extra):
           "--config.log_every_steps=1", "--config.schedule.warmup_epochs=0.1", *extra]
 
 
-def _env(devices):
-  return process_env(devices)
-
-
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(l)["train/loss"] for l in f if "train/loss" in l]
@@ -78,7 +74,7 @@ def test_two_processes_train_to_the_same_parameters_as_one_process(data_dir, tmp
   done = run_processes(
       lambda port: [_cmd(data_dir, two, f"--coordinator_address=127.0.0.1:{port}",
                          "--num_processes=2", f"--process_id={i}") for i in range(2)],
-      [_env(1)] * 2)
+      [process_env()] * 2)
   outs = [(out, err) for _, out, err in done]
   for p, out, err in done:
     assert p.returncode == 0, err[-3000:]
@@ -117,7 +113,7 @@ def test_a_signal_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(
                 f"--process_id={i}")
 
   port = free_port()
-  procs = [subprocess.Popen(cmd(port, i, 10**6), cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(cmd(port, i, 10**6), cwd=REPO, env=process_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   for line in procs[0].stdout:
     if line.startswith("step 3/"):
@@ -135,7 +131,7 @@ def test_a_signal_on_one_host_stops_every_host_at_one_step_with_a_checkpoint(
     assert ckpt.complete_steps()[-1] == stop
   if sig == "SIGINT":
     return
-  done = run_processes(lambda port: [cmd(port, i, stop + 2) for i in range(2)], [_env(1)] * 2)
+  done = run_processes(lambda port: [cmd(port, i, stop + 2) for i in range(2)], [process_env()] * 2)
   for p, out, err in done:
     assert p.returncode == 0, err[-3000:]
   assert f"Resuming from checkpoint step {stop}" in done[0][1]

@@ -45,11 +45,6 @@ def _run_cli(fn):
 
 # --- 1. preemption ----------------------------------------------------------------------------
 
-def _subprocess_env():
-  """1 CPU device."""
-  return process_env()
-
-
 def _train_cmd(data_dir, workdir, steps):
   return [sys.executable, "train.py", "--config=configs/digits_resnet_mrl.py:runlocal",
           f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
@@ -62,7 +57,7 @@ def test_sigterm_saves_exits_0_and_resume_equals_uninterrupted(data_dir, tmp_pat
   """No race with the child's speed: it runs a constant learning rate for 10^6 steps (it can
   never finish first), gets SIGTERM once it logged step 8, saves at whatever step S it reached
   and exits 0; resumed to S + 4, it equals an uninterrupted run of S + 4 steps bitwise."""
-  env = _subprocess_env()
+  env = process_env()
   constant = ["--config.schedule.name=constant", "--config.schedule.warmup_epochs=0"]
   interrupted = str(tmp_path / "interrupted")
   proc = subprocess.Popen(_train_cmd(data_dir, interrupted, 10**6) + constant, cwd=REPO,
@@ -325,7 +320,7 @@ def _check_failed_save(result, workdir, step, last, cause):
 @pytest.mark.slow
 def test_failed_save_is_one_line_exit_4_and_the_rerun_resumes(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  env = _subprocess_env()
+  env = process_env()
   cmd = _train_cmd(data_dir, workdir, 6)[2:] + ["--config.checkpoint_every_steps=2"]
   failed = subprocess.run([sys.executable, "-c", _FAIL_STEP_4, *cmd], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
@@ -367,7 +362,7 @@ def test_full_file_system_during_a_save(data_dir, tmp_path):
   workdir = tmp_path / "run"
   ckpts = workdir / "checkpoints"
   ckpts.mkdir(parents=True)
-  env = _subprocess_env()
+  env = process_env()
   probe = tmp_path / "probe"  # the size of one checkpoint of this config (1 device, in-process)
   train_lib.train_and_evaluate(
       digits_config(data_dir, 2, checkpoint_every_steps=1000, **{"schedule.warmup_epochs": 0.2}),

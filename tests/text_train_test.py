@@ -22,11 +22,10 @@ from mrl_jax.data import pipeline
 from mrl_jax.data import tokenizers
 from tests.conftest import REPO
 from tests.conftest import load_config
-from tests.multihost_test import _env as multihost_env
+from tests.conftest import process_env
 from tests.multihost_test import run_processes
 from tests.reliability_test import _final_state
 from tests.reliability_test import _run_cli
-from tests.reliability_test import _subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def test_two_processes_train_the_text_model_as_one(text_dir, tmp_path):
                                "--config.model.attention_dropout_rate=0.1",
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                f"--process_id={i}") for i in range(2)],
-      [multihost_env(1)] * 2)
+      [process_env()] * 2)
   for p, _, err in done:
     assert p.returncode == 0, err[-3000:]
   a, b = _final_state(one, 4), _final_state(two, 4)
@@ -128,7 +127,7 @@ def test_two_processes_train_the_text_model_as_one(text_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_and_resume_of_the_text_job_are_bitwise(text_dir, tmp_path):
-  env = _subprocess_env()
+  env = process_env()
   interrupted = str(tmp_path / "interrupted")
   proc = subprocess.Popen(_train_cmd(text_dir, interrupted, 10**6), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

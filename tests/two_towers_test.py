@@ -25,6 +25,7 @@ from mrl_jax.evaluation import image_text as image_text_eval
 from mrl_jax.evaluation import text as text_eval
 from mrl_jax.objectives import contrastive_image_text
 from tests.conftest import load_config
+from tests.conftest import process_env
 from tests.contrastive_test import np_info_nce
 from tests.contrastive_test import np_unit
 from tests.reliability_test import _final_state
@@ -257,7 +258,6 @@ def test_exported_caption_and_image_embeddings_evaluate_like_the_checkpoint(dual
 def test_two_processes_train_the_dual_encoder_as_one(digits_dir, tmp_path):
   """2 processes x 1 device (the global batch split by process, negatives gathered by the
   jitted loss) end where 1 process x 2 devices does."""
-  from tests.multihost_test import _env  # pylint: disable=g-import-not-at-top
   from tests.multihost_test import run_processes  # pylint: disable=g-import-not-at-top
   one = str(tmp_path / "one")
   config = _config(digits_dir, total_steps=3, checkpoint_every_steps=3,
@@ -270,7 +270,7 @@ def test_two_processes_train_the_dual_encoder_as_one(digits_dir, tmp_path):
       "--config.checkpoint_every_steps=3", "--config.schedule.name=constant",
       "--config.schedule.warmup_steps=0", "--config.eval.image_text_sets=()",
       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-  done = run_processes(lambda port: [cmd(port, i) for i in range(2)], [_env(1)] * 2)
+  done = run_processes(lambda port: [cmd(port, i) for i in range(2)], [process_env()] * 2)
   for p, _, err in done:
     assert p.returncode == 0, err[-3000:]
   for x, y in zip(jax.tree.leaves(_final_state(one, 3)["params"]),
