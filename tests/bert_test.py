@@ -87,3 +87,26 @@ def test_bad_architecture_fields_are_one_line_errors():
   ids = jnp.zeros((1, 9), jnp.int32)
   with pytest.raises(ValueError, match="sequences of 9 tokens but the model has 8 positions"):
     model.embed({"input_ids": ids})
+
+
+def test_shape_overrides_build_any_published_shape_and_refuse_impossible_ones():
+  """TinyBERT-General-4L-312D (hidden 312, 4 layers, 12 heads, intermediate 1,200) is no named
+  variant: through the overrides it has transformers' own BertModel parameter count; a ViT's
+  overrides count as the hand derivation of the ViT-B/16 test, at the new shape."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  shape = dict(hidden_size=312, num_layers=4, num_heads=12, mlp_dim=1200)
+  reference = transformers.BertModel(transformers.BertConfig(
+      hidden_size=312, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1200))
+  assert _count(variant="tiny", pooler=True, **shape) == reference.num_parameters()
+  d, mlp, tokens, layers = 96, 200, 4 * 4 + 1, 3
+  block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d)
+  model = nnx.eval_shape(lambda: vit.ViT("Ti/8", image_size=32, hidden_size=d, mlp_dim=mlp,
+                                         num_layers=layers, num_heads=4, rngs=nnx.Rngs(0)))
+  assert model.feature_dim == d
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == (
+      (8 * 8 * 3 * d + d) + d + tokens * d + layers * block + 2 * d)
+  with pytest.raises(ConfigError, match="width 100 is not divisible by 12 attention heads"):
+    bert.Bert("tiny", hidden_size=100, num_heads=12, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match=r"config.model.mlp_dim=-1; allowed: >= 0 \(0 = the "
+                                        r"variant's 512\)"):
+    bert.Bert("tiny", mlp_dim=-1, rngs=nnx.Rngs(0))

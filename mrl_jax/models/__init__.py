@@ -64,7 +64,7 @@ class ModelSpec:
   model_name: str
   encoder: str  # the encoder and its architecture fields, e.g. "resnet50(width=64,...)"
   feature_dim: int
-  head: str  # mrl | mrle | ff (classify); mlm (BERT's tied head); none (contrastive)
+  head: str  # mrl | mrle | ff (classify); mlm / mlm_untied (BERT's MLM head); none (contrastive)
   nesting: tuple[int, ...]  # config.mrl.nesting, validated
   head_sizes: tuple[int, ...]  # sizes with a trained head: nesting, or (ff_size,) for FF-m
   eval_sizes: tuple[int, ...]  # nesting, head sizes and config.eval.extra_sizes (<= d)
@@ -103,12 +103,17 @@ def resolve(config) -> ModelSpec:
                       f"{sorted(set(MODELS) - set(TEXT_MODELS))}, mlm or contrastive for text "
                       f"encoders {list(TEXT_MODELS)}")
   module.check(config)
+  tied = config.model.get("tie_word_embeddings", True)
+  if not tied and objective != "mlm":
+    raise ConfigError(f"config.model.tie_word_embeddings=False with config.objective="
+                      f"{objective!r}; allowed: False only for mlm (it unties BERT's MLM "
+                      "decoder from the word embeddings)")
   d = module.feature_dim_of(config.model)
   nesting = nesting_lib.parse(config.mrl.nesting, d)
   extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
   if text:
     tokenizer = text_tokenizer(config)
-    head = "mlm" if objective == "mlm" else "none"
+    head = ("mlm" if tied else "mlm_untied") if objective == "mlm" else "none"
     num_classes = int(config.model.vocab_size) if objective == "mlm" else 0
     return ModelSpec(model_name=config.model_name, encoder=module.describe(config.model),
                      feature_dim=d, head=head, nesting=nesting, head_sizes=nesting,
@@ -224,7 +229,7 @@ def create_model(config, spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
         pixel_mean=mean, pixel_std=std, rngs=rngs)
   encoder = encoder_module(spec.model_name).build(config.model, dtype=dtype, rngs=rngs)
   if spec.objective == "mlm":
-    return mlm_lib.MatryoshkaMlm(encoder, spec.head_sizes, rngs=rngs)
+    return mlm_lib.MatryoshkaMlm(encoder, spec.head_sizes, tied=spec.head == "mlm", rngs=rngs)
   if spec.objective == "contrastive":
     return TextEmbedder(encoder)
   # Heads in float32 whatever config.dtype: they cost ~nothing next to the encoder and the

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.models import transformer
 from mrl_jax.models.transformer import EncoderBlock
 
 # width, depth, mlp_dim, heads. base/large: Devlin et al. 2019; tiny..medium: the compact BERTs
@@ -68,25 +69,26 @@ class Bert(nnx.Module):
     pool: "cls", "mean" or "pooler" (module docstring).
     pooler: build BERT's pooler (always when pool == "pooler").
     dropout_rate / attention_dropout_rate: hidden and attention-probability dropout (0.1).
-    remat: recompute each block in the backward pass. num_layers: override the depth.
+    remat: recompute each block in the backward pass.
+    hidden_size, num_layers, mlp_dim, num_heads: override the variant's shape (0 = the
+      variant's), so any HF BERT shape builds (transformer.shape).
   """
 
   def __init__(self, variant: str = "base", *, vocab_size: int = 30522, max_len: int = 512,
                type_vocab_size: int = 2, pool: str = "cls", pooler: bool = False,
                dropout_rate: float = 0.1, attention_dropout_rate: float = 0.1,
-               remat: bool = False, num_layers: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
-    width, depth, mlp_dim, num_heads = parse_variant(variant)
+               remat: bool = False, num_layers: int = 0, hidden_size: int = 0,
+               mlp_dim: int = 0, num_heads: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+    width, depth, mlp_dim, num_heads = transformer.shape(
+        parse_variant(variant), dict(hidden_size=hidden_size, num_layers=num_layers,
+                                     mlp_dim=mlp_dim, num_heads=num_heads))
     if pool not in POOLS:
       raise ConfigError(f"BERT pool {pool!r} is not supported (config.model.pool); allowed: "
                         f"{list(POOLS)}")
-    if num_layers < 0:
-      raise ConfigError(f"config.model.num_layers={num_layers}; allowed: >= 0 (0 = the "
-                        f"variant's {depth})")
     for name, value in (("vocab_size", vocab_size), ("max_len", max_len),
                         ("type_vocab_size", type_vocab_size)):
       if value < 1:
         raise ConfigError(f"config.model.{name}={value}; allowed: >= 1")
-    depth = num_layers or depth
     init = nnx.initializers.normal(0.02)  # BERT's initializer_range
     self.pool = pool
     self.remat = remat
@@ -146,23 +148,24 @@ def build(model_cfg, *, dtype, rngs: nnx.Rngs) -> Bert:
               type_vocab_size=model_cfg.type_vocab_size, pool=model_cfg.pool,
               pooler=model_cfg.pooler, dropout_rate=model_cfg.dropout_rate,
               attention_dropout_rate=model_cfg.attention_dropout_rate,
-              remat=model_cfg.remat, num_layers=model_cfg.num_layers, dtype=dtype, rngs=rngs)
+              remat=model_cfg.remat, dtype=dtype, rngs=rngs,
+              **{f: model_cfg.get(f, 0) for f in transformer.SHAPE_FIELDS})
 
 
 def feature_dim_of(model_cfg) -> int:
-  return parse_variant(model_cfg.variant)[0]
+  return transformer.shape(parse_variant(model_cfg.variant), model_cfg)[0]
 
 
 def describe(model_cfg) -> str:
   return (f"bert-{model_cfg.variant}(vocab_size={model_cfg.vocab_size},"
           f"max_len={model_cfg.max_len},type_vocab_size={model_cfg.type_vocab_size},"
           f"pool={model_cfg.pool},pooler={bool(model_cfg.pooler or model_cfg.pool == 'pooler')}"
-          + (f",num_layers={model_cfg.num_layers}" if model_cfg.num_layers else "") + ")")
+          + transformer.describe_overrides(model_cfg) + ")")
 
 
 def check(config) -> None:
-  """The sequence length fits the position table."""
-  parse_variant(config.model.variant)
+  """The shape is buildable and the sequence length fits the position table."""
+  transformer.shape(parse_variant(config.model.variant), config.model)
   if config.model.pool not in POOLS:
     raise ConfigError(f"BERT pool {config.model.pool!r} is not supported (config.model.pool); "
                       f"allowed: {list(POOLS)}")

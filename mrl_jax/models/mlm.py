@@ -10,7 +10,9 @@ All sizes come from one pass over the blocks between consecutive sizes: logits_{
 logits_{m_(k-1)} + t[:, m_(k-1):m_k] E[:, m_(k-1):m_k]^T, so |M| sizes cost one full-size
 matmul, not |M|. The logits are float32 whatever the compute dtype (as the classifier heads).
 Parameter names follow HF's BertForMaskedLM (`cls.predictions`): transform `dense` and
-`norm`, output `bias`; the decoder has no parameter of its own.
+`norm`, output `bias`; the decoder has no parameter of its own, unless it is untied from the
+word embeddings (HF's `tie_word_embeddings=False`): then `decoder` [V, d] (HF's
+`cls.predictions.decoder.weight`) takes E's place above, nested the same way.
 """
 
 import jax
@@ -34,7 +36,8 @@ def nested_tied_logits(t: jax.Array, embedding: jax.Array, bias: jax.Array,
 class MatryoshkaMlm(nnx.Module):
   """A BERT encoder with BERT's MLM head, nested: batch -> (z [B, d], {m: logits [B, P, V]})."""
 
-  def __init__(self, encoder: nnx.Module, nesting: tuple[int, ...], *, rngs: nnx.Rngs):
+  def __init__(self, encoder: nnx.Module, nesting: tuple[int, ...], *, tied: bool = True,
+               rngs: nnx.Rngs):
     d = encoder.feature_dim
     self.encoder = encoder
     self.nesting = tuple(nesting)
@@ -42,6 +45,7 @@ class MatryoshkaMlm(nnx.Module):
     self.dense = nnx.Linear(d, d, kernel_init=init, dtype=encoder.dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(d, epsilon=1e-12, dtype=encoder.dtype, rngs=rngs)
     self.bias = nnx.Param(jnp.zeros((encoder.vocab_size,), jnp.float32))
+    self.decoder = None if tied else nnx.Param(init(rngs.params(), (encoder.vocab_size, d)))
 
   def transform(self, hidden: jax.Array) -> jax.Array:
     return self.norm(nnx.gelu(self.dense(hidden.astype(self.encoder.dtype)), approximate=False))
@@ -51,6 +55,7 @@ class MatryoshkaMlm(nnx.Module):
     prefix has logits (a standard model's truncations, for the baseline)."""
     z, aux = self.encoder(batch, rngs=rngs)
     hidden = jnp.take_along_axis(aux["tokens"], batch["masked_positions"][..., None], axis=1)
-    logits = nested_tied_logits(self.transform(hidden), self.encoder.word.embedding[...],
-                                self.bias[...], sizes or self.nesting)
+    decoder = self.encoder.word.embedding if self.decoder is None else self.decoder
+    logits = nested_tied_logits(self.transform(hidden), decoder[...], self.bias[...],
+                                sizes or self.nesting)
     return z, logits

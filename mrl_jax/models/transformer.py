@@ -13,6 +13,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mrl_jax.errors import ConfigError
+
+# config.model fields that override a ViT / BERT variant's shape (0 = the variant's), in the
+# order of the variant tables' tuples: (width, depth, mlp_dim, heads).
+SHAPE_FIELDS = ("hidden_size", "num_layers", "mlp_dim", "num_heads")
+
+
+def shape(variant: tuple[int, int, int, int], model_cfg) -> tuple[int, int, int, int]:
+  """(width, depth, mlp_dim, heads): the variant's, each replaced by its config.model override
+  when that is > 0 (so any published shape builds, e.g. an HF BERT with 8 heads at width 256).
+  One-line errors for a negative override or a width the heads do not divide."""
+  out = []
+  for field, default in zip(SHAPE_FIELDS, variant):
+    value = int(model_cfg.get(field, 0) or 0)
+    if value < 0:
+      raise ConfigError(f"config.model.{field}={value}; allowed: >= 0 (0 = the variant's "
+                        f"{default})")
+    out.append(value or default)
+  width, _, _, heads = out
+  if width % heads:
+    raise ConfigError(f"width {width} is not divisible by {heads} attention heads "
+                      "(config.model.hidden_size / num_heads)")
+  return tuple(out)
+
+
+def describe_overrides(model_cfg) -> str:
+  """',num_layers=1,...' for the shape overrides set (part of a model's signature)."""
+  return "".join(f",{f}={model_cfg.get(f)}" for f in SHAPE_FIELDS if model_cfg.get(f, 0))
+
 
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (3*D*D + 3*D parameters)."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrl_jax.errors import ConfigError
+from mrl_jax.models import transformer
 from mrl_jax.models.transformer import EncoderBlock
 
 # width, depth, mlp_dim, heads (ViT paper Table 1; Ti/S from DeiT / big_vision).
@@ -50,12 +51,14 @@ class ViT(nnx.Module):
     pool: "cls" (CLS token, the original ViT) or "gap" (mean of patch tokens, no CLS token).
     dropout_rate: dropout after attention and in the MLP (the original ViT used 0.1 on 21k).
     remat: recompute each block's activations in the backward pass (saves memory).
-    num_layers: override the variant's depth (0 = the variant's; small values for debugging).
+    hidden_size, num_layers, mlp_dim, num_heads: override the variant's shape (0 = the
+      variant's; small depths for debugging; transformer.shape).
   """
 
   def __init__(self, variant: str = "B/16", *, image_size: int = 224, pool: str = "cls",
                in_channels: int = 3, dropout_rate: float = 0.0, remat: bool = False,
-               num_layers: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+               num_layers: int = 0, hidden_size: int = 0, mlp_dim: int = 0, num_heads: int = 0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     name, patch = parse_variant(variant)
     if pool not in POOLS:
       raise ConfigError(f"ViT pool {pool!r} is not supported (config.model.pool); "
@@ -63,11 +66,9 @@ class ViT(nnx.Module):
     if image_size % patch:
       raise ConfigError(f"image size {image_size} is not divisible by the ViT patch size {patch} "
                         f"(config.model.image_size, variant {variant!r})")
-    width, depth, mlp_dim, num_heads = VARIANTS[name]
-    if num_layers < 0:
-      raise ConfigError(f"config.model.num_layers={num_layers}; allowed: >= 0 (0 = the "
-                        f"variant's {depth})")
-    depth = num_layers or depth
+    width, depth, mlp_dim, num_heads = transformer.shape(
+        VARIANTS[name], dict(hidden_size=hidden_size, num_layers=num_layers, mlp_dim=mlp_dim,
+                             num_heads=num_heads))
     self.patch = patch
     self.pool = pool
     self.remat = remat
@@ -104,8 +105,6 @@ class ViT(nnx.Module):
     return z, {"tokens": x}
 
 
-def feature_dim(variant: str) -> int:
-  return VARIANTS[parse_variant(variant)[0]][0]
 
 
 # --- the encoder interface of models.MODELS ------------------------------------------------------
@@ -114,24 +113,25 @@ def build(model_cfg, *, dtype, rngs: nnx.Rngs) -> ViT:
   return ViT(model_cfg.variant, image_size=model_cfg.image_size,
              pool=model_cfg.get("pool", "cls"), in_channels=model_cfg.get("in_channels", 3),
              dropout_rate=model_cfg.get("dropout_rate", 0.0), remat=model_cfg.get("remat", False),
-             num_layers=model_cfg.get("num_layers", 0), dtype=dtype, rngs=rngs)
+             dtype=dtype, rngs=rngs,
+             **{f: model_cfg.get(f, 0) for f in transformer.SHAPE_FIELDS})
 
 
 def feature_dim_of(model_cfg) -> int:
-  return feature_dim(model_cfg.variant)
+  return transformer.shape(VARIANTS[parse_variant(model_cfg.variant)[0]], model_cfg)[0]
 
 
 def describe(model_cfg) -> str:
   return (f"vit-{model_cfg.variant}(image_size={model_cfg.image_size},"
           f"pool={model_cfg.get('pool', 'cls')},in_channels={model_cfg.get('in_channels', 3)}"
-          + (f",num_layers={model_cfg.num_layers}" if model_cfg.get("num_layers") else "")
-          + ")")
+          + transformer.describe_overrides(model_cfg) + ")")
 
 
 def check(config) -> None:
   """The input size must tile into patches and equal the size the position embeddings are
   built for, at train and at eval resolution."""
-  _, patch = parse_variant(config.model.variant)
+  name, patch = parse_variant(config.model.variant)
+  transformer.shape(VARIANTS[name], config.model)
   for field, size in (("config.model.image_size", config.model.image_size),
                       ("config.input.image_size", config.input.image_size)):
     if size % patch:
