@@ -11,7 +11,10 @@ and rescores them with the float query against the corpus vectors as stored, deq
 (int8: the middle of each step; binary: +-1), as sentence-transformers' `semantic_search_*`
 rescoring does (it multiplies by the raw int8 steps / 0-1 bits; the dequantised values rank
 identically for binary and more accurately for int8). Pair scores (Spearman) use the cosine of
-the dequantised vectors of both texts.
+the dequantised vectors of both texts: for binary computed exactly from the Hamming distance h
+of the packed bits, (m - 2h) / m, so pairs at the same distance tie exactly (the float cosine
+of +-1 vectors rounds differently per pair and breaks those ties, which moves a rank
+correlation); for int8 in float64.
 """
 
 import numpy as np
@@ -68,8 +71,7 @@ def quantized_scores(queries_q: np.ndarray, corpus_q: np.ndarray, kind: str) -> 
   """[Q, N] shortlist scores, higher = nearer: int8 dot products (int32), or minus the Hamming
   distance of the packed bits."""
   if kind == "binary":
-    xor = np.bitwise_xor(queries_q[:, None, :], corpus_q[None, :, :])
-    return -np.unpackbits(xor, axis=-1).sum(-1).astype(np.int32)
+    return -hamming(queries_q[:, None, :], corpus_q[None, :, :]).astype(np.int32)
   return queries_q.astype(np.int32) @ corpus_q.astype(np.int32).T
 
 
@@ -93,12 +95,22 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int, kind: str | None, *,
   return np.take_along_axis(shortlist, np.argsort(-rescored, axis=1, kind="stable")[:, :k], 1)
 
 
+def hamming(a_bits: np.ndarray, b_bits: np.ndarray) -> np.ndarray:
+  """[N] int: differing bits of row pairs of packed bits (padding bits are 0 on both sides)."""
+  return np.unpackbits(np.bitwise_xor(a_bits, b_bits), axis=-1).sum(-1, dtype=np.int64)
+
+
 def pair_cosines(a: np.ndarray, b: np.ndarray, kind: str | None,
                  ranges: np.ndarray | None = None) -> np.ndarray:
-  """[N] cosine of row pairs, after storing both at `kind` (int8 ranges: from both sides)."""
+  """[N] cosine of row pairs, after storing both at `kind` (int8 ranges: from both sides);
+  binary: exactly (m - 2 * Hamming) / m."""
   a, b = _unit(a), _unit(b)
-  if kind is not None:
-    ranges = int8_ranges(np.concatenate([a, b])) if kind == "int8" and ranges is None else ranges
-    a = dequantize(quantize(a, kind, ranges), kind, a.shape[1], ranges)
-    b = dequantize(quantize(b, kind, ranges), kind, b.shape[1], ranges)
-  return np.sum(_unit(a) * _unit(b), axis=-1)
+  if kind == "binary":
+    size = a.shape[1]
+    return (size - 2.0 * hamming(quantize(a, kind), quantize(b, kind))) / size
+  if kind == "int8":
+    ranges = int8_ranges(np.concatenate([a, b])) if ranges is None else ranges
+    a = dequantize(quantize(a, kind, ranges), kind, a.shape[1], ranges).astype(np.float64)
+    b = dequantize(quantize(b, kind, ranges), kind, b.shape[1], ranges).astype(np.float64)
+    a, b = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) for x in (a, b))
+  return np.sum(a * b, axis=-1)
