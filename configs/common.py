@@ -71,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
       # (0: none, equal widths), and a locked tower ('' | 'image' | 'text'; LiT: 'image').
       projection=0, freeze=""))
   # Dual encoders: the towers' encoders, with the fields of config.model.
-  tower_fields = {k: v for k, v in c.model.to_dict().items() if k not in ("projection", "freeze", "tie_word_embeddings")}
+  tower_fields = {k: v for k, v in c.model.to_dict().items()
+                  if k not in ("projection", "freeze", "tie_word_embeddings")}
   c.image_tower = ml_collections.ConfigDict(dict(tower_fields, model_name="resnet"))
   c.text_tower = ml_collections.ConfigDict(dict(tower_fields, model_name="bert", variant="base",
                                                 pool="cls"))

@@ -3,16 +3,20 @@
   from mrl_jax import inference
   model = inference.load("runs/text")                 # a workdir, or a converted checkpoint's
   z = model.embed(["a sentence", "another"], dim=64)  # float32 [2, 64], unit rows
-  q = model.embed(texts, dim=256, quantize="int8")    # int8 [N, 256] (ranges from these texts)
+  q = model.embed(texts, dim=256, quantize="int8", calibration=corpus)  # int8 [N, 256]
   b = model.embed(images, dim=32, quantize="binary")  # uint8 [N, 4], sign bits (image models)
   # a dual encoder (ALIGN / CLIP) embeds either: strings -> text tower, images -> image tower
 
 `embed` runs the encoder once (eval mode, batches sharded over the devices) and returns the
 first `dim` coordinates of z, L2-renormalised (dim=None: all d), stored as float32, int8
-(per-dimension calibrated; quantize.py) or packed sign bits. Text models take strings
-(tokenized as in training: config.text); image models take uint8 images [N, H, W, C] or
-encoded image bytes, with the config's eval preprocessing. eval.py's text evaluation embeds
-through this class.
+(per-dimension calibrated; quantize.py) or packed sign bits. int8 needs its calibration said:
+`calibration=` representative inputs or `ranges=` ([2, dim] per-dimension min / max), so that
+an input's codes never depend on what else is in the call (ranges taken from the inputs
+themselves would turn a single text into all -128). Text models take strings (tokenized as in
+training: config.text; a blank text is [CLS] [SEP], as sentence-transformers embeds it); image
+models take uint8 images [N, H, W, C] or encoded image bytes, with the config's eval
+preprocessing. No inputs give an empty [0, dim] array. eval.py's text evaluation embeds through
+this class.
 """
 
 import functools
@@ -116,12 +120,14 @@ class Embedder:
                                   for j, x in enumerate(chunk)])
 
   def encode(self, inputs) -> np.ndarray:
-    """Full-size z [N, d] float32 (not normalised) of texts or images."""
-    strings = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], str))
+    """Full-size z [N, d] float32 (not normalised) of texts or images ([0, d] for none)."""
+    if not isinstance(inputs, str) and len(inputs) == 0:
+      return np.zeros((0, self.feature_dim), np.float32)
+    strings = isinstance(inputs, str) or isinstance(inputs[0], str)
     if strings and not (self.text or self.dual):
       raise ConfigError("this is an image model: embed takes images (uint8 [N, H, W, C] or "
                         "encoded image bytes), not strings")
-    if self.text and not strings and len(inputs):
+    if self.text and not strings:
       raise ConfigError("this is a text model: embed takes strings")
     batches = self._text_batches(inputs) if strings else self._image_batches(inputs)
     encode = _encode_fn(self.model, self.mesh)
@@ -137,20 +143,27 @@ class Embedder:
         batch = jax.tree.map(lambda x: to_global(
             np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))), batch)
         parts.append(np.asarray(encode(self.params, self.batch_stats, batch))[:n])
-    if not parts:
-      return np.zeros((0, self.feature_dim), np.float32)
     return np.concatenate(parts)
 
   def embed(self, inputs, dim: int | None = None, quantize: str | None = None,
-            ranges: np.ndarray | None = None) -> np.ndarray:
+            ranges: np.ndarray | None = None, calibration=None) -> np.ndarray:
     """The first `dim` coordinates of z, L2-renormalised, as float32 / int8 / packed bits.
 
-    int8 ranges (quantize.int8_ranges of some calibration embeddings at this dim) default to
-    these inputs' own."""
+    int8 takes its per-dimension ranges from `ranges` ([2, dim]: quantize.int8_ranges of
+    representative embeddings at this dim) or from the embeddings of `calibration` (inputs
+    like `inputs`, at least 2); without either it is refused."""
     quantize_lib.check_kind(quantize)
     dim = self.feature_dim if dim is None else dim
     if not 1 <= dim <= self.feature_dim:
       raise ConfigError(f"dim={dim} is outside [1, {self.feature_dim}] (the feature dim)")
+    if quantize == "int8":
+      if ranges is None and calibration is None:
+        raise ConfigError("quantize='int8' needs calibration: pass calibration=<representative "
+                          "inputs> or ranges=<[2, dim] per-dimension min and max>, so that an "
+                          "input's codes do not depend on the rest of the call")
+      if ranges is None:
+        ranges = quantize_lib.int8_ranges(embeddings_at(self.encode(calibration), dim))
+      quantize_lib.check_ranges(ranges, dim)
     return embeddings_at(self.encode(inputs), dim, quantize, ranges)
 
 

@@ -141,7 +141,7 @@ def test_pooler_and_mean_pooling_equal_transformers(tmp_path):
 def test_released_all_minilm_equals_sentence_transformers(tmp_path):
   """Real weights, offline: all-MiniLM-L6-v2 converted through the CLI path equals
   sentence-transformers' own embeddings of real sentences (mean pooling, normalised) within
-  1e-4, through inference.load().embed()."""
+  1e-4, through inference.load().embed(); blank texts too."""
   from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
   from mrl_jax import inference  # pylint: disable=g-import-not-at-top
   config = load_config("configs/text_wiki.py:contrastive,minilm")
@@ -150,7 +150,7 @@ def test_released_all_minilm_equals_sentence_transformers(tmp_path):
   assert any("pooler.dense.weight" in n for n in notes)  # unused by sentence-transformers
   weights, hf_dir = convert_hf.locate("builtin:all-MiniLM-L6-v2")
   sentences = ["The cat sits outside.", "A man is playing guitar.",
-               "Matryoshka representations nest coarse-to-fine information."]
+               "Matryoshka representations nest coarse-to-fine information.", "", "  \t"]
   want = SentenceTransformer(hf_dir, device="cpu").encode(sentences)
   got = inference.load(workdir, devices=jax.devices()[:1]).embed(sentences)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

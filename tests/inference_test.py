@@ -43,8 +43,28 @@ def test_embed_truncates_renormalises_and_quantises(text_run):
     want = z[:, :m] / np.linalg.norm(z[:, :m], axis=1, keepdims=True)
     np.testing.assert_allclose(e, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-6)
-  np.testing.assert_array_equal(model.embed(texts, dim=32, quantize="int8"),
-                                quantize.quantize(model.embed(texts, dim=32), "int8"))
+  # int8: ranges from the calibration inputs (or given); one text is quantised as it is in a
+  # batch (it used to get ranges of its own: every code -128).
+  calibration = texts + ["more text to calibrate on", "and a fifth"]
+  ranges = quantize.int8_ranges(model.embed(calibration, dim=32))
+  np.testing.assert_array_equal(
+      model.embed(texts, dim=32, quantize="int8", calibration=calibration),
+      quantize.quantize(model.embed(texts, dim=32), "int8", ranges))
+  one = model.embed(texts[:1], dim=32, quantize="int8", ranges=ranges)
+  np.testing.assert_array_equal(one, quantize.quantize(model.embed(texts, dim=32), "int8",
+                                                       ranges)[:1])
+  assert len(np.unique(one)) > 10
+  with pytest.raises(ConfigError, match="quantize='int8' needs calibration: pass calibration="):
+    model.embed(texts[:1], dim=32, quantize="int8")
+  with pytest.raises(ConfigError, match=r"int8 ranges of shape \[2, 32\] for size-16 "):
+    model.embed(texts, dim=16, quantize="int8", ranges=ranges)
+  with pytest.raises(ConfigError, match=r"int8 ranges from 1 embedding\(s\)"):
+    model.embed(texts, dim=16, quantize="int8", calibration=["only one"])
+  # No inputs: an empty array of the stored shape.
+  for kind, dtype, width in ((None, np.float32, 12), ("int8", np.int8, 12),
+                             ("binary", np.uint8, 2)):
+    empty = model.embed([], dim=12, quantize=kind, ranges=ranges[:, :12])
+    assert empty.shape == (0, width) and empty.dtype == dtype
   bits = model.embed(texts, dim=32, quantize="binary")
   assert bits.dtype == np.uint8 and bits.shape == (3, 4)
   np.testing.assert_array_equal(np.unpackbits(bits, axis=1), (z[:, :32] > 0).astype(np.uint8))
@@ -55,8 +75,11 @@ def test_embed_truncates_renormalises_and_quantises(text_run):
     model.embed(texts, dim=129)
   with pytest.raises(ConfigError, match="quantize='fp8'"):
     model.embed(texts, quantize="fp8")
-  with pytest.raises(ConfigError, match="empty text"):
-    model.embed(["fine", ""])
+  # A blank text is [CLS] [SEP], as sentence-transformers embeds it (compared with it on
+  # all-MiniLM-L6-v2 in convert_hf_test): "" and whitespace alike.
+  blank = model.embed(["fine", "", "   "])
+  np.testing.assert_array_equal(blank[1], blank[2])
+  assert np.isfinite(blank).all() and not np.allclose(blank[0], blank[1])
 
 
 def test_eval_spearman_is_the_embeddings_of_the_api(text_run):

@@ -15,7 +15,8 @@ Tasks (what a batch holds):
   `masked_weights` (1 for a real prediction, 0 for padding).
 - `pair`: two texts per example (`anchor`, `positive` features, or `crop`: two random windows
   of one text, Contriever's independent cropping), each tokenized: `anchor_*` and `positive_*`.
-- `embed`: every configured text key tokenized as is (evaluation; no randomness).
+- `embed`: every configured text key tokenized as is (evaluation, inference; no randomness); a
+  blank text is `[CLS] [SEP]`, as sentence-transformers embeds it (training refuses it).
 A scalar `label` / `score` feature is passed through.
 """
 
@@ -118,7 +119,7 @@ class TextPreprocess:
     random draws); seed: config.seed (0 for evaluation)."""
     rngs = [np.random.default_rng([int(seed), max(int(p), 0), 7]) for p in positions]
     texts = {k: [_as_str(r[k]) for r in records] for k in self.keys}
-    for k, values in texts.items():
+    for k, values in (texts.items() if self.task != "embed" else ()):
       empty = next((i for i, v in enumerate(values) if not v.strip()), None)
       if empty is not None:
         raise ConfigError(f"empty text in feature {k!r} (the example at stream position "

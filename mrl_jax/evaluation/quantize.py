@@ -35,9 +35,21 @@ def check_kind(kind: str | None) -> None:
 
 
 def int8_ranges(calibration: np.ndarray) -> np.ndarray:
-  """[2, d] per-dimension (min, max) of the calibration embeddings."""
+  """[2, d] per-dimension (min, max) of the calibration embeddings (at least 2, as
+  sentence-transformers asks: one embedding gives empty ranges and every code -128)."""
   calibration = np.asarray(calibration, np.float32)
+  if len(calibration) < 2:
+    raise ConfigError(f"int8 ranges from {len(calibration)} embedding(s); calibrate on at least "
+                      "2 representative embeddings, or pass ranges")
   return np.stack([calibration.min(0), calibration.max(0)])
+
+
+def check_ranges(ranges: np.ndarray, size: int) -> None:
+  """int8 ranges must be [2, size] (min row, max row) at the size being quantised."""
+  shape = tuple(np.shape(ranges))
+  if shape != (2, size):
+    raise ConfigError(f"int8 ranges of shape {list(shape)} for size-{size} embeddings; "
+                      f"allowed: [2, {size}] (per-dimension min and max at that size)")
 
 
 def quantize(x: np.ndarray, kind: str, ranges: np.ndarray | None = None) -> np.ndarray:
