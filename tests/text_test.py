@@ -85,11 +85,23 @@ def test_crop_pairs_are_two_windows_of_the_same_text():
   assert (out["anchor_input_ids"][:, 1] != out["positive_input_ids"][:, 1]).mean() > 0.8
 
 
-def test_an_empty_text_is_a_one_line_error():
-  pp = text.TextPreprocess(Words(), task="embed", keys=("text",), max_length=8)
+@pytest.mark.parametrize("task", ["mlm", "pair"])
+def test_an_empty_training_text_is_a_one_line_error(task):
+  pp = text.TextPreprocess(Words(), task=task, keys=("text",), max_length=8, pair_mode="crop",
+                           max_predictions=2)
   with pytest.raises(ConfigError, match="empty text in feature 'text' .the example at stream "
                                         "position 12"):
     pp([{"text": b"w5"}, {"text": b"  "}], [11, 12], 0)
+
+
+def test_a_blank_text_is_embedded_as_cls_sep():
+  """Inference and evaluation embed a blank text as sentence-transformers does: [CLS] [SEP]."""
+  pp = text.TextPreprocess(Words(), task="embed", keys=("text",), max_length=8)
+  out = pp([{"text": b"w5"}, {"text": b"  "}, {"text": b""}], [11, 12, 13], 0)
+  t = Words()
+  for row in (1, 2):
+    assert out["text_input_ids"][row, :3].tolist() == [t.cls_id, t.sep_id, t.pad_id]
+    assert out["text_input_mask"][row].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.fixture(scope="module")
