@@ -390,3 +390,25 @@ def test_a_batch_that_cannot_be_bound_fails_alone_and_leaves_the_function_usable
   thread.start()
   thread.join(60)
   assert not thread.is_alive() and out[0].numpy().max() == 7
+
+
+def test_grain_threads_asking_at_once_build_one_preprocessing_function(data_dir):
+  """grain's read threads ask for a batch function at the same moment at a run's start: one
+  tf.function is built per (preprocessing, source) and every thread gets it (a bare
+  functools.cache built one per thread that missed, each traced: TF's retracing warning)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  source = pipeline.open_source(_input_cfg(data_dir))
+  pp = preprocess.Preprocess(name="resize", image_size=8, channels=1)
+  key = pipeline._source_key(source)  # pylint: disable=protected-access
+  start, got = threading.Barrier(8), []
+
+  def ask():
+    start.wait()
+    got.append(pipeline._record_batch_fn(pp, key))  # pylint: disable=protected-access
+
+  threads = [threading.Thread(target=ask) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert len(got) == 8 and len({id(fn) for fn in got}) == 1

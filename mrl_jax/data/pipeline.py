@@ -201,6 +201,21 @@ SKIPPED = "skipped"  # batch key: unreadable images skipped while making this ba
 DECODE_ERRORS = (tf.errors.InvalidArgumentError,)  # what TF's decoders raise on a corrupt file
 
 
+def _built_once(build):
+  """functools.cache that builds once per key even when grain's read threads first ask at the
+  same moment: with a bare cache each concurrent miss built and traced its own tf.function
+  (three of one preprocessing at a run's start, and TF's "triggered tf.function retracing"
+  warning in every grain run)."""
+  cached, lock = functools.cache(build), threading.Lock()
+
+  @functools.wraps(build)
+  def once(*args):
+    with lock:
+      return cached(*args)
+
+  return once
+
+
 def _mapped(one, out):
   """one(encoded, seed) mapped over a batch in one TF call (5x fewer TF dispatches)."""
 
@@ -213,7 +228,7 @@ def _mapped(one, out):
   return fn
 
 
-@functools.cache
+@_built_once
 def _batch_fn(pp: preprocess_lib.Preprocess):
   """Encoded images of a batch -> uint8 images."""
   return _mapped(pp, tf.TensorSpec([pp.image_size, pp.image_size, pp.channels], tf.uint8))
@@ -235,7 +250,7 @@ def _source_key(source: Source) -> tuple:
           source.label_format, source.num_classes)
 
 
-@functools.cache
+@_built_once
 def _record_batch_fn(pp: preprocess_lib.Preprocess, source_key: tuple):
   """Serialized tf.Examples of a batch -> (uint8 images, labels) in one TF call. The records
   are parsed by TFDS's own graph parser, as builder.as_dataset does for tf.data, rather than
