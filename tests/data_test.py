@@ -412,3 +412,21 @@ def test_grain_threads_asking_at_once_build_one_preprocessing_function(data_dir)
   for t in threads:
     t.join(60)
   assert len(got) == 8 and len({id(fn) for fn in got}) == 1
+
+
+def test_a_grain_read_never_traces_inside_its_threads(data_dir):
+  """The batch function is traced when it is built, so no call from grain's threads traces:
+  TF counted each call that another thread's first trace overlapped as a retracing and warned
+  "triggered tf.function retracing" in every grain run (the warning needs its own timing; the
+  tracing count does not)."""
+  cfg = _input_cfg(data_dir, "grain", "configs/digits_resnet_mrl.py")
+  cfg.num_workers = 8
+  source = pipeline.open_source(cfg)
+  pp = preprocess.Preprocess(name="resize", image_size=7, channels=1)  # no other test's
+  key = pipeline._source_key(source)  # pylint: disable=protected-access
+  fn = pipeline._record_batch_fn(pp, key)  # pylint: disable=protected-access
+  assert fn.experimental_get_tracing_count() == 1
+  batches = list(pipeline.make_reader(cfg, source).eval_batches(
+      "test", local_batch=16, num_batches=12, preprocess=pp, process_index=0, process_count=1))
+  assert len(batches) == 12 and batches[0]["image"].shape == (16, 7, 7, 1)
+  assert fn.experimental_get_tracing_count() == 1

@@ -204,8 +204,9 @@ DECODE_ERRORS = (tf.errors.InvalidArgumentError,)  # what TF's decoders raise on
 def _built_once(build):
   """functools.cache that builds once per key even when grain's read threads first ask at the
   same moment: with a bare cache each concurrent miss built and traced its own tf.function
-  (three of one preprocessing at a run's start, and TF's "triggered tf.function retracing"
-  warning in every grain run)."""
+  (three of one preprocessing at a run's start). With _mapped tracing at build time, the calls
+  never trace; TF counts a call as retracing whenever another thread's trace ran during it,
+  which printed "triggered tf.function retracing" in every grain run."""
   cached, lock = functools.cache(build), threading.Lock()
 
   @functools.wraps(build)
@@ -225,6 +226,7 @@ def _mapped(one, out):
     return tf.map_fn(lambda a: one(a[0], a[1]), (encoded, seeds), fn_output_signature=out,
                      parallel_iterations=32)
 
+  fn.get_concrete_function()  # traced now, once, not inside some thread's first call
   return fn
 
 
