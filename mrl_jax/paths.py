@@ -39,6 +39,30 @@ def path(p: PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def expand(p: str | None) -> str | None:
+  """A local path with a leading ~ expanded; remote URLs, None and "" unchanged. For paths
+  handed to libraries that do not expand ~ (TFDS's data_dir)."""
+  if not p or is_remote(p):
+    return p
+  return os.path.expanduser(p)
+
+
+# Config fields that hold a path: bash leaves ~ unexpanded after '=' (--config.input.data_dir=
+# ~/tfds), so expand_config expands it once, before anything reads them.
+CONFIG_PATHS = ("input.data_dir", "init_from", "text.vocab", "eval.zeroshot_prompts")
+
+
+def expand_config(config) -> None:
+  """Expands a leading ~ in every path field of a config (CONFIG_PATHS), in place."""
+  for field in CONFIG_PATHS:
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+      node = node.get(parent) if node is not None else None
+    if node is not None and isinstance(node.get(name), str):
+      node[name] = expand(node[name])
+
+
 def join(base: PathLike, *parts: str) -> epath.Path:
   return path(base).joinpath(*parts)
 

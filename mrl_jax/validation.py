@@ -10,6 +10,7 @@ from mrl_jax import contrastive
 from mrl_jax import losses
 from mrl_jax import models
 from mrl_jax import optim
+from mrl_jax import paths
 from mrl_jax import sharding
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
@@ -37,7 +38,9 @@ def positive_ints(values, field: str) -> tuple[int, ...]:
 
 
 def validate_model(config) -> models.ModelSpec:
-  """Everything needed to build the model (the dry run checks only this); the ModelSpec."""
+  """Everything needed to build the model (the dry run checks only this); the ModelSpec.
+  Path fields get their leading ~ expanded first (paths.expand_config)."""
+  paths.expand_config(config)
   spec = models.resolve(config)
   losses.nesting_weights(config.mrl.weights, spec.head_sizes)
   if config.mrl.sizes_per_step < 0:
