@@ -23,10 +23,12 @@ token accuracy MRL 59.92 @12, 62.05 @24, 63.40 @48, 64.15 @96, 64.58 @192, 64.81
 | sequence length | 128 tokens | Devlin et al. 2019 A.2 (phase 1) |
 | dropout | 0.1 (hidden and attention probabilities) | Devlin et al. 2019 A.2 |
 
-Data: TFDS has English Wikipedia (`wikipedia/20230601.en`, `text` feature: `tfds build
-wikipedia/20230601.en --file_format=array_record`); BooksCorpus is not in TFDS (it is no longer
-distributed): register your own builder with a `text` feature and set
-`--config.input.dataset=<it>`, or a builder that mixes both. Args: `mrl` (default) / `standard`
+Data: TFDS has English Wikipedia (`wikipedia/20230601.en`, `text` feature), a Beam builder:
+with apache-beam installed, `python -m mrl_jax.data.prepare --dataset=wikipedia/20230601.en
+--data_dir=...` builds it (TFDS's Beam runner; not run in this project's tests). BooksCorpus is
+not in TFDS (it is no longer distributed): register your own builder with a `text` feature,
+prepare it with `--module=<the module that defines it>` and set `--config.input.dataset=<it>`,
+or a builder that mixes both. Args: `mrl` (default) / `standard`
 (the non-MRL baseline: only 768 trained, smaller sizes by truncation of the tied head),
 `dataset=<tfds name>`, `reader=tf_data`, `runlocal`.
 """

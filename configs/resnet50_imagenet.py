@@ -25,8 +25,8 @@ The official run used fp16 autocast; here compute is bfloat16 (`dtype=float32` f
 Every field is checked against these sources in tests/configs_test.py.
 Recipe `standard90`: 90 epochs, batch 256, lr 0.1, warmup 5 epochs + cosine, zero-init residual,
 no BlurPool. Nesting 8, 16, ..., 2048 (9 sizes). Expected top-1 (paper Table 1, MRL): 66.6 @8
-... 76.8 @2048. Data: TFDS `imagenet2012` prepared by the user (`tfds build imagenet2012
---manual_dir=...`, add `--file_format=array_record` for the default grain reader).
+... 76.8 @2048. Data: TFDS `imagenet2012` prepared by the user, in both readers' formats
+(`python -m mrl_jax.data.prepare --dataset=imagenet2012 --manual_dir=... --data_dir=...`).
 Args: `mrl` | `mrle` | `ff=<m>`, `recipe=ffcv40|standard90`, `progressive=false`, `eval=ffcv`,
 `reader=tf_data`, `dtype=`, `batch_size=`, `runlocal`.
 """

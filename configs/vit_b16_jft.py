@@ -3,8 +3,9 @@ r"""ViT-B/16 MRL on a JFT-style private dataset: only a TFDS builder name and it
   python train.py --config=configs/vit_b16_jft.py:dataset=my_jft,num_classes=18291 \
       --workdir=gs://.../vit_b16_jft_mrl
 
-Any TFDS builder the user registers and prepares works (`tfds build` with a custom builder, in
-ArrayRecord for the default grain reader or TFRecord with `reader=tf_data`); it needs an image
+Any TFDS builder the user registers and prepares works (`python -m mrl_jax.data.prepare
+--dataset=my_jft --module=<the module that defines it> --data_dir=...`: ArrayRecord for the
+default grain reader and TFRecord for `reader=tf_data`); it needs an image
 feature and a label feature (names via `image_key=`, `label_key=`): JFT-style multi-label, a
 Sequence of ClassLabel ids or a [C] multi-hot Tensor (JFT-300M has about 1.9 labels per
 image), or one integer class. Recipe: the original ViT JFT-300M pretraining for B/16

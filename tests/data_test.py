@@ -313,7 +313,7 @@ def test_unknown_dataset_is_a_config_error_not_a_fallback(data_dir):
     pipeline.open_source(cfg)
 
 
-def test_missing_data_names_the_tfds_build_command(tmp_path):
+def test_missing_data_names_the_prepare_command(tmp_path):
   cfg = _input_cfg(str(tmp_path))
   cfg.dataset = "cifar10"
   with pytest.raises(ConfigError, match=r"not prepared in .*run `python -m mrl_jax.data.prepare "

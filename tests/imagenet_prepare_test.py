@@ -132,15 +132,66 @@ def test_the_paper_resnet50_config_trains_on_it(imagenet_dir, reader, tmp_path, 
   assert set(summary["eval"]) == {"8", "16", "32", "64", "128", "256"}
 
 
-def test_missing_archives_and_the_wrong_format_are_one_line(tmp_path, imagenet_dir):
-  out = subprocess.run([sys.executable, "-m", "mrl_jax.data.prepare", "--dataset=imagenet2012",
-                        f"--data_dir={tmp_path / 'tfds'}", f"--manual_dir={tmp_path / 'none'}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
-  assert lines[0].startswith(f"error: imagenet2012 could not be prepared from "
-                             f"--manual_dir={tmp_path / 'none'}")
-  assert "ILSVRC2012_img_train.tar" in lines[0]
+def _prepare_cli(*args):
+  return subprocess.run([sys.executable, "-m", "mrl_jax.data.prepare", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_every_archive_is_checked_before_building(tmp_path):
+  """No archive, or only the validation archive (the builder would build a validation-only copy
+  and exit 0, which no rerun repaired): one line naming the missing archive and where it was
+  looked for, exit 2, nothing built."""
+  manual = tmp_path / "manual"
+  for present in ((), ("ILSVRC2012_img_val.tar",)):
+    manual.mkdir(exist_ok=True)
+    for name in present:
+      (manual / name).write_bytes(b"")
+    out = _prepare_cli("--dataset=imagenet2012", f"--data_dir={tmp_path / 'tfds'}",
+                       f"--manual_dir={manual}")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0] == (f"error: imagenet2012 is built from ILSVRC2012_img_train.tar, "
+                        f"ILSVRC2012_img_val.tar: ILSVRC2012_img_train.tar is not in {manual} "
+                        f"(--manual_dir={manual}); download it from image-net.org")
+    assert not (tmp_path / "tfds" / "imagenet2012").exists()
+  with pytest.raises(ConfigError, match=r"ILSVRC2012_img_val.tar is not in .*downloads/manual "
+                                        r"\(TFDS's default; set --manual_dir\)"):
+    prepare.prepare("imagenet2012_real", str(tmp_path / "tfds"))
+
+
+def test_a_copy_missing_a_split_is_refused_with_the_command_that_rebuilds_it(tmp_path):
+  """A validation-only copy (built by the TFDS builder from the val archive alone, as this tool
+  used to accept): prepare refuses with the exact command, train.py's missing split names it
+  too, and that command, run as printed once the train archive is there, gives both splits."""
+  manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+  write_ilsvrc_archives(str(manual), per_class=1, num_val=2)
+  train_tar = manual / "ILSVRC2012_img_train.tar"
+  os.replace(train_tar, tmp_path / "train.tar")
+  builder = tfds.builder("imagenet2012", data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual)))
+  with pytest.raises(ConfigError) as refused:
+    prepare.prepare("imagenet2012", str(data_dir), str(manual))
+  message = str(refused.value)
+  assert "has splits ['validation'] but not ['train']" in message
+  rebuild = message.split("rebuild it: ", 1)[1]
+  copy = tfds.builder("imagenet2012", data_dir=str(data_dir)).data_dir
+  assert rebuild == (f"rm -r {copy} && python -m mrl_jax.data.prepare --dataset=imagenet2012 "
+                     f"--manual_dir={manual} --data_dir={data_dir}")
+  config = load_config("configs/resnet50_imagenet.py:mrl,runlocal")
+  config.input.data_dir = str(data_dir)
+  with pytest.raises(ConfigError, match=r"has no split 'train'.*python -m mrl_jax.data.prepare "
+                                        r"--dataset=imagenet2012"):
+    pipeline.open_source(config.input).num_examples("train")
+  os.replace(tmp_path / "train.tar", train_tar)
+  out = subprocess.run(rebuild, shell=True, cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  splits = tfds.builder("imagenet2012", data_dir=str(data_dir)).info.splits
+  assert {s: i.num_examples for s, i in splits.items()} == {"train": 3, "validation": 2}
+
+
+def test_the_wrong_format_is_one_line_with_the_command(tmp_path):
   only_array_record = str(tmp_path / "ar")
   write_ilsvrc_archives(str(tmp_path / "manual"), per_class=1, num_val=1)
   prepare.prepare("imagenet2012", only_array_record, str(tmp_path / "manual"),

@@ -285,13 +285,11 @@ def prepare_both_formats(builder_cls, data_dir: str) -> None:
 
 
 def _prepare_locked(builder_cls, data_dir: str) -> None:
-  builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  info_file = paths.join(builder.data_dir, "dataset_info.json")
-  if info_file.exists() and "tfrecord" in builder.info.as_proto.alternative_file_formats:
-    return
-  if not info_file.exists():
-    builder.download_and_prepare()
-    builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  # TFRecord for the tf.data reader: the same serialized examples, shard by shard (what
-  # `tfds convert_format` does), recorded as an alternative format in dataset_info.json.
-  prepare_lib.convert(builder, "tfrecord")
+  builder = builder_cls(data_dir=data_dir)  # a prepared copy opens in the format it has
+  if not builder.info.splits:
+    builder_cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    builder = builder_cls(data_dir=data_dir)
+  # The other format: the same serialized examples, shard by shard (what `tfds convert_format`
+  # does), recorded as an alternative format in dataset_info.json.
+  for file_format in prepare_lib.FORMATS:
+    prepare_lib.convert(builder, file_format)

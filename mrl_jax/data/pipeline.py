@@ -42,6 +42,7 @@ from tensorflow_datasets.core import example_parser
 
 from mrl_jax.data import builtin
 from mrl_jax.data import image_text
+from mrl_jax.data import prepare
 from mrl_jax.data import preprocess as preprocess_lib
 from mrl_jax.errors import ConfigError
 from mrl_jax.errors import DataError
@@ -74,8 +75,12 @@ class Source:
     try:
       return self.builder().info.splits[split].num_examples
     except (KeyError, ValueError) as e:
+      hint = ""
+      if split.split("[")[0] in prepare.SPLITS.get(self.name, ()):  # prepared from too few
+        hint = (f"; the copy was prepared without that split's archive, rebuild it: rm -r "
+                f"{self.builder().data_dir} && {prepare.command(self.name, self.data_dir)}")
       raise ConfigError(f"dataset {self.name!r} has no split {split!r} ({e}); available: "
-                        f"{sorted(self.split_sizes)}") from None
+                        f"{sorted(self.split_sizes)}{hint}") from None
 
   def builder(self, file_format: str | None = None):
     """A fresh builder, reading `file_format` (checked against the prepared formats)."""
