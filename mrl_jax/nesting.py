@@ -81,15 +81,11 @@ def validate(sizes: Sequence[int], feature_dim: int,
   return tuple(int(m) for m in sizes)
 
 
-def validate_sizes(values, feature_dim: int, field: str) -> tuple[int, ...]:
-  """Representation sizes given in a config list (any order, may be empty): each an integer in
-  [1, feature_dim]."""
-  out = []
+def split_at(values, feature_dim: int, field: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(sizes <= feature_dim, sizes above it) of a config list of eval sizes; anything but an
+  integer >= 1 is a one-line error."""
   for m in tuple(values):
-    if isinstance(m, bool) or not isinstance(m, int):
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
       raise ConfigError(f"{field} has {m!r}; allowed: integers in [1, {feature_dim}]")
-    if not 1 <= m <= feature_dim:
-      raise ConfigError(f"eval size {m} exceeds feature_dim {feature_dim} ({field}); allowed: "
-                        f"1 <= m <= {feature_dim}")
-    out.append(m)
-  return tuple(out)
+  return (tuple(m for m in values if m <= feature_dim),
+          tuple(m for m in values if m > feature_dim))

@@ -9,9 +9,11 @@ is opened, still before compilation.
 from mrl_jax import contrastive
 from mrl_jax import losses
 from mrl_jax import models
+from mrl_jax import nesting
 from mrl_jax import optim
 from mrl_jax import paths
 from mrl_jax import sharding
+from mrl_jax import utils
 from mrl_jax.data import pipeline
 from mrl_jax.data import preprocess
 from mrl_jax.data import text
@@ -42,6 +44,10 @@ def validate_model(config) -> models.ModelSpec:
   Path fields get their leading ~ expanded first (paths.expand_config)."""
   paths.expand_config(config)
   spec = models.resolve(config)
+  dropped = fit_eval_sizes(config.eval, spec.feature_dim)
+  if dropped:
+    utils.console(f"NOTE: eval sizes above the feature dim {spec.feature_dim} are skipped: "
+                  + "; ".join(f"config.eval.{k} {v}" for k, v in dropped.items()))
   losses.nesting_weights(config.mrl.weights, spec.head_sizes)
   if config.mrl.sizes_per_step < 0:
     raise ConfigError(f"config.mrl.sizes_per_step={config.mrl.sizes_per_step}; allowed: >= 0")
@@ -178,6 +184,33 @@ def validate_source(config, spec: models.ModelSpec, source) -> None:
     raise ConfigError(f"dataset {source.name!r} has no text feature "
                       f"{(missing or list(config.text.features))[0]!r} (config.text.features); "
                       f"available: {sorted(source.text_keys)}")
+
+
+def fit_eval_sizes(ev, feature_dim: int) -> dict[str, list]:
+  """Drops, in place, the eval sizes above the feature dim (a paper config at a smaller width,
+  e.g. --config.model.width=8: its interpolated, shortlist and rerank sizes and funnels are the
+  published model's); returns {field: what was dropped}. Training sizes (config.mrl.nesting)
+  are never dropped: they stay errors."""
+  dropped = {}
+  for field in ("extra_sizes", "shortlist_sizes", "rerank_sizes"):
+    kept, above = nesting.split_at(ev[field], feature_dim, f"config.eval.{field}")
+    if above:
+      ev[field], dropped[field] = kept, list(above)
+  funnels = [f for f in ev.funnels if _funnel_fits(f, feature_dim)]
+  if len(funnels) < len(ev.funnels):
+    dropped["funnels"] = [f for f in ev.funnels if f not in funnels]
+    ev.funnels = tuple(funnels)
+  return dropped
+
+
+def _funnel_fits(funnel, feature_dim: int) -> bool:
+  """A funnel (Ds, (Dr, ...), (K, ...)) whose sizes all fit (malformed ones are kept for
+  funnels_from_config's error)."""
+  try:
+    sizes = (funnel[0], *funnel[1])
+    return not any(isinstance(m, int) and m > feature_dim for m in sizes)
+  except (TypeError, IndexError):
+    return True
 
 
 def validate_eval_adaptive(ev, feature_dim: int) -> None:

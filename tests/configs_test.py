@@ -64,6 +64,33 @@ def test_config_loads_and_validates_for_8_devices(name):
     assert (spec.feature_dim, spec.head, spec.head_sizes, spec.num_classes) == EXPECTED[name]
 
 
+def test_a_paper_config_at_a_smaller_width_drops_only_the_eval_sizes_that_no_longer_fit(capsys):
+  """The paper ResNet-50 at width 8 (d = 256): its published eval sizes above 256 (interpolated,
+  rerank, the funnels reaching 2048) are skipped with one notice naming each, instead of an
+  error per field; what remains is what evaluation runs (every adaptive-retrieval size within
+  d); a training size above d stays an error."""
+  from mrl_jax.evaluation import adaptive_retrieval  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/resnet50_imagenet.py:mrl")
+  config.model.width = 8
+  spec = validation.validate(config, num_devices=8)
+  assert spec.feature_dim == 256 and spec.head_sizes == (8, 16, 32, 64, 128, 256)
+  notes = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+  assert notes == ["NOTE: eval sizes above the feature dim 256 are skipped: config.eval."
+                   "extra_sizes [384, 768, 1536]; config.eval.rerank_sizes [512, 2048]; "
+                   "config.eval.funnels [(8, (16, 32, 64, 128, 2048), (800, 400, 200, 50, 10)), "
+                   "(16, (32, 64, 128, 2048), (800, 400, 200, 50)), (32, (64, 128, 2048), (800, "
+                   "400, 200))]"]
+  assert config.eval.extra_sizes == (12, 24, 48, 96, 192) and config.eval.rerank_sizes == ()
+  assert max(spec.eval_sizes) == 256
+  funnels = adaptive_retrieval.funnels_from_config(config.eval, spec.feature_dim)
+  assert funnels and max(m for f in funnels for m, _ in f.stages) == 256
+  validation.validate(config, num_devices=8)  # once fitted, no second notice
+  assert "skipped" not in capsys.readouterr().out
+  config.mrl.nesting = "8,16,512"
+  with pytest.raises(validation.ConfigError, match="nesting size 512 exceeds feature_dim 256"):
+    validation.validate(config, num_devices=8)
+
+
 def test_resnet50_mrl_dry_run_counts(tmp_path):
   summary = train_lib.dry_run(load_config("configs/resnet50_imagenet.py:mrl"), str(tmp_path))
   on_disk = json.loads((tmp_path / "model_summary.json").read_text())

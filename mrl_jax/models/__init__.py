@@ -110,7 +110,7 @@ def resolve(config) -> ModelSpec:
                       "decoder from the word embeddings)")
   d = module.feature_dim_of(config.model)
   nesting = nesting_lib.parse(config.mrl.nesting, d)
-  extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
+  extra, _ = nesting_lib.split_at(config.eval.extra_sizes, d, "config.eval.extra_sizes")
   if text:
     tokenizer = text_tokenizer(config)
     head = ("mlm" if tied else "mlm_untied") if objective == "mlm" else "none"
@@ -158,7 +158,7 @@ def _resolve_dual(config) -> ModelSpec:
     raise ConfigError(f"config.model.freeze={config.model.freeze!r}; allowed: "
                       f"{list(two_towers.FREEZE)}")
   nesting = nesting_lib.parse(config.mrl.nesting, d)
-  extra = nesting_lib.validate_sizes(config.eval.extra_sizes, d, "config.eval.extra_sizes")
+  extra, _ = nesting_lib.split_at(config.eval.extra_sizes, d, "config.eval.extra_sizes")
   encoder = (f"{DUAL}({image.describe(config.image_tower)},{text.describe(config.text_tower)},"
              f"projection={width})")
   return ModelSpec(model_name=DUAL, encoder=encoder, feature_dim=d, head="none",
