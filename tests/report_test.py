@@ -72,3 +72,15 @@ def test_a_float_column_is_formatted_one_way(tmp_path):
   column = [r["mflops_speedup_vs_exact"] for r in _csv(os.path.join(out,
                                                                      "adaptive_retrieval.csv"))]
   assert column == ["16.000000", "2048.000000", "0.500000"]
+
+
+def test_a_results_file_without_accuracies_plots_without_a_legend_warning(tmp_path):
+  """Text evaluation (Spearman only) has no line to label: matplotlib's 'No artists with labels
+  found to put in legend' is not printed."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  results = {"dataset": "lee_similarity", "split": "test", "trained_sizes": [8],
+             "sizes": {"8": {"spearman": 0.4}, "16": {"spearman": 0.5}}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    report.write(str(tmp_path), results)
+  assert os.path.getsize(tmp_path / "accuracy_vs_dim.png") > 0

@@ -146,9 +146,11 @@ def plot_adaptive_classification(path, results: dict) -> None:
 
 
 def _finish(fig, ax, path, legend_fontsize=None) -> None:
-  """Grid, legend, tight layout, save and close: the end of every plot here."""
+  """Grid, legend (when something is labelled), tight layout, save and close: the end of
+  every plot here."""
   ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=legend_fontsize)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=legend_fontsize)
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=120)
