@@ -121,3 +121,17 @@ def test_readme_accelerator_install_lines_resolve_to_the_pinned_jax(tmp_path, ex
     assert ends_at("jax-cuda12-plugin") == pins["jax"]
   for name in ("flax", "orbax-checkpoint", "tensorflow-cpu"):
     assert ends_at(name) == pins[name]
+
+
+def test_the_package_has_one_version_and_imports_nothing_heavy():
+  """mrl_jax is a regular package: its __version__ is the installed distribution's (pyproject
+  reads it from there), and importing it loads neither jax nor TensorFlow."""
+  out = subprocess.run(
+      [sys.executable, "-c", "import importlib.metadata, sys, mrl_jax; print(mrl_jax.__version__,"
+       " importlib.metadata.version('mrl_jax'), mrl_jax.__file__.endswith('__init__.py'), "
+       "sorted(m for m in ('jax', 'tensorflow', 'flax') if m in sys.modules))"],
+      cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
+  assert "version" not in _project() and "version" in _project()["dynamic"]
+  ours, installed, regular, heavy = out.stdout.split()
+  assert ours == installed and re.fullmatch(r"\d+\.\d+\.\d+", ours)
+  assert (regular, heavy) == ("True", "[]")
