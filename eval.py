@@ -9,7 +9,7 @@ r"""Evaluates a trained Matryoshka model, or saved features, at every nesting si
   python eval.py --config=... --workdir=... --export_embeddings=DIR [--export_dtype=float16]
 
 Writes results.json, results.csv and accuracy_vs_dim.png to <workdir>/eval/<dataset>/ (or to
---out). Metric definitions: README "Evaluation" and mrl_jax/evaluation/metrics.py.
+--out). Metric definitions: docs/training_and_evaluation.md "Evaluation" and mrl_jax/evaluation/metrics.py.
 """
 
 import sys

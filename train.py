@@ -4,7 +4,7 @@ r"""Trains a Matryoshka (MRL / MRL-E / FF-m) model.
   python train.py --config=configs/resnet50_imagenet.py:mrl --workdir=... --dry_run
   python train.py --config=... --workdir=... --config.input.batch_size=4096
 
-Every host of a TPU pod / GPU cluster runs the same command (see README "Scaling"). Rerunning a
+Every host of a TPU pod / GPU cluster runs the same command (docs/scaling.md). Rerunning a
 command resumes from the workdir's latest checkpoint. Config errors exit with code 2 and one line.
 """
 

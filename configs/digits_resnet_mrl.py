@@ -6,7 +6,8 @@ r"""MRL ResNet-18 (width 16, d = 128) on scikit-learn's 8x8 digits: the built-in
 Nesting sizes 2, 4, ..., 128. The data (1,797 images, 10 classes; 1,438 train / 359 test,
 stratified and fixed) ships inside scikit-learn and is prepared as a TFDS dataset on first use.
 Args: see configs.common.builtin_resnet_config (`mrle`, `ff=<m>`, `reader=tf_data`, `runlocal`..).
-Runtime and accuracy: the README's first section; bf16 vs f32: README "Mixed precision".
+Runtime and accuracy: the README's first section; bf16 vs f32: docs/training_and_evaluation.md
+"Mixed precision".
 """
 
 from configs import common

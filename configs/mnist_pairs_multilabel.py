@@ -8,7 +8,7 @@ r"""Multi-label MRL on the built-in `mnist_pairs` (one or two digits per image):
 d = 128), nesting 2, 4, ..., 128, the sigmoid Matryoshka loss (big_vision's sigmoid_xent per
 size, summed), heads starting at bias log(p / (1 - p)) for the 1.75 / 10 label prior. Eval per
 size: precision@1 and class-mean AP of the heads; 1-NN and retrieval with "shares a label" as
-relevance. Runtime and numbers: README "Multi-label (JFT-style) pretraining".
+relevance. Runtime and numbers: docs/images.md "Multi-label (JFT-style) pretraining".
 Args: see configs.common.builtin_resnet_config (`mrle`, `ff=<m>`, `reader=tf_data`, `runlocal`..).
 """
 

@@ -5,8 +5,7 @@ r"""MRL ResNet-18 (width 16, d = 128) on the 5,000-image MNIST subset bundled in
 
 28x28 grayscale, 10 classes, 4,000 train / 1,000 test (stratified and fixed), prepared as a TFDS
 dataset on first use. Args: see configs.common.builtin_resnet_config.
-Used at width 8 (d = 64) by experiments/paper_claims.py: README "The paper's claims at small
-scale".
+Used at width 8 (d = 64) by experiments/paper_claims.py: docs/claims.md.
 """
 
 from configs import common

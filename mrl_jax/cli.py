@@ -36,8 +36,8 @@ def define_run_flags() -> None:
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
   flags.DEFINE_string("local_device_ids", None, "Multi-host: comma-separated local GPU ids "
-                      "this process drives (default: decided from the launcher, README "
-                      "'Scaling').")
+                      "this process drives (default: decided from the launcher, "
+                      "docs/scaling.md).")
 
 
 def start_processes() -> None:

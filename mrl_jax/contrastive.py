@@ -24,7 +24,7 @@ layers l (the embedding output counts as layer 0), the same loss on the pooled h
 layer l, weighted prior_layers_weight / (number sampled), plus kl_temperature x kl_div_weight x
 KL(softmax(e_last / T) || softmax(e_l / T)) (batch mean; the last layer's side without gradient)
 on the full-size embeddings of every text in the batch. Differences from sentence-transformers
-(README "Text"): the full size at the last layer is trained in every step (sentence-transformers
+(docs/text.md): the full size at the last layer is trained in every step (sentence-transformers
 samples n_dims_per_step sizes there too, default 1); embeddings are L2-normalised before the KL
 (sentence-transformers uses the model's output, which all-MiniLM-L6-v2 normalises); layers and
 sizes are sampled from the step's RNG with jax.random, so a resumed run samples the same.

@@ -13,7 +13,7 @@ then the lock is taken over with a one-line notice. The lock is removed when the
 Creation is atomic on local and network file systems (O_CREAT | O_EXCL). On object stores
 (gs://) there is no exclusive create through the path layer: the lock is written, then read
 back, and the job proceeds only if the record read is its own; two jobs started within the
-store's write latency of each other could both pass (README "Reliability").
+store's write latency of each other could both pass (docs/reliability.md).
 """
 
 import json

@@ -413,8 +413,8 @@ class _InputWatch:
       self.warned_wait = True
       utils.warn(f"input-bound: the train loop waited for input {wait_share:.0%} of the time "
                  f"before step {step} (warning above {INPUT_WAIT_WARN:.0%}); give the input "
-                 "pipeline more host cores (config.input.num_workers) or see README "
-                 "'Preparing ImageNet' (faster preprocessing, re-encoding)")
+                 "pipeline more host cores (config.input.num_workers) or see docs/data.md "
+                 "(faster preprocessing, re-encoding)")
 
   def check_skipped(self, step: int, skipped: int) -> None:
     if skipped and not self.warned_skip:

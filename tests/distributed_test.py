@@ -2,7 +2,7 @@
 
 `jax.distributed.initialize` is replaced by a recorder that runs JAX's real `State.initialize`
 (its cluster auto-detection and its choice of `jax_cuda_visible_devices`) with only the network
-client/service stubbed out. The environments are what the launchers of README "Scaling" set:
+client/service stubbed out. The environments are what the launchers of docs/scaling.md set:
 SLURM one process per node and one per GPU, Open MPI, a Cloud TPU VM (its metadata server
 served on localhost). The effective GPUs are `jax_cuda_visible_devices` (what JAX hands the CUDA
 plugin) applied to CUDA_VISIBLE_DEVICES.
@@ -84,7 +84,7 @@ def _start(monkeypatch, env, *, physical_gpus=8, **flags):
 
 
 def test_slurm_one_process_per_node_drives_all_8_gpus(recorder, monkeypatch):
-  # srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 (README), the second node.
+  # srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 (docs/scaling.md), the second node.
   env = {**SLURM_PER_NODE, "SLURM_TASKS_PER_NODE": "1(x2)"}
   assert _start(monkeypatch, env)
   (call,) = recorder
@@ -159,7 +159,7 @@ class _TpuMetadata(http.server.BaseHTTPRequestHandler):
 
 
 def test_cloud_tpu_vm_pod_initializes_and_keeps_every_chip(recorder, monkeypatch):
-  # gcloud compute tpus tpu-vm ssh --worker=all (README): JAX found TPU chips at import.
+  # gcloud compute tpus tpu-vm ssh --worker=all (docs/scaling.md): JAX found TPU chips at import.
   from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel
   from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=import-outside-toplevel
   from jax._src.clusters import cluster  # pylint: disable=import-outside-toplevel

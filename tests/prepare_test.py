@@ -92,17 +92,24 @@ def test_a_conversion_that_comes_up_short_replaces_nothing(tmp_path, monkeypatch
 
 
 def test_the_second_format_reads_with_plain_tfds(tmp_path):
-  """README's recipe: TFDS opens a copy in the format it was built in; the converted one is
-  read after set_file_format (tfds.builder(..., file_format=<the other>) refuses it)."""
-  data_dir = str(tmp_path)
-  prepare.prepare("sklearn_digits", data_dir, formats=("array_record", "tfrecord"))
-  with pytest.raises(Exception, match="File format is already set"):
-    tfds.builder("sklearn_digits", data_dir=data_dir, file_format="tfrecord")
-  builder = tfds.builder("sklearn_digits", data_dir=data_dir)
-  builder.info.set_file_format("tfrecord", override=True, override_if_initialized=True)
-  labels = [int(x["label"]) for x in builder.as_dataset(split="test")]
-  random_access = tfds.data_source("sklearn_digits", data_dir=data_dir, split="test")
-  assert sorted(labels) == sorted(int(x["label"]) for x in random_access)
+  """docs/data.md's recipe: TFDS opens a copy in the format it was built in (file_format=<the
+  other> refuses it); one builder per format, switched with set_file_format, reads each, for a
+  copy built in either format first."""
+  for first, then in (("array_record", "tfrecord"), ("tfrecord", "array_record")):
+    data_dir = str(tmp_path / first)
+    prepare.prepare("sklearn_digits", data_dir, formats=(first, then))
+    with pytest.raises(Exception, match="File format is already set"):
+      tfds.builder("sklearn_digits", data_dir=data_dir, file_format=then)
+
+    def opened(file_format):
+      builder = tfds.builder("sklearn_digits", data_dir=data_dir)  # pylint: disable=cell-var-from-loop
+      builder.info.set_file_format(file_format, override=True, override_if_initialized=True)
+      return builder
+
+    labels = [int(x["label"]) for x in opened("tfrecord").as_dataset(split="test")]
+    random_access = opened("array_record").as_data_source(split="test")
+    assert len(labels) == len(random_access) == 359
+    assert sorted(labels) == sorted(int(x["label"]) for x in random_access)
 
 
 BUILDER = '''

@@ -243,7 +243,7 @@ def test_area_path_draws_todays_windows_within_one_level(size, monkeypatch):
 
 
 def test_on_photographs_area_stays_within_the_stated_bound_of_antialias():
-  """README / BENCHMARKS.md state, over 256 photographs at 224 px: mean |difference| 0.3
+  """docs/data.md / BENCHMARKS.md state, over 256 photographs at 224 px: mean |difference| 0.3
   levels of 255, 99.9% of values within 12, max 41 (sharp edges). Here 24 of them, bounds with
   a margin for the smaller sample: the area path is a close substitute, not a different image."""
   from mrl_jax.data import photos  # pylint: disable=g-import-not-at-top

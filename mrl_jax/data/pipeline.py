@@ -94,10 +94,8 @@ class Source:
       other = [r for r, f in FILE_FORMAT.items() if f in formats]
       raise ConfigError(
           f"dataset {self.name!r} in {b.data_dir} has {sorted(formats)} files but reader "
-          f"{reader!r} needs {file_format} (config.input.reader); add it with `python -m "
-          f"mrl_jax.data.prepare --dataset={self.name} "
-          f"--data_dir={self.data_dir or '~/tensorflow_datasets'} "
-          f"--formats={sorted(formats)[0]},{file_format}`"
+          f"{reader!r} needs {file_format} (config.input.reader); add it with "
+          f"`{prepare.command(self.name, self.data_dir, formats=file_format)}`"
           + (f" or set config.input.reader={other[0]!r}" if other else ""))
     if b.info.file_format is None or b.info.file_format.value != file_format:
       b.info.set_file_format(file_format, override=True, override_if_initialized=True)
@@ -120,9 +118,7 @@ def open_source(input_cfg, dataset: str | None = None, label_key: str | None = N
   if not b.info.splits:
     raise ConfigError(
         f"dataset {name!r} is not prepared in {b.data_dir} (config.input.data_dir); run "
-        f"`python -m mrl_jax.data.prepare --dataset={name} "
-        f"--data_dir={data_dir or '~/tensorflow_datasets'}` first (manual archives: "
-        "--manual_dir; README 'Preparing ImageNet')")
+        f"`{prepare.command(name, data_dir)}` first (docs/data.md)")
   image_key = input_cfg.get("image_key", "image")
   label_key = label_key or input_cfg.get("label_key", "label")
   features = b.info.features

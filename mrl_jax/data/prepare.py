@@ -52,9 +52,10 @@ CHUNK = 256  # ArrayRecord records read per call when converting
 
 def command(name: str, data_dir: str | None, manual_dir: str | None = None,
             formats: str | None = None) -> str:
-  """The prepare command line for a dataset (what error messages tell the user to run)."""
+  """The prepare command line for a dataset (what error messages tell the user to run): a
+  build, or with `formats` the formats to add to a prepared copy (no archives needed)."""
   out = f"python -m mrl_jax.data.prepare --dataset={name}"
-  if name in MANUAL_FILES:
+  if name in MANUAL_FILES and formats is None:
     out += f" --manual_dir={manual_dir or '<the directory holding ' + MANUAL_FILES[name][0] + '>'}"
   out += f" --data_dir={data_dir or '~/tensorflow_datasets'}"
   return out + (f" --formats={formats}" if formats else "")

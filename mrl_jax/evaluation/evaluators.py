@@ -7,7 +7,7 @@ is built from config.eval and the run's ModelSpec (`from_config`), and its `run(
 `<query set>/<metric>@<m>` for per-size metrics (`sklearn_digits/linear_top1@8`,
 `test/map@10@64`) and `<query set>/<key>` otherwise (`.../adaptive_retrieval`). `collect` turns
 them into one results.json body per query set. The training loop runs the same linear evaluator
-on its eval split (README "Training"); eval.py runs them all.
+on its eval split (docs/training_and_evaluation.md); eval.py runs them all.
 """
 
 import dataclasses

@@ -174,7 +174,7 @@ class ResNet(nnx.Module):
     for block in self.blocks:
       x = nnx.remat(block.__class__.__call__)(block, x) if self.remat else block(x)
     # The pooled feature is float32 whatever the compute dtype: a bf16 z leaves the small
-    # prefixes (z[:2], z[:4]) too coarse to train (README "Mixed precision").
+    # prefixes (z[:2], z[:4]) too coarse to train (docs/training_and_evaluation.md).
     z = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, feature_dim]
     return z, {"pre_pool": x}
 
