@@ -40,6 +40,7 @@ import os
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 from absl import app
 from absl import flags
@@ -157,14 +158,41 @@ def check_sentence_transformers(hf_dir: str | None, config, source: str) -> None
 def load_state_dict(weights: str) -> dict[str, np.ndarray]:
   """{key: float32 array} of a safetensors or PyTorch state dict, the `bert.` prefix removed."""
   if weights.endswith(".safetensors"):
-    from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
-    raw = load(paths.path(weights).read_bytes())
+    raw = read_safetensors(paths.path(weights).read_bytes())
   else:
     raw = convert_torch.load_state_dict(weights)
   out = {}
   for key, value in raw.items():
     key = key.removeprefix("bert.")
-    out[key] = value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+    floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
+    out[key] = value.astype(np.float32) if floating else value
+  return out
+
+
+def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
+  """safetensors' numpy reader, which has no bfloat16 (KeyError 'BF16', the dtype most recent
+  checkpoints are saved in); those files are read from the format's own layout: an 8-byte
+  little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
+  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+  try:
+    return load(data)
+  except KeyError:
+    pass
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+            "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+            "U8": np.uint8, "BOOL": np.bool_}
+  out = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    if entry["dtype"] not in dtypes:
+      raise ConfigError(f"safetensors tensor {name} has dtype {entry['dtype']}; allowed: "
+                        f"{sorted(dtypes)}")
+    begin, end = entry["data_offsets"]
+    out[name] = np.frombuffer(data[8 + size + begin:8 + size + end],
+                              dtypes[entry["dtype"]]).reshape(entry["shape"])
   return out
 
 

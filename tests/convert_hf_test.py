@@ -331,3 +331,19 @@ def test_a_sentence_transformers_folder_must_pool_as_the_config(tmp_path):
                                         r"config.model.pool='cls'; set --config.model.pool=mean"):
     convert_hf.convert_checkpoint("builtin:all-MiniLM-L6-v2", config, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_bfloat16_checkpoint_converts_to_its_exact_float32_values(tmp_path):
+  """Checkpoints saved in bfloat16 (safetensors' numpy reader has no BF16: KeyError) are read
+  from the file's own layout; every converted weight is its bfloat16 value in float32, as
+  torch's .float() gives it, and float16 files still go through safetensors."""
+  torch.manual_seed(7)
+  reference = transformers.BertModel(hf_config()).eval()
+  for dtype in (torch.bfloat16, torch.float16):
+    hf_dir = _hf_dir(tmp_path, reference.to(dtype), name=str(dtype).split(".")[-1])
+    state = convert_hf.load_state_dict(convert_hf.locate(hf_dir)[0])
+    want = {k.removeprefix("bert."): v.float().numpy() for k, v in reference.state_dict().items()}
+    assert set(want) - set(state) <= {"embeddings.position_ids"}
+    for key, value in state.items():
+      assert value.dtype == (np.float32 if key != "embeddings.position_ids" else value.dtype)
+      np.testing.assert_array_equal(value, want[key], err_msg=key)
