@@ -133,8 +133,11 @@ def test_the_paper_resnet50_config_trains_on_it(imagenet_dir, reader, tmp_path, 
 
 
 def _prepare_cli(*args):
+  """The prepare command in a user's environment (without the suite's quiet-TF settings)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
   return subprocess.run([sys.executable, "-m", "mrl_jax.data.prepare", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, check=False)
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_every_archive_is_checked_before_building(tmp_path):
@@ -157,6 +160,21 @@ def test_every_archive_is_checked_before_building(tmp_path):
   with pytest.raises(ConfigError, match=r"ILSVRC2012_img_val.tar is not in .*downloads/manual "
                                         r"\(TFDS's default; set --manual_dir\)"):
     prepare.prepare("imagenet2012_real", str(tmp_path / "tfds"))
+  with pytest.raises(ConfigError, match=r"^imagenet2012_subset/1pct is built from "):
+    prepare.prepare("imagenet2012_subset/1pct", str(tmp_path / "tfds"), str(manual))
+
+
+def test_a_builder_of_manual_archives_not_checked_here_says_tfds_instructions_once(tmp_path,
+                                                                                  monkeypatch):
+  """A manual-download builder prepare has no archive list for: TFDS's own message, once and
+  whole (it used to be cut mid-URL at 300 characters and then repeated)."""
+  monkeypatch.setattr(prepare, "MANUAL_FILES", {})
+  with pytest.raises(ConfigError) as refused:
+    prepare.prepare("imagenet2012", str(tmp_path / "tfds"), str(tmp_path / "empty"))
+  message = str(refused.value)
+  assert "\n" not in message and message.count("image-net.org/download-images") == 1
+  assert message.startswith(f"imagenet2012 could not be prepared from --manual_dir="
+                            f"{tmp_path / 'empty'}: Manual directory")
 
 
 def test_a_copy_missing_a_split_is_refused_with_the_command_that_rebuilds_it(tmp_path):

@@ -76,7 +76,7 @@ class Source:
       return self.builder().info.splits[split].num_examples
     except (KeyError, ValueError) as e:
       hint = ""
-      if split.split("[")[0] in prepare.SPLITS.get(self.name, ()):  # prepared from too few
+      if split.split("[")[0] in prepare.SPLITS.get(prepare.family(self.name), ()):  # too few
         hint = (f"; the copy was prepared without that split's archive, rebuild it: rm -r "
                 f"{self.builder().data_dir} && {prepare.command(self.name, self.data_dir)}")
       raise ConfigError(f"dataset {self.name!r} has no split {split!r} ({e}); available: "

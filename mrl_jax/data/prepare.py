@@ -30,6 +30,8 @@ import os
 import re
 import sys
 
+from mrl_jax import cli  # noqa: F401  (before TensorFlow: its quiet start-up settings)
+
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
@@ -43,10 +45,17 @@ FORMATS = ("array_record", "tfrecord")
 # copy and exit 0.
 MANUAL_FILES = {
     "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    "imagenet2012_subset": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
     "imagenet2012_real": ("ILSVRC2012_img_val.tar",),
 }
 # The splits a prepared copy must have.
-SPLITS = {"imagenet2012": ("train", "validation"), "imagenet2012_real": ("validation",)}
+SPLITS = {"imagenet2012": ("train", "validation"), "imagenet2012_subset": ("train", "validation"),
+          "imagenet2012_real": ("validation",)}
+
+
+def family(name: str) -> str:
+  """A dataset's builder name without its config or version ('imagenet2012_subset/1pct')."""
+  return name.split("/")[0].split(":")[0]
 CHUNK = 256  # ArrayRecord records read per call when converting
 
 
@@ -55,8 +64,9 @@ def command(name: str, data_dir: str | None, manual_dir: str | None = None,
   """The prepare command line for a dataset (what error messages tell the user to run): a
   build, or with `formats` the formats to add to a prepared copy (no archives needed)."""
   out = f"python -m mrl_jax.data.prepare --dataset={name}"
-  if name in MANUAL_FILES and formats is None:
-    out += f" --manual_dir={manual_dir or '<the directory holding ' + MANUAL_FILES[name][0] + '>'}"
+  if family(name) in MANUAL_FILES and formats is None:
+    holding = MANUAL_FILES[family(name)][0]
+    out += f" --manual_dir={manual_dir or '<the directory holding ' + holding + '>'}"
   out += f" --data_dir={data_dir or '~/tensorflow_datasets'}"
   return out + (f" --formats={formats}" if formats else "")
 
@@ -149,21 +159,23 @@ def check_manual_files(builder, name: str, manual_dir: str | None) -> None:
   """Every archive the builder reads is there before it starts (one line naming the first
   missing one and where it was looked for)."""
   where = _manual_dir(builder, manual_dir)
-  for file in MANUAL_FILES.get(name, ()):
+  files = MANUAL_FILES.get(family(name), ())
+  for file in files:
     if not os.path.exists(os.path.join(where, file)):
       flag = f"--manual_dir={manual_dir}" if manual_dir else "TFDS's default; set --manual_dir"
-      raise ConfigError(f"{name} is built from {', '.join(MANUAL_FILES[name])}: {file} is not in "
-                        f"{where} ({flag}); download it from image-net.org")
+      raise ConfigError(f"{name} is built from {', '.join(files)}: {file} is not in {where} "
+                        f"({flag}); download it from image-net.org")
 
 
 def check_splits(builder, name: str, data_dir: str | None, manual_dir: str | None) -> None:
   """A prepared copy holds every split the dataset has (else it was built from fewer archives
   and must be rebuilt: TFDS cannot add a split to a prepared copy)."""
-  missing = [s for s in SPLITS.get(name, ()) if s not in builder.info.splits]
+  missing = [s for s in SPLITS.get(family(name), ()) if s not in builder.info.splits]
   if missing:
     raise ConfigError(
         f"{name} in {builder.data_dir} has splits {sorted(builder.info.splits)} but not "
-        f"{missing} (it was prepared without all of {', '.join(MANUAL_FILES[name])}); rebuild "
+        f"{missing} (it was prepared without all of {', '.join(MANUAL_FILES[family(name)])}); "
+        "rebuild "
         f"it: rm -r {builder.data_dir} && {command(name, data_dir, manual_dir)}")
 
 
