@@ -343,7 +343,14 @@ def _initial_params(config, spec):
 
 
 def check_vocabulary(hf_dir: str | None, config, source: str) -> None:
-  """A WordPiece vocab.txt beside the checkpoint must be the config's tokenizer vocabulary."""
+  """A WordPiece vocab.txt beside the checkpoint must be the config's tokenizer vocabulary, and
+  its tokenizer_config.json must lowercase as the config does (a cased BERT's vocabulary read
+  lowercased gives other token ids, with no error)."""
+  lowercase = (read_json(hf_dir, "tokenizer_config.json") or {}).get("do_lower_case")
+  if lowercase is not None and bool(lowercase) != bool(config.text.lowercase):
+    raise ConfigError(f"{source}'s tokenizer_config.json has do_lower_case={lowercase} but "
+                      f"config.text.lowercase={config.text.lowercase}; set "
+                      f"--config.text.lowercase={bool(lowercase)}")
   path = os.path.join(hf_dir, "vocab.txt") if hf_dir else None
   if path is None or not os.path.exists(path) or config.text.tokenizer != "wordpiece":
     return

@@ -182,6 +182,12 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match="vocab.txt is not the config's tokenizer vocabulary"):
     convert_hf.convert_checkpoint(hf_dir, config, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / "checkpoints")
+  # A cased checkpoint (do_lower_case=false) under the config's lowercasing: refused.
+  with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"do_lower_case": False}, f)
+  with pytest.raises(ConfigError, match=r"do_lower_case=False but config.text.lowercase=True; "
+                                        r"set --config.text.lowercase=False"):
+    convert_hf.convert_checkpoint(hf_dir, config, str(tmp_path / "out"))
   with pytest.raises(ConfigError, match="not found"):
     convert_hf.locate(str(tmp_path / "missing"))
 
