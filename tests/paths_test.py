@@ -46,3 +46,21 @@ def test_every_config_path_field_has_its_tilde_expanded_before_use(trained_digit
                                         devices=jax.devices()[:1])
   np.testing.assert_equal(results["sizes"], direct["sizes"])
   assert paths.expand("gs://bucket/~x") == "gs://bucket/~x" and paths.expand(None) is None
+
+
+def test_the_data_commands_expand_a_tilde_too(data_dir, tmp_path, monkeypatch):
+  """prepare's --data_dir and the tokenizer trainer's --data_dir / --out as ~/...: written under
+  HOME (os.path.abspath would have made a directory named '~' in the working directory)."""
+  from mrl_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  os.makedirs(tmp_path / "home")
+  assert prepare.main(["--dataset=sklearn_digits", "--data_dir=~/tfds",
+                       "--formats=array_record"]) == 0
+  assert (tmp_path / "home" / "tfds" / "sklearn_digits").is_dir()
+  os.symlink(data_dir, tmp_path / "home" / "data")
+  assert tokenizers.main(["--dataset=lee_corpus", "--data_dir=~/data", "--vocab_size=300",
+                          "--out=~/sp/lee300"]) == 0
+  assert (tmp_path / "home" / "sp" / "lee300.model").exists()
+  assert not (tmp_path / "~").exists()

@@ -204,11 +204,11 @@ def main(argv=None) -> int:
   parser.add_argument("--vocab_size", type=int, default=8000)
   parser.add_argument("--out", required=True, help="output prefix (writes <out>.model)")
   args = parser.parse_args(argv)
-  data_dir = builtin.prepare(args.dataset, args.data_dir)
+  data_dir = builtin.prepare(args.dataset, paths.expand(args.data_dir))
   source = tfds.data_source(args.dataset, split=args.split, data_dir=data_dir)
   texts = [r[args.key].decode() if isinstance(r[args.key], bytes) else r[args.key]
            for r in source]
-  print(train_sentencepiece(texts, args.out, args.vocab_size))
+  print(train_sentencepiece(texts, paths.expand(args.out), args.vocab_size))
   return 0
 
 
