@@ -191,3 +191,23 @@ def test_a_streamed_search_waits_for_each_chunk_before_copying_the_one_after_nex
   knn.ExactSearch(mesh, query_block=16, chunk_rows=70).search(q, db, 8, 5)
   assert len(waited) == 3 and waited[0] is None  # 200 rows in chunks of 70
   assert all(len(w) == 3 for w in waited[1:])  # the previous chunk's 3 query blocks
+
+
+@pytest.mark.parametrize("size", [6, 24, 2048])
+def test_a_rows_score_is_bitwise_the_same_whatever_the_candidate_list_it_sits_in(size):
+  """dot_rows sums the products in one fixed order (knn.tree_sum), so a row's score is the same
+  bits in a candidate list of any length (a reduce over the axis vectorised differently per
+  shape: duplicate rows in two database chunks scored one ulp apart on an AMD EPYC host); the
+  sum equals a float64 one to float32 rounding."""
+  rng = np.random.default_rng(size)
+  q = rng.normal(size=(4, size)).astype(np.float32)
+  row = rng.normal(size=size).astype(np.float32)
+  scores = []
+  for length in (1, 3, 8, 97, 256):
+    x = rng.normal(size=(4, length, size)).astype(np.float32)
+    x[:, length // 2] = row
+    scores.append(np.asarray(jax.jit(knn.dot_rows)(q, x))[:, length // 2])
+  for s in scores[1:]:
+    np.testing.assert_array_equal(s, scores[0])
+  np.testing.assert_allclose(scores[0], q.astype(np.float64) @ row.astype(np.float64),
+                             rtol=1e-5, atol=1e-5)

@@ -98,9 +98,23 @@ def score_groups(fn, queries, *per_query):
 
 def dot_rows(q, x):
   """[g, C] sum_i x_i q_i in float32 for q [g, m], x [g, C, m]: elementwise products summed
-  along each row round the same wherever the row sits (a matrix-vector product does not), so
-  duplicate rows score bitwise-equally."""
-  return jnp.sum(x.astype(jnp.float32) * q[:, None, :], axis=-1)
+  along each row in one fixed order (tree_sum) round the same wherever the row sits (a
+  matrix-vector product does not), so duplicate rows score bitwise-equally."""
+  return tree_sum(x.astype(jnp.float32) * q[:, None, :])
+
+
+def tree_sum(x: jax.Array) -> jax.Array:
+  """Sum over the last axis in a fixed pairwise order: zero-padded to a power of two, then
+  halved by elementwise adds, whose rounding cannot depend on the other dimensions. XLA's
+  reduce may vectorise a short axis differently for differently shaped operands: duplicate
+  rows in two database chunks (candidate lists of different lengths) scored one ulp apart on
+  an AMD EPYC host, and lost their index order."""
+  width = 1 << max(0, x.shape[-1] - 1).bit_length()
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    x = x[..., :half] + x[..., half:]
+  return x[..., 0]
 
 
 def score_rows(queries, positions, rows, inv_norms):
