@@ -87,6 +87,14 @@ MODULES = {
     "lock": ("mrl_jax/lock.py", [
         ["tests/lock_test.py", "-m", "not slow"],
         ["tests/lock_test.py", "tests/multihost_test.py"]]),
+    "quantize": ("mrl_jax/evaluation/quantize.py", [
+        ["tests/quantize_test.py"],
+        ["tests/inference_test.py"]]),
+    "prepare": ("mrl_jax/data/prepare.py", [
+        ["tests/prepare_test.py"],
+        ["tests/imagenet_prepare_test.py", "-m", "not slow"]]),
+    "convert_hf": ("mrl_jax/convert_hf.py", [
+        ["tests/convert_hf_test.py"]]),
 }
 
 # Calls whose only effect is output: not mutated.
