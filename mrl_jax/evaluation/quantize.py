@@ -66,11 +66,12 @@ def quantize(x: np.ndarray, kind: str, ranges: np.ndarray | None = None) -> np.n
 
 def dequantize(q: np.ndarray, kind: str, size: int, ranges: np.ndarray | None = None
                ) -> np.ndarray:
-  """float32 [N, size]: the middle of each int8 step, or +-1 per bit."""
+  """float32 [N, size]: the middle of each int8 step, or +-1 per bit. A dimension of zero range
+  (constant over the calibration set, e.g. a dead ReLU unit) is its value: quantize's stand-in
+  step of 1 would put it at min + 0.5, a large shift of a unit vector's cosines."""
   if kind == "binary":
     return np.unpackbits(q, axis=-1)[:, :size].astype(np.float32) * 2.0 - 1.0
   steps = (ranges[1] - ranges[0]) / 255.0
-  steps = np.where(steps == 0, 1.0, steps)
   return ranges[0] + (q.astype(np.float32) + 128.0 + 0.5) * steps
 
 
@@ -89,10 +90,11 @@ def quantized_scores(queries_q: np.ndarray, corpus_q: np.ndarray, kind: str) -> 
 
 def search(queries: np.ndarray, corpus: np.ndarray, k: int, kind: str | None, *,
            rescore_multiplier: int = 4, ranges: np.ndarray | None = None) -> np.ndarray:
-  """[Q, k] corpus ids, nearest first, for float queries [Q, m] against a corpus [N, m] stored
-  at `kind` (None: float, exact cosine). Quantised: shortlist rescore_multiplier x k by the
-  quantised score, then rescore by float query . dequantised corpus vector. int8 ranges come
-  from the corpus unless given."""
+  """[Q, k] corpus ids, nearest first (equal scores: lower id first), for float queries [Q, m]
+  against a corpus [N, m] stored at `kind` (None: float, exact cosine). Quantised: shortlist
+  rescore_multiplier x k by the quantised score (4; sentence-transformers' semantic_search_*
+  default 2), then rescore by float query . dequantised corpus vector. int8 ranges come from
+  the corpus unless given."""
   queries, corpus = _unit(queries), _unit(corpus)
   k = min(k, len(corpus))
   if kind is None:
