@@ -41,7 +41,7 @@ from mrl_jax import contrastive_tiled
 def nested_cosines(a: jax.Array, b: jax.Array, sizes: Sequence[int]) -> dict[int, jax.Array]:
   """{m: cos(a[:, :m], b[:, :m]) [A, B]} of the renormalised prefixes, from block partial sums.
 
-  A zero prefix has cosine 0 with everything (its norm is clamped at 1e-12)."""
+  A zero prefix has cosine 0 with everything and no gradient (inverse_norms)."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   sizes = sorted(sizes)
   inv_a = contrastive_tiled.inverse_norms(a, sizes)
@@ -143,7 +143,7 @@ def matryoshka_2d_loss(layers_a: jax.Array, layers_b: jax.Array, sizes: Sequence
                                               tile_rows=tile_rows)
   loss = loss * last_layer_weight
   count = jnp.maximum(layer_mask.sum(), 1.0)
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  unit = lambda x: x * contrastive_tiled.inverse_norms(x, (x.shape[-1],))[0][:, None]
   final = unit(jnp.concatenate([layers_a[-1], layers_b[-1]]).astype(jnp.float32))
   for layer in range(layers_a.shape[0] - 1):
     value, _ = matryoshka_contrastive_loss(layers_a[layer], layers_b[layer], sizes,

@@ -166,12 +166,14 @@ _reduce.defvjp(_reduce_fwd, _reduce_bwd)
 
 
 def inverse_norms(x, sizes):
-  """[S, B]: 1 / |x[:, :m]| per size (sizes ascending), from the blocks' squared norms; a zero
-  prefix's norm is clamped at 1e-12, so its cosines are 0."""
+  """[S, B]: 1 / |x[:, :m]| per size (sizes ascending), from the blocks' squared norms. A zero
+  prefix (norm <= 1e-12) gets 0: its cosines are 0 and it sends no gradient, where a norm
+  clamped after the square root gave sqrt's infinite derivative at 0 times 0 = NaN."""
   squares, out, start = 0.0, [], 0
   for m in sizes:
     squares = squares + jnp.sum(x[:, start:m] ** 2, axis=-1)
-    out.append(1.0 / jnp.maximum(jnp.sqrt(squares), 1e-12))
+    nonzero = squares > 1e-24
+    out.append(jnp.where(nonzero, 1.0 / jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0))
     start = m
   return jnp.stack(out)
 

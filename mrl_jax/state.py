@@ -203,13 +203,23 @@ def _flat_str(tree) -> dict[tuple[str, ...], Any]:
   return out
 
 
-def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
-  """The state with its encoder (and, with config.init_from_heads, its heads: everything but
-  the encoder) and BatchNorm statistics taken from config.init_from: a workdir, its
-  checkpoints folder, or a converted checkpoint (convert_torch.py, convert_hf.py). Fine-tuning
-  and linear-probe runs start here; the optimizer state, step and RNG stay fresh. The source
-  must be the same encoder (and, text models, the same tokenizer); heads only when head type,
-  nesting and classes match too."""
+def towers(signature: dict) -> dict[str, tuple[str, str | None]]:
+  """{parameter prefix: (architecture, tokenizer)} of a checkpoint signature's encoders: one
+  `encoder` for a single-encoder model, `image` and `text` for a dual encoder (the tokenizer
+  only where the encoder reads text)."""
+  tokenizer = signature.get("tokenizer")
+  dual = two_towers.parse_description(signature.get("encoder", ""))
+  if dual is not None:
+    return {"image": (dual[0], None), "text": (dual[1], tokenizer)}
+  return {"encoder": (signature.get("encoder"), tokenizer)}
+
+
+def _describe(parts: dict) -> str:
+  return ", ".join(f"{name}={arch!r}" + (f" (tokenizer {tok})" if tok else "")
+                   for name, (arch, tok) in parts.items())
+
+
+def _read_init_checkpoint(config):
   source = paths.path(config.init_from)
   directory = source / "checkpoints" if (source / "checkpoints").is_dir() else source
   ckpt = checkpoint_lib.Checkpointer(directory, every_steps=1, keep=1, async_save=False)
@@ -220,34 +230,87 @@ def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
     saved, meta = ckpt.read(steps[-1])
   finally:
     ckpt.close()
-  saved_signature = meta.get("signature", {})
-  keys = ["encoder", "feature_dim"] + (["tokenizer"] if spec.tokenizer else []) + (
-      ["head", "nesting", "num_classes"] if config.init_from_heads else [])
-  for key in keys:
-    if saved_signature.get(key) != spec.signature[key]:
+  return directory, steps[-1], saved, meta.get("signature", {})
+
+
+def init_plan(config, spec, saved_signature: dict) -> tuple[dict[str, str], bool]:
+  """({this model's encoder prefix: the checkpoint's prefix it is taken from}, whether the
+  heads are taken too), or a one-line ConfigError when config.init_from provides nothing.
+
+  An encoder is taken from any encoder of the checkpoint with the same architecture (and
+  tokenizer): a single-encoder run gives a dual encoder's image or text tower, a dual-encoder
+  run gives both towers, or one of them to a single-encoder model. Heads (classifiers, the MLM
+  head; a dual encoder's projections and temperature) only with config.init_from_heads, from
+  a model of the same signature."""
+  mine, theirs = towers(spec.signature), towers(saved_signature)
+  plan = {name: next(src for src, part in theirs.items() if part == want)
+          for name, want in mine.items() if want in theirs.values()}
+  if not plan:
+    if len(mine) == len(theirs) == 1:  # the common case, in the signature's words
+      key = "encoder" if mine["encoder"][0] != theirs["encoder"][0] else "tokenizer"
+      raise ConfigError(f"config.init_from={config.init_from} holds a model with {key}="
+                        f"{saved_signature.get(key)!r} but the config has {key}="
+                        f"{spec.signature[key]!r}; nothing to take")
+    raise ConfigError(f"config.init_from={config.init_from} holds {_describe(theirs)} but the "
+                      f"config builds {_describe(mine)}; no encoder to take")
+  if not config.init_from_heads:
+    return plan, False
+  for key in ("encoder", "feature_dim", "head", "nesting", "num_classes", "tokenizer"):
+    if saved_signature.get(key) != spec.signature.get(key):
       raise ConfigError(
           f"config.init_from={config.init_from} holds a model with {key}="
-          f"{saved_signature.get(key)!r} but the config has {key}={spec.signature[key]!r}"
-          + ("" if key in ("encoder", "feature_dim") else
-             "; set config.init_from_heads=False to take only the encoder"))
+          f"{saved_signature.get(key)!r} but the config has {key}={spec.signature.get(key)!r}"
+          "; set config.init_from_heads=False to take only the encoder")
+  return plan, True
+
+
+def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
+  """The state with its encoders (and, with config.init_from_heads, its heads: everything but
+  the encoders) and their BatchNorm statistics taken from config.init_from: a workdir, its
+  checkpoints folder, or a converted checkpoint (convert_torch.py, convert_hf.py); `init_plan`
+  says which. Fine-tuning, linear-probe and LiT runs start here; the optimizer state, step and
+  RNG stay fresh. Prints what it took, counted."""
+  directory, step, saved, saved_signature = _read_init_checkpoint(config)
+  plan, heads = init_plan(config, spec, saved_signature)
+  frozen = config.model.get("freeze") if spec.model_name == models.DUAL else ""
+  if frozen and frozen not in plan:
+    raise ConfigError(f"config.model.freeze={frozen!r} locks the {frozen} tower but "
+                      f"config.init_from={config.init_from} provides only {sorted(plan)}; "
+                      "a locked tower must come from a trained one")
   source_params = _flat_str(saved["params"])
   source_stats = _flat_str(saved["batch_stats"])
+  taken = {name: [0, 0] for name in (*plan, "heads")}
 
-  def take(source_leaves, keep_heads):
+  def take(source_leaves, count_index):
     def pick(path, leaf):
       key = tuple(str(getattr(k, "key", k)) for k in path)
-      if key[0] != "encoder" and not keep_heads:  # heads: classifiers, the MLM head
+      if key[0] in plan:
+        name, key = key[0], (plan[key[0]], *key[1:])
+      elif heads:
+        name = "heads"
+      else:
         return leaf
-      return jax.device_put(np.asarray(source_leaves[key], leaf.dtype), leaf.sharding)
+      value = source_leaves.get(key)
+      if value is None or tuple(value.shape) != tuple(leaf.shape):
+        raise ConfigError(f"config.init_from={config.init_from} has no array {'/'.join(key)} "
+                          f"of shape {tuple(leaf.shape)} (it has "
+                          f"{None if value is None else tuple(value.shape)})")
+      taken[name][count_index] += int(np.prod(leaf.shape))
+      return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
     return pick
 
-  utils.console(f"Initialising from {directory} step {steps[-1]} (encoder"
-                + (" and heads" if config.init_from_heads else "") + ")")
-  return state.replace(
-      params=jax.tree_util.tree_map_with_path(take(source_params, config.init_from_heads),
-                                              state.params),
-      batch_stats=jax.tree_util.tree_map_with_path(take(source_stats, True),
-                                                   state.batch_stats))
+  state = state.replace(
+      params=jax.tree_util.tree_map_with_path(take(source_params, 0), state.params),
+      batch_stats=jax.tree_util.tree_map_with_path(take(source_stats, 1), state.batch_stats))
+  parts = [f"{name} <- {plan.get(name, 'heads')} ({count:,} parameters"
+           + (f", {stats:,} BatchNorm statistics)" if stats else ")")
+           for name, (count, stats) in taken.items() if count or stats]
+  if not heads and spec.model_name == models.DUAL:
+    parts.append("projections and temperature fresh")
+  elif not heads and spec.head != "none":
+    parts.append("heads fresh")
+  utils.console(f"Initialising from {directory} step {step}: " + "; ".join(parts))
+  return state
 
 
 # --- converted checkpoints (convert_torch.py, convert_hf.py) ------------------------------------

@@ -23,6 +23,7 @@ from flax import nnx
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import distributed
 from mrl_jax import losses
+from mrl_jax import models
 from mrl_jax import objectives
 from mrl_jax import optim
 from mrl_jax import paths
@@ -44,10 +45,13 @@ SUMMARY_METRICS = ("top1", "top5", "prec1", "mlm_acc", "spearman", "recall@1_i2t
 
 
 def dry_run(config, workdir) -> dict:
-  """Builds model and heads abstractly, prints the parameter table, writes model_summary.json."""
+  """Builds the model abstractly, prints the parameter table and one line per encoder (a dual
+  encoder's two towers), writes model_summary.json."""
   spec = validation.validate_model(config)
   _, params, batch_stats = state_lib.build_model(config, spec)
   print(utils.parameter_table(params))
+  encoders = state_lib.towers(spec.signature)
+  counts = {name: utils.count_params(params[name]) for name in encoders}
   summary = {
       "encoder": spec.encoder,
       "model_name": spec.model_name,
@@ -56,18 +60,24 @@ def dry_run(config, workdir) -> dict:
       "nesting_sizes": list(spec.nesting),
       "head_sizes": list(spec.head_sizes),
       "head": spec.head,
-      "num_params_encoder": utils.count_params(params["encoder"]),
-      # the heads: classifiers (classify), BERT's MLM transform and bias (mlm), none
-      "num_params_heads": utils.count_params(params) - utils.count_params(params["encoder"]),
+      "num_params_encoder": sum(counts.values()),
+      # the heads: classifiers (classify), BERT's MLM transform and bias (mlm), a dual
+      # encoder's projections, temperature and bias, or none
+      "num_params_heads": utils.count_params(params) - sum(counts.values()),
       "num_batch_stats": utils.count_params(batch_stats),
       "dtype": config.dtype,
       "objective": spec.objective,
   }
+  if spec.model_name == models.DUAL:
+    summary["towers"] = {name: {"encoder": encoders[name][0], "num_params": counts[name]}
+                         for name in encoders}
   summary["num_params_total"] = summary["num_params_encoder"] + summary["num_params_heads"]
   utils.write_json(paths.join(workdir, "model_summary.json"), summary)
-  print(f"encoder {summary['encoder']}: {summary['num_params_encoder']:,} params, feature_dim "
-        f"{summary['feature_dim']}; heads {summary['head']} at {summary['head_sizes']}: "
-        f"{summary['num_params_heads']:,} params")
+  for name, (arch, _) in encoders.items():
+    print(f"{name} {arch}: {counts[name]:,} params")
+  heads = ("projections, temperature" + (" and bias" if "bias" in params else "")
+           if spec.model_name == models.DUAL else f"heads {spec.head} at {list(spec.head_sizes)}")
+  print(f"feature_dim {spec.feature_dim}; {heads}: {summary['num_params_heads']:,} params")
   return summary
 
 
@@ -241,6 +251,10 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
     state, _ = state_lib.create_train_state(config, spec, tx, mesh)
     if config.get("init_from"):
       state = state_lib.init_from_checkpoint(config, spec, state)
+    elif spec.model_name == models.DUAL and config.model.get("freeze"):
+      raise ConfigError(f"config.model.freeze={config.model.freeze!r} without config.init_from "
+                        "would lock a randomly initialised tower; set config.init_from to a "
+                        "trained run (or converted checkpoint) holding that tower")
   workdir_lib.record(workdir, config)
   meta = {"signature": spec.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}

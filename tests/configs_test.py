@@ -280,6 +280,23 @@ def test_bert_base_dry_run_counts_the_published_parameters(tmp_path):
   assert summary["num_params_heads"] == 768 * 768 + 768 + 2 * 768 + 30522
 
 
+@pytest.mark.parametrize("arg, image", [("mrl", 86_567_656 - 769_000), ("siglip", 85_798_656),
+                                        ("lit", 23_508_032)])
+def test_dual_encoder_dry_run_counts_each_tower(tmp_path, arg, image):
+  """Each tower against its published count: ViT-B/16 without its classifier (timm's
+  vit_base_patch16_224: 86,567,656 with the 769,000 of its 1000-class head), the torchvision
+  ResNet-50 without fc (LiT), BERT-Base without its pooler (109,482,240 - 590,592); the heads
+  are the two projections, the log-scale and (SigLIP) the bias."""
+  summary = train_lib.dry_run(load_config(f"configs/align_vit_bert.py:{arg}"), str(tmp_path))
+  text = 109_482_240 - 590_592
+  assert summary["towers"]["image"]["num_params"] == image
+  assert summary["towers"]["text"]["num_params"] == text
+  assert summary["num_params_encoder"] == image + text
+  width = 2048 if arg == "lit" else 768  # projection: the image tower's width
+  assert summary["num_params_heads"] == (width + 768) * width + 1 + (arg == "siglip")
+  assert json.loads((tmp_path / "model_summary.json").read_text())["towers"] == summary["towers"]
+
+
 # The paper's ALIGN-MRL run. Sources (public):
 #   MRL = Kusupati et al. 2022 Sec. 3 ("MRL is applied to both the embeddings that are being
 #         contrasted") and Appendix C (ViT-B/16 + BERT-Base, nesting 12..768 as the 768-d models)

@@ -158,6 +158,46 @@ def test_column_log_sum_exp_is_shifted_per_column():
   assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("tile_rows", [0, 5])
+def test_a_zero_prefix_has_cosine_0_and_a_finite_gradient(loss, tile_rows):
+  """An all-zero embedding and a zero 4-prefix (a dead unit block, a locked tower's zero
+  output): gradients are finite, tiled and untiled, and equal autodiff of the direct formula
+  in which those prefixes' unit vectors are the constant 0 (masks found in numpy)."""
+  a, b = _inputs(seed=3)
+  a, b = np.array(a), np.array(b)
+  a[2] = 0.0
+  b[9, :4] = 0.0
+  scale, weights = jnp.asarray([10.0, 20.0, 30.0]), jnp.ones(3)
+  bias = jnp.asarray([-5.0, -8.0, -10.0]) if loss == "sigmoid" else None
+
+  def unit(x, m, zero):  # zero: numpy [n] bool, the rows whose m-prefix is all zero
+    keep = jnp.asarray(~zero, jnp.float32)[:, None]
+    safe = x[:, :m] * keep + (1.0 - keep)  # no norm of a zero vector is ever taken
+    return keep * safe / jnp.linalg.norm(safe, axis=-1, keepdims=True)
+
+  def direct(x, y):
+    total, n = 0.0, x.shape[0]
+    for k, m in enumerate(SIZES):
+      logits = scale[k] * unit(x, m, ~a[:, :m].any(1)) @ unit(y, m, ~b[:, :m].any(1)).T
+      if loss == "sigmoid":
+        total = total - jnp.sum(jax.nn.log_sigmoid((2.0 * jnp.eye(n) - 1.0)
+                                                   * (logits + bias[k]))) / n
+      else:
+        total = total + jnp.mean(-0.5 * (jnp.diag(jax.nn.log_softmax(logits, 1))
+                                         + jnp.diag(jax.nn.log_softmax(logits, 0))))
+    return total
+
+  got = jax.grad(lambda x, y: contrastive.matryoshka_contrastive_loss(
+      x, y, SIZES, weights, scale=scale, bias=bias, loss=loss, symmetric=True,
+      tile_rows=tile_rows)[0], argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+  want = jax.grad(direct, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+  for x, y in zip(got, want, strict=True):
+    assert np.all(np.isfinite(np.asarray(x)))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
+  assert not np.any(np.asarray(got[0])[2])  # the zero embedding sends no gradient
+
+
 def test_tiled_loss_is_invariant_to_the_embeddings_scale():
   """Cosines do not depend on the norm: embeddings 100x smaller (norms well under 1) give the
   same loss, and a zero prefix stays a cosine of 0 (its norm clamped at 1e-12, not at 1)."""

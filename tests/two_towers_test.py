@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mrl_jax import contrastive
@@ -201,6 +202,152 @@ def test_a_locked_tower_stays_bitwise_unchanged(digits_dir):
   moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params0["text"]),
                                                      jax.tree.leaves(params1["text"]))]
   assert all(moved)
+
+
+def test_a_locked_towers_projection_is_trained_not_only_decayed(digits_dir):
+  """freeze='image' stops the gradient between the tower and its projection: the projection
+  moves by Adam-sized steps (~lr), not by weight decay alone (lr x wd x |w| ~ 1e-7)."""
+  config = _config(digits_dir, **{"model.freeze": "image"})
+  (params0, _), (params1, _), _ = _two_steps(config, {"data": 1, "fsdp": 1}, 1)
+  moved = np.abs(np.asarray(params1["image_projection"]["kernel"])
+                 - np.asarray(params0["image_projection"]["kernel"]))
+  assert np.median(moved) > 0.1 * config.schedule.base_lr
+
+
+def _tower_checkpoint(dual_config, tower: str, workdir: str, seed: int = 7):
+  """A single-encoder checkpoint (what a classification / text run or a converter writes)
+  whose encoder is the dual config's `tower`: weights of another seed, BatchNorm statistics
+  moved off their initial values. Returns its ({path: array} params, batch statistics)."""
+  if tower == "image":  # the runlocal image tower: ResNet-18, width 4, small stem, RGB
+    config = load_config("configs/mnist_resnet_mrl.py:runlocal")
+    config.model.in_channels = 3
+    config.num_classes = 10
+  else:  # the runlocal text tower: BERT-Tiny, 1 layer, mean pooling, bert-base-uncased
+    config = load_config("configs/text_wiki.py:contrastive,runlocal")
+  config.seed = seed
+  spec = models.resolve(config)
+  assert state_lib.towers(spec.signature)["encoder"] == state_lib.towers(
+      models.resolve(dual_config).signature)[tower]
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  _, abstract, _ = state_lib.build_model(config, spec)
+  tx = optim.make_optimizer(config, spec, abstract, optax.constant_schedule(0.0))
+  state, _ = state_lib.create_train_state(config, spec, tx, mesh)
+  params = jax.tree.map(np.asarray, state.params)
+  stats = jax.tree.map(lambda x: np.asarray(x) * 1.25 + 0.01, state.batch_stats)
+  state_lib.save_converted(config, spec, params, stats, workdir, "test")
+  return state_lib._flat_str(params), state_lib._flat_str(stats)
+
+
+def _initialise(config):
+  """(fresh, initialised) ({path: array} params, batch statistics) of init_from."""
+  spec = models.resolve(config)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  _, abstract, _ = state_lib.build_model(config, spec)
+  tx = optim.make_optimizer(config, spec, abstract, optax.constant_schedule(0.0))
+  fresh, _ = state_lib.create_train_state(config, spec, tx, mesh)
+  flat = lambda state: tuple(jax.tree.map(np.asarray, state_lib._flat_str(tree))
+                             for tree in (state.params, state.batch_stats))
+  before = flat(fresh)
+  return before, flat(state_lib.init_from_checkpoint(config, spec, fresh))
+
+
+def _under(flat: dict, prefix: str) -> dict:
+  return {key[1:]: value for key, value in flat.items() if key[0] == prefix}
+
+
+def _assert_taken(got: dict, want: dict):
+  assert got.keys() == want.keys() and got
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=str(key))
+
+
+def test_lit_locks_an_image_tower_taken_from_a_classification_run(digits_dir, tmp_path, capsys):
+  """The documented LiT path: init_from a classifier's checkpoint fills the image tower
+  (parameters and BatchNorm statistics, bitwise) and two locked steps leave it so; the run
+  says what it took, counted."""
+  source = str(tmp_path / "classifier")
+  want_params, want_stats = _tower_checkpoint(_config(digits_dir), "image", source)
+  config = _config(digits_dir, total_steps=2, **{
+      "model.freeze": "image", "init_from": source, "init_from_heads": False,
+      "eval.image_text_sets": ()})
+  workdir = str(tmp_path / "lit")
+  train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  final = _final_state(workdir, 2)
+  _assert_taken(_under(state_lib._flat_str(final["params"]), "image"),
+                _under(want_params, "encoder"))
+  _assert_taken(_under(state_lib._flat_str(final["batch_stats"]), "image"),
+                _under(want_stats, "encoder"))
+  count = lambda flat: f"{sum(v.size for v in _under(flat, 'encoder').values()):,}"
+  assert (f"step 0: image <- encoder ({count(want_params)} parameters, {count(want_stats)} "
+          "BatchNorm statistics); projections and temperature fresh") in capsys.readouterr().out
+
+
+def test_init_from_takes_each_tower_from_a_run_that_has_it(dual_run, digits_dir, tmp_path,
+                                                           capsys):
+  """A text run's encoder becomes the text tower (the image tower stays fresh); a dual run
+  gives both towers (projections and temperature only with init_from_heads), and its image
+  tower to a classifier."""
+  config, workdir = dual_run
+  text = str(tmp_path / "text")
+  want_text, _ = _tower_checkpoint(config, "text", text)
+  cfg = _config(digits_dir, **{"init_from": text, "init_from_heads": False})
+  (fresh, fresh_stats), (got, got_stats) = _initialise(cfg)
+  _assert_taken(_under(got, "text"), _under(want_text, "encoder"))
+  for prefix in ("image", "image_projection", "text_projection", "log_scale"):
+    _assert_taken(_under(got, prefix), _under(fresh, prefix))
+  _assert_taken(got_stats, fresh_stats)
+  assert "text <- encoder (" in capsys.readouterr().out
+
+  saved = _final_state(workdir, 4)
+  saved_params = state_lib._flat_str(saved["params"])
+  for heads in (False, True):
+    cfg = _config(digits_dir, **{"init_from": workdir, "init_from_heads": heads})
+    (fresh, _), (got, got_stats) = _initialise(cfg)
+    for prefix in ("image", "text") + (("image_projection", "log_scale") if heads else ()):
+      _assert_taken(_under(got, prefix), _under(saved_params, prefix))
+    if not heads:
+      _assert_taken(_under(got, "image_projection"), _under(fresh, "image_projection"))
+    _assert_taken(got_stats, state_lib._flat_str(saved["batch_stats"]))
+    out = capsys.readouterr().out
+    assert "image <- image (" in out and "text <- text (" in out
+    assert ("heads <- heads (" in out) == heads
+
+  classifier = load_config("configs/mnist_resnet_mrl.py:runlocal")
+  classifier.model.in_channels = 3
+  classifier.update(num_classes=10, init_from=workdir, init_from_heads=False)
+  (fresh, _), (got, _) = _initialise(classifier)
+  _assert_taken(_under(got, "encoder"), _under(saved_params, "image"))
+  _assert_taken(_under(got, "heads"), _under(fresh, "heads"))
+  assert "encoder <- image (" in capsys.readouterr().out
+
+
+def test_init_from_that_would_take_nothing_is_one_line(dual_run, digits_dir, tmp_path):
+  _, workdir = dual_run
+  text = str(tmp_path / "text")
+  _tower_checkpoint(_config(digits_dir), "text", text)
+  wider = _config(digits_dir, **{"init_from": workdir, "image_tower.width": 8})
+  with pytest.raises(ConfigError, match=r"^config.init_from=\S+ holds a model with encoder="
+                                        r"'two_towers\(resnet18\(width=4.* but the config has "
+                                        r"encoder='two_towers\(resnet18\(width=8.*; set config"
+                                        r".init_from_heads=False to take only the encoder$"):
+    _initialise(wider)
+  wider.update(init_from_heads=False, init_from=text)
+  wider.text_tower.num_layers = 2
+  with pytest.raises(ConfigError, match=r"^config.init_from=\S+ holds encoder='bert-tiny\(.*"
+                                        r"num_layers=1\)' \(tokenizer wordpiece:\S+\) but the "
+                                        r"config builds image='resnet18\(width=8,.*num_layers=2"
+                                        r"\)' \(tokenizer \S+\); no encoder to take$"):
+    _initialise(wider)
+  locked = _config(digits_dir, **{"init_from": text, "init_from_heads": False,
+                                  "model.freeze": "image"})
+  with pytest.raises(ConfigError, match=r"^config.model.freeze='image' locks the image tower "
+                                        r"but config.init_from=\S+ provides only \['text'\]"):
+    _initialise(locked)
+  code, _, err = _run_cli(lambda: train_lib.train_and_evaluate(
+      _config(digits_dir, **{"model.freeze": "image"}), str(tmp_path / "run"),
+      devices=jax.devices()[:1]))
+  assert code == 2 and err.strip().count("\n") == 0, err
+  assert "config.model.freeze='image' without config.init_from would lock a randomly" in err
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from mrl_jax.models import vit
 MODELS: dict[str, ModuleType] = {"resnet": resnet, "vit": vit, "bert": bert}
 # A dual encoder (models/two_towers.py) holds an image encoder of MODELS (config.image_tower)
 # and the text encoder (config.text_tower).
-DUAL = "two_towers"
+DUAL = two_towers.NAME
 # What is trained (objectives/): classifier heads, BERT's tied masked-LM head, or the embedding
 # itself with a contrastive loss.
 OBJECTIVES = ("classify", "mlm", "contrastive")
@@ -159,8 +159,8 @@ def _resolve_dual(config) -> ModelSpec:
                       f"{list(two_towers.FREEZE)}")
   nesting = nesting_lib.parse(config.mrl.nesting, d)
   extra, _ = nesting_lib.split_at(config.eval.extra_sizes, d, "config.eval.extra_sizes")
-  encoder = (f"{DUAL}({image.describe(config.image_tower)},{text.describe(config.text_tower)},"
-             f"projection={width})")
+  encoder = two_towers.describe(image.describe(config.image_tower),
+                                text.describe(config.text_tower), width)
   return ModelSpec(model_name=DUAL, encoder=encoder, feature_dim=d, head="none",
                    nesting=nesting, head_sizes=nesting,
                    eval_sizes=tuple(sorted(set(nesting) | set(extra))), num_classes=0,

@@ -11,7 +11,10 @@ The model returns the **unnormalised** z_img, z_txt [B, d]: MRL normalises each 
 loss (paper Sec. 3 and Appendix C; big_vision's two_towers normalises the full vector inside the
 model, which would make every prefix's norm depend on the others' coordinates). A tower can be
 frozen (`config.model.freeze = "image"`, LiT: Zhai et al. 2022): its parameters get no update
-(optim.py) and it runs in eval mode (BatchNorm running statistics, no dropout).
+(optim.py) and it runs in eval mode (BatchNorm running statistics, no dropout). The locked tower
+is the encoder alone: its projection is trained (the stop-gradient sits between the two), since
+a projection trained to the new tower is what lets a locked 2048-d image tower meet a text tower
+of another width; a projection that only decayed would shrink every embedding each step.
 """
 
 import jax
@@ -22,6 +25,28 @@ from mrl_jax.models import pixels
 
 TOWERS = ("image", "text")
 FREEZE = ("", "image", "text")
+NAME = "two_towers"
+
+
+def describe(image: str, text: str, projection: int) -> str:
+  """A dual encoder's architecture in checkpoint signatures, from its towers' descriptions."""
+  return f"{NAME}({image},{text},projection={projection})"
+
+
+def parse_description(encoder: str) -> tuple[str, str, int] | None:
+  """(image, text, projection) of a `describe` string; None for a single encoder's."""
+  if not encoder.startswith(f"{NAME}(") or not encoder.endswith(")"):
+    return None
+  parts, depth, start = [], 0, len(NAME) + 1
+  for i, char in enumerate(encoder[start:-1], start):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if char == "," and depth == 0:
+      parts.append(encoder[start:i])
+      start = i + 1
+  parts.append(encoder[start:-1])
+  if len(parts) != 3 or not parts[2].startswith("projection="):
+    return None
+  return parts[0], parts[1], int(parts[2].removeprefix("projection="))
 
 
 class TwoTowers(nnx.Module):
@@ -45,22 +70,21 @@ class TwoTowers(nnx.Module):
     self.bias = (nnx.Param(jnp.full((num_scales,), bias_init, jnp.float32))
                  if bias_init is not None else None)
 
+  def _project(self, tower: str, z, projection):
+    z = z.astype(jnp.float32)
+    if self.freeze == tower:
+      z = jax.lax.stop_gradient(z)
+    return z if projection is None else projection(z)
+
   def embed_image(self, images, *, rngs=None):
     z, _ = self.image(pixels.normalize(images, self.pixel_mean, self.pixel_std), rngs=rngs)
-    z = z.astype(jnp.float32)
-    return z if self.image_projection is None else self.image_projection(z)
+    return self._project("image", z, self.image_projection)
 
   def embed_text(self, tokens, *, rngs=None):
     z, _ = self.text(tokens, rngs=rngs)
-    z = z.astype(jnp.float32)
-    return z if self.text_projection is None else self.text_projection(z)
+    return self._project("text", z, self.text_projection)
 
   def __call__(self, batch: dict, *, rngs: nnx.Rngs | None = None):
     z_img = self.embed_image(batch["image"], rngs=rngs)
     tokens = {k: batch[k] for k in ("input_ids", "segment_ids", "input_mask")}
-    z_txt = self.embed_text(tokens, rngs=rngs)
-    if self.freeze == "image":
-      z_img = jax.lax.stop_gradient(z_img)
-    elif self.freeze == "text":
-      z_txt = jax.lax.stop_gradient(z_txt)
-    return z_img, z_txt
+    return z_img, self.embed_text(tokens, rngs=rngs)
