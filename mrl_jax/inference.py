@@ -113,6 +113,10 @@ class Embedder:
     image_model = self.config.image_tower if self.dual else self.config.model
     channels = (np.asarray(first).shape[-1] if not isinstance(first, bytes)
                 else image_model.in_channels)
+    if channels != image_model.get("in_channels", 3):
+      raise ConfigError(f"the images have {channels} channels (shape {np.shape(first)}) but the "
+                        f"image tower takes {image_model.get('in_channels', 3)}; pass "
+                        "[N, H, W, C] uint8 images with its channels, or encoded image bytes")
     pp = preprocess.from_config(self.config.input, train=False, channels=channels)
     for i in range(0, len(images), self.batch_size):
       chunk = images[i:i + self.batch_size]

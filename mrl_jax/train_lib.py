@@ -42,6 +42,7 @@ from mrl_jax.errors import NonFiniteError
 # (mlm), Spearman with human similarity ratings (text), retrieval and zero-shot (image-text).
 SUMMARY_METRICS = ("top1", "top5", "prec1", "mlm_acc", "spearman", "recall@1_i2t",
                    "recall@1_t2i", "zeroshot_top1")
+CONSOLE_METRICS = ("top1", "prec1", "mlm_acc", "spearman", "zeroshot_top1", "recall@1_t2i")
 
 
 def dry_run(config, workdir) -> dict:
@@ -364,8 +365,9 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
   summary = {
       "final_step": step,
       "train_loss": last_metrics.get("loss"),
-      "eval": {str(m): {k: final_eval[f"{k}@{m}"] for k in SUMMARY_METRICS
-                        if f"{k}@{m}" in final_eval} for m in objective.sizes},
+      "eval": {str(m): {name: value for (name, size), value in _per_size(final_eval).items()
+                        if size == m and name.rpartition("/")[2] in SUMMARY_METRICS}
+               for m in objective.sizes},
       "images_per_second": (train_steps_timed * config.input.batch_size / train_seconds
                             if train_seconds else last_metrics.get("images_per_second")),
       "input_wait": last_metrics.get("input_wait"),
@@ -449,8 +451,19 @@ def format_duration(seconds: float | None) -> str:
   return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _per_size(results: dict) -> dict[tuple[str, int], float]:
+  """{(name, m): value} of the per-size metrics "name@m" (name may hold a set: "set/metric")."""
+  out = {}
+  for key, value in results.items():
+    name, _, size = key.rpartition("@")
+    if name and size.isdigit():
+      out[name, int(size)] = value
+  return out
+
+
 def _log_eval(step, results, writer) -> None:
   writer.write_scalars(step, {f"val/{k}": v for k, v in results.items()})
-  hits = sorted((int(k.split("@")[1]), k.split("@")[0], v) for k, v in results.items()
-                if k.startswith(("top1@", "prec1@", "mlm_acc@", "spearman@", "zeroshot_top1@")))
-  utils.console(f"eval step {step}: " + " ".join(f"{h}@{m}={v:.4f}" for m, h, v in hits))
+  hits = sorted((m, name, v) for (name, m), v in _per_size(results).items()
+                if name.rpartition("/")[2] in CONSOLE_METRICS)
+  if hits:  # (no line when no evaluation set is configured)
+    utils.console(f"eval step {step}: " + " ".join(f"{h}@{m}={v:.4f}" for m, h, v in hits))

@@ -196,6 +196,15 @@ def test_the_train_line_shows_the_smallest_and_largest_size_and_the_eta(capsys):
       "step 7/9 loss=2.0000 mlm_acc@64=0.300 lr=0.0001 100 ex/s input-wait 0% eta 1h02m",
       "eval step 4: top1@8=0.2500 top1@16=0.5000"]
   assert written == [(4, {"val/top1@16": 0.5, "val/top1@8": 0.25, "val/top5@8": 0.75})]
+  # Image-text sets keep their dataset (ALIGN evaluates zero-shot on four); none: no line.
+  dual = {"imagenet_v2/zeroshot_top1@8": 0.5, "imagenet2012/zeroshot_top1@8": 0.25,
+          "coco/recall@1_t2i@16": 0.125, "coco/recall@5_t2i@16": 0.5}
+  train_lib._log_eval(6, dual, Recorder())  # pylint: disable=protected-access
+  train_lib._log_eval(8, {}, Recorder())  # pylint: disable=protected-access
+  assert capsys.readouterr().out.splitlines() == [
+      "eval step 6: imagenet2012/zeroshot_top1@8=0.2500 imagenet_v2/zeroshot_top1@8=0.5000 "
+      "coco/recall@1_t2i@16=0.1250"]
+  assert written[1] == (6, {f"val/{k}": v for k, v in dual.items()})
   assert [train_lib.format_duration(s) for s in (0, 9.4, 59.5, 60, 3599, 3600, 86399)] == [
       "0s", "9s", "1m00s", "1m00s", "59m59s", "1h00m", "23h59m"]
 

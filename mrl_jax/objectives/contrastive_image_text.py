@@ -60,5 +60,4 @@ class Objective:
   def evaluate(self, model, state, source, reader, mesh) -> dict[str, float]:
     results = evaluate_lib.text_metrics(self.config, self.spec, model, state.params,
                                         state.batch_stats, mesh, quantize=False)
-    return {name.split("/", 1)[1]: value for name, value in results
-            if isinstance(value, (int, float))}
+    return {name: value for name, value in results if isinstance(value, (int, float))}

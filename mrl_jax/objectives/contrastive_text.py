@@ -72,8 +72,8 @@ class Objective:
     return text.from_config(self.config, task="pair")
 
   def evaluate(self, model, state, source, reader, mesh) -> dict[str, float]:
-    """The text evaluators of config.eval.text_sets, metric names without their set."""
+    """The text evaluators of config.eval.text_sets: {"<set>/<metric>@m": value}, as eval.py
+    names them (several sets keep apart)."""
     results = evaluate_lib.text_metrics(self.config, self.spec, model, state.params,
                                         state.batch_stats, mesh, quantize=False)
-    return {name.split("/", 1)[1]: value for name, value in results
-            if isinstance(value, (int, float))}
+    return {name: value for name, value in results if isinstance(value, (int, float))}
