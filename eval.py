@@ -119,6 +119,7 @@ SHOWN = ("linear_top1", "prec@1", "knn1_top1", "map@10", "spearman", "ndcg@10", 
 
 
 def _print(results):
+  from mrl_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   if "split" in results:
     print(f"{results['dataset']} ({results['split']}): {results['num_queries']} queries, "
           f"{results['num_database']} database")
@@ -126,9 +127,12 @@ def _print(results):
     print(f"{results['dataset']}:")
   for size, m in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
     shown = {k: v for k, v in m.items() if k in SHOWN}
-    print(f"  m={size:>5}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-  for r in results.get("adaptive_retrieval") or ():
-    print(f"  {r['name']:<32} map@10={r['map@10']:.4f}  MFLOPs={r['mflops']:.2f}  "
+    if shown:  # (a cross-modal-only set has no per-size row)
+      print(f"  m={size:>5}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+  rows = results.get("adaptive_retrieval") or ()
+  key = report.map_key(rows) if rows else ""
+  for r in rows:
+    print(f"  {r['name']:<32} {key}={r[key]:.4f}  MFLOPs={r['mflops']:.2f}  "
           f"speed-up vs exact: {r['mflops_speedup_vs_exact']:.1f}x (MFLOPs), "
           f"{r['wallclock_speedup_vs_exact']:.1f}x (wall-clock)  "
           f"shortlist recall={r['shortlist_recall']:.3f}")

@@ -57,7 +57,29 @@ def validate_model(config) -> models.ModelSpec:
   if config.loss.name == "sigmoid_xent" and config.loss.label_smoothing:
     raise ConfigError(f"config.loss.label_smoothing={config.loss.label_smoothing} with "
                       "sigmoid_xent; label smoothing is defined for softmax_xent only")
+  check_unused_loss_fields(config, spec)
   return spec
+
+
+def check_unused_loss_fields(config, spec) -> None:
+  """A loss field the objective would silently ignore is a one-line error."""
+  c = config.contrastive
+  if spec.objective != "classify" and config.loss.label_smoothing:
+    raise ConfigError(f"config.loss.label_smoothing={config.loss.label_smoothing} with "
+                      f"config.objective={spec.objective!r}; it applies to classifier heads "
+                      "only (a dual encoder's softmax loss: config.contrastive.label_smoothing)")
+  if spec.model_name == models.DUAL:
+    if c.loss == "sigmoid" and c.label_smoothing:
+      raise ConfigError(f"config.contrastive.label_smoothing={c.label_smoothing} with "
+                        "config.contrastive.loss='sigmoid'; label smoothing is defined for the "
+                        "softmax loss only")
+  elif spec.objective == "contrastive":
+    for field, default in (("loss", "softmax"), ("label_smoothing", 0.0),
+                           ("per_size_scale", False)):
+      if c[field] != default:
+        raise ConfigError(f"config.contrastive.{field}={c[field]!r} with a text encoder; it "
+                          "applies to dual encoders only (text pairs use sentence-transformers' "
+                          "MultipleNegativesRankingLoss at config.contrastive.scale)")
 
 
 def validate(config, num_devices: int, process_count: int = 1) -> models.ModelSpec:

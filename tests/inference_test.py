@@ -96,6 +96,7 @@ def test_eval_spearman_is_the_embeddings_of_the_api(text_run):
     assert results["lee_similarity"]["sizes"][str(m)]["spearman"] == pytest.approx(
         metrics.spearman(cos, np.asarray(data["score"])), abs=1e-4)
   assert results["lee_similarity"]["sizes"]["32"]["bytes_per_vector_binary"] == 4
+  assert results["lee_similarity"]["quantize"] == list(config.eval.quantize) == ["int8", "binary"]
 
 
 def test_image_models_embed_images(trained_digits):

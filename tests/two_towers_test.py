@@ -460,12 +460,74 @@ def test_bad_image_text_input_is_one_line(digits_dir, tmp_path):
                                                          dataset="mnist_colored"))
 
 
+def test_a_loss_field_the_objective_would_ignore_is_one_line(digits_dir):
+  bad = [({"contrastive.loss": "sigmoid", "contrastive.label_smoothing": 0.1},
+          r"^config.contrastive.label_smoothing=0.1 with config.contrastive.loss='sigmoid'; "
+          r"label smoothing is defined for the softmax loss only$"),
+         ({"loss.label_smoothing": 0.1},
+          r"^config.loss.label_smoothing=0.1 with config.objective='contrastive'; it applies to "
+          r"classifier heads only \(a dual encoder's softmax loss: config.contrastive.label_"
+          r"smoothing\)$")]
+  for overrides, message in bad:
+    with pytest.raises(ConfigError, match=message):
+      validation.validate_model(_config(digits_dir, **overrides))
+  text = load_config("configs/text_wiki.py:contrastive,runlocal")
+  for field, value in (("loss", "sigmoid"), ("label_smoothing", 0.1), ("per_size_scale", True)):
+    config = text.copy_and_resolve_references()
+    config.contrastive[field] = value
+    with pytest.raises(ConfigError, match=rf"^config.contrastive.{field}={value!r} with a text "
+                                          "encoder; it applies to dual encoders only"):
+      validation.validate_model(config)
+  validation.validate_model(_config(digits_dir, **{"contrastive.label_smoothing": 0.1}))
+
+
+@pytest.mark.parametrize("per_size", [False, True])
+def test_each_learned_scale_and_bias_is_logged(digits_dir, per_size):
+  config = _config(digits_dir, **{"contrastive.loss": "sigmoid",
+                                  "contrastive.per_size_scale": per_size})
+  spec = models.resolve(config)
+  scales, biases = np.array([10.0, 20.0, 30.0]), np.array([-1.0, -2.0, -3.0])
+  if not per_size:
+    scales, biases = scales[:1], biases[:1]
+
+  class Module:
+    log_scale, bias = jnp.log(jnp.asarray(scales)), jnp.asarray(biases)
+
+    def __call__(self, batch, *, rngs):
+      return jnp.asarray(_pairs(d=32)[0]), jnp.asarray(_pairs(d=32)[1])
+
+  _, metrics = contrastive_image_text.Objective(config, spec).loss(
+      Module(), {}, rngs=None, weights=jnp.ones(3), rng=None)
+  names = [f"@{m}" for m in spec.head_sizes] if per_size else [""]
+  assert spec.head_sizes == (8, 16, 32)
+  for suffix, scale, bias in zip(names, scales, biases, strict=True):
+    assert float(metrics[f"scale{suffix}"]) == pytest.approx(scale, rel=1e-6)
+    assert float(metrics[f"bias{suffix}"]) == bias
+  assert not {"scale", "bias"} & set(metrics) if per_size else "scale@8" not in metrics
+
+
+def test_a_cross_modal_only_set_has_no_empty_size_rows(dual_run, capsys):
+  config, workdir = dual_run
+  config = config.copy_and_resolve_references()
+  config.eval.image_text_sets = ("crossmodal:mnist_captions:test[:32]",)
+  config.eval.update(shortlist_sizes=(8,), rerank_sizes=(32,), shortlist_k=(8,))
+  results = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+  assert results["mnist_captions"]["sizes"] == {}
+  assert results["mnist_captions"]["adaptive_retrieval"]
+  sys.path.insert(0, ".")
+  import eval as eval_main  # pylint: disable=g-import-not-at-top
+  capsys.readouterr()
+  eval_main._print(results["mnist_captions"])  # pylint: disable=protected-access
+  assert "m=" not in capsys.readouterr().out
+
+
 def test_exported_caption_and_image_embeddings_evaluate_like_the_checkpoint(dual_run, tmp_path):
   """eval.py --export_embeddings of a dual encoder writes the retrieval set's images as the
   database and its captions as queries (label: the caption's image); embeddings-only mode's
   topk_hit@k is then the checkpoint's text -> image Recall@k, at every size."""
   config, workdir = dual_run
   results = evaluate.evaluate_checkpoint(config, workdir, devices=jax.devices()[:1])
+  assert results["mnist_captions"]["quantize"] == []  # quantised metrics are text sets' only
   out = str(tmp_path / "emb")
   rows = evaluate.export_embeddings(config, workdir, out, devices=jax.devices()[:1])
   assert rows == {"database_X.npy": 64, "queries_X.npy": 192}  # 3 captions per image

@@ -322,9 +322,14 @@ def evaluate_text_checkpoint(config, spec, workdir, *, checkpoint_step=None, dev
   bodies = evaluators.collect(iter(pairs), spec.eval_sizes)
   all_results = {}
   for name, body in bodies.items():
+    body["sizes"] = {m: metrics for m, metrics in body["sizes"].items() if metrics}
+    computed = {key for metrics in body["sizes"].values() for key in metrics}
+    # The quantised kinds this set was evaluated in (text similarity and retrieval sets).
+    kinds = [kind for kind in config.eval.quantize
+             if any(key.endswith(f"_{kind}") for key in computed)]
     results = {"model": spec.signature, "checkpoint_step": step, "dataset": name,
                "objective": spec.objective, "trained_sizes": list(spec.head_sizes),
-               "quantize": list(config.eval.quantize), "adaptive_retrieval": [],
+               "quantize": kinds, "adaptive_retrieval": [],
                "adaptive_classification": [], **body}
     report.write(paths.join(workdir, "eval", name), results)
     all_results[name] = results

@@ -1,7 +1,14 @@
-"""results.json, results.csv (one row per size) and accuracy_vs_dim.png, in one output folder."""
+"""results.json, results.csv (one row per size) and accuracy_vs_dim.png, in one output folder.
+
+`python -m mrl_jax.evaluation.report --results=A/results.json --baseline=standard:B/results.json
+--out=fig.png` draws one run's per-size metrics beside another's (MRL against the standard
+model truncated: the paper's figures).
+"""
 
 import csv
 import io
+import json
+import sys
 
 import matplotlib
 
@@ -78,37 +85,66 @@ def _fmt(value):
   return "" if value is None else f"{value:.6f}"
 
 
-def plot_accuracy_vs_dim(path, results: dict) -> None:
-  """Linear and 1-NN accuracy against the size (log2 axis); untrained sizes hollow."""
-  sizes = results["sizes"]
-  trained = set(map(str, results.get("trained_sizes", sizes)))
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for key, label, color in (("linear_top1", "linear (head)", "C0"),
-                            ("knn1_top1", "1-NN", "C1")):
-    points = sorted((int(s), m[key]) for s, m in sizes.items() if m.get(key) is not None)
-    if not points:
-      continue
-    xs, ys = zip(*points)
-    ax.plot(xs, [100 * y for y in ys], "-", color=color, label=label)
-    for x, y in points:
-      filled = str(x) in trained
-      ax.plot([x], [100 * y], "o", color=color, markerfacecolor=color if filled else "white")
+# The per-size metrics each family's plot draws (those present in a results file), as
+# (key, label). Values in [0, 1] are drawn x 100.
+CURVES = (("linear_top1", "linear (head) top-1"), ("knn1_top1", "1-NN top-1"),
+          ("prec@1", "precision@1"), ("zeroshot_top1", "zero-shot top-1"),
+          ("recall@1_i2t", "image->text R@1"), ("recall@5_i2t", "image->text R@5"),
+          ("recall@1_t2i", "text->image R@1"), ("recall@5_t2i", "text->image R@5"),
+          ("spearman", "Spearman"), ("ndcg@10", "nDCG@10"), ("mlm_acc", "masked-token top-1"))
+_ACCURACIES = {"linear_top1", "knn1_top1", "zeroshot_top1", "mlm_acc"}
+
+
+def plot_accuracy_vs_dim(path, results: dict, baselines: dict | None = None) -> list:
+  """Each metric of CURVES in the results against the size (log2 axis), untrained sizes
+  hollow; `baselines` ({label: results of another run on the same set}, e.g. the standard
+  model truncated) drawn dashed beside it. Returns the lines drawn: [(label, xs, ys)]."""
+  runs = [("", results, "-")] + [(f" ({label})", other, "--")
+                                 for label, other in (baselines or {}).items()]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  drawn, keys = [], set()
+  for i, (key, label) in enumerate(CURVES):
+    for suffix, run, style in runs:
+      trained = set(map(str, run.get("trained_sizes", run["sizes"])))
+      points = sorted((int(s), m[key]) for s, m in run["sizes"].items()
+                      if m.get(key) is not None)
+      if not points:
+        continue
+      keys.add(key)
+      xs, ys = zip(*points)
+      ys = [100 * y for y in ys]
+      color = f"C{i % 10}"
+      ax.plot(xs, ys, style, color=color, label=label + suffix)
+      drawn.append((label + suffix, list(xs), ys))
+      for x, y in zip(xs, ys):
+        filled = str(x) in trained
+        ax.plot([x], [y], "o", color=color, markerfacecolor=color if filled else "white")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("representation size m (hollow: not trained, interpolated)")
-  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_ylabel("top-1 accuracy (%)" if keys <= _ACCURACIES else "metric x 100")
   title = f"{results.get('dataset', '')} {results.get('split', '')}".strip()
-  ax.set_title(title or "accuracy vs size")
-  _finish(fig, ax, path)
+  ax.set_title(title or "metrics vs size")
+  _finish(fig, ax, path, legend_fontsize=7)
+  return drawn
+
+
+def map_key(rows: list[dict]) -> str:
+  """"map@10", or the largest mAP@k every row has (a funnel that keeps K < 10 has no mAP@10)."""
+  common = set.intersection(*({k for k in r if k.startswith("map@") and k[4:].isdigit()}
+                              for r in rows))
+  return "map@10" if "map@10" in common else max(common, key=lambda k: int(k[4:]),
+                                                  default="top1")
 
 
 def plot_retrieval_vs_mflops(path, rows: list[dict]) -> None:
   """mAP@10 against MFLOPs per query (log axis): exact single-shot sizes vs adaptive/funnels."""
+  key = map_key(rows)
   fig, ax = plt.subplots(figsize=(6, 4))
   styles = {"single_shot": ("o", "C0", "exact search at one size"),
             "adaptive": ("s", "C1", "shortlist -> rerank"),
             "funnel": ("^", "C2", "funnel")}
   for kind, (marker, color, label) in styles.items():
-    points = [(r["mflops"], 100 * r["map@10"], r["name"]) for r in rows if r["kind"] == kind]
+    points = [(r["mflops"], 100 * r[key], r["name"]) for r in rows if r["kind"] == kind]
     if not points:
       continue
     xs, ys, names = zip(*sorted(points))
@@ -119,7 +155,7 @@ def plot_retrieval_vs_mflops(path, rows: list[dict]) -> None:
                   textcoords="offset points")
   ax.set_xscale("log")
   ax.set_xlabel("MFLOPs per query (N_db * Ds + sum K_j * Dr_j) / 1e6")
-  ax.set_ylabel("mAP@10 (%)")
+  ax.set_ylabel(f"{key.replace('map', 'mAP')} (%)" if key != "top1" else "top-1 (%)")
   ax.set_title("adaptive retrieval")
   _finish(fig, ax, path, legend_fontsize=8)
 
@@ -156,3 +192,34 @@ def _finish(fig, ax, path, legend_fontsize=None) -> None:
   fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
   paths.write_bytes(path, png.getvalue())
+
+
+def main(argv=None) -> int:
+  """The comparison plot of results files (module docstring)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+  parser.add_argument("--results", required=True, help="a results.json written by eval.py")
+  parser.add_argument("--baseline", action="append", default=[],
+                      help="label:path of another run's results.json on the same set "
+                           "(repeatable)")
+  parser.add_argument("--out", required=True, help="the PNG to write")
+  args = parser.parse_args(argv)
+  def read(path):
+    try:
+      return json.loads(paths.read_text(paths.expand(path)))
+    except FileNotFoundError:
+      raise SystemExit(f"error: no results file {path}") from None
+  baselines = {}
+  for item in args.baseline:
+    label, sep, path = item.partition(":")
+    if not sep or not label:
+      print(f"error: --baseline={item!r}; allowed: label:path/results.json", file=sys.stderr)
+      return 2
+    baselines[label] = read(path)
+  drawn = plot_accuracy_vs_dim(paths.expand(args.out), read(args.results), baselines)
+  print(f"wrote {args.out}: {len(drawn)} curves")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -48,9 +48,12 @@ class Objective:
     loss, metrics = contrastive.matryoshka_contrastive_loss(
         z_img, z_txt, self.sizes, weights, scale=scale, bias=bias, loss=self.loss_name,
         symmetric=True, label_smoothing=self.label_smoothing, tile_rows=self.tile_rows)
-    metrics["scale"] = scale[0]
-    if bias is not None:
-      metrics["bias"] = bias[0]
+    # One learned scale (and bias) shared by the sizes, or one per size: each is logged.
+    named = [""] if scale.shape[0] == 1 else [f"@{m}" for m in self.sizes]
+    for i, suffix in enumerate(named):
+      metrics[f"scale{suffix}"] = scale[i]
+      if bias is not None:
+        metrics[f"bias{suffix}"] = bias[i]
     return loss, metrics
 
   def train_preprocess(self, source, steps_per_epoch: int):
