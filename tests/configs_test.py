@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from mrl_jax import models
+from mrl_jax import state as state_lib
 from mrl_jax import train_lib
+from mrl_jax import utils
 from mrl_jax import validation
 from tests.conftest import REPO
 from tests.conftest import load_config
@@ -295,6 +297,23 @@ def test_dual_encoder_dry_run_counts_each_tower(tmp_path, arg, image):
   width = 2048 if arg == "lit" else 768  # projection: the image tower's width
   assert summary["num_params_heads"] == (width + 768) * width + 1 + (arg == "siglip")
   assert json.loads((tmp_path / "model_summary.json").read_text())["towers"] == summary["towers"]
+
+
+@pytest.mark.parametrize("name", ["digits_resnet_mrl", "mnist_resnet_mrl", "mnist_pairs_multilabel",
+                                  "image_text_digits", "text_wiki",
+                                  "vit_b16_jft.py:dataset=my_jft,num_classes=18291"])
+def test_every_config_dry_runs(tmp_path, name):
+  """train.py --dry_run on each config the tests above do not count: the summary's parts add
+  up to the model's parameters, and a dual encoder lists its two towers."""
+  config = load_config(f"configs/{name}" + ("" if ".py" in name else ".py"))
+  summary = train_lib.dry_run(config, str(tmp_path))
+  spec = models.resolve(config)
+  _, params, _ = state_lib.build_model(config, spec)
+  assert summary["num_params_total"] == utils.count_params(params) > 0
+  assert ("towers" in summary) == (name == "image_text_digits")
+  if name == "image_text_digits":
+    assert sum(t["num_params"] for t in summary["towers"].values()) == summary[
+        "num_params_encoder"]
 
 
 # The paper's ALIGN-MRL run. Sources (public):
