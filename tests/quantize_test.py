@@ -82,6 +82,19 @@ def test_search_orders_ties_by_lower_id_shortlists_four_times_k_and_uses_given_r
   for kind in (None, "int8", "binary"):
     np.testing.assert_array_equal(quantize.search(query, duplicates, 10, kind),
                                   [list(range(10))])
+  # Three vectors, each repeated at shuffled rows: ties among scores that differ (numpy's
+  # default quicksort keeps all-equal rows in order, not ties between other values).
+  # (Seed 6: the quantised and float orders of the groups differ, so the rescoring sort
+  # meets ties out of id order too.)
+  tie_rng = np.random.default_rng(6)
+  tie_query = _unit(tie_rng.uniform(0.5, 1.0, size=(1, 16)))
+  groups = _unit(tie_rng.normal(size=(3, 16)))[tie_rng.integers(0, 3, 60)]
+  score = (_unit(tie_query) @ groups.T)[0]
+  want = sorted(range(60), key=lambda i: (-score[i], i))[:25]
+  np.testing.assert_array_equal(quantize.search(tie_query, groups, 25, None), [want])
+  for kind in ("int8", "binary"):
+    np.testing.assert_array_equal(quantize.search(tie_query, groups, 10, kind),
+                                  _by_definition(tie_query, groups, 10, kind, 4))
   corpus = _unit(rng.normal(size=(300, 16)))
   queries = _unit(corpus[:40] + 0.3 * rng.normal(size=(40, 16)))
   for kind in ("int8", "binary"):

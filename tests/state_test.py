@@ -2,6 +2,8 @@
 one construction (graph definitions, abstract state, initial values) is what constructing it
 directly gives."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +100,78 @@ def test_another_config_is_another_model_and_callers_get_their_own_trees(constru
   again, params_again, _ = state_lib.build_model(config, spec)
   assert again is model and "stem" in params_again["encoder"]
   assert len(constructions) == before + 1
+
+
+# --- init_from: which encoder comes from where ----------------------------------------------
+
+_RESNET = "resnet18(width=4,stem=small,in_channels=3)"
+_BERT = "bert-tiny(vocab_size=30522,max_len=512,type_vocab_size=2,pool=mean,pooler=False)"
+
+
+def _signature(encoder, tokenizer=None, **rest):
+  out = {"encoder": encoder, "head": "none", "nesting": [8, 16], "num_classes": 0,
+         "feature_dim": 16, **rest}
+  if tokenizer:
+    out.update(objective="contrastive", tokenizer=tokenizer)
+  return out
+
+
+class _Spec:  # what init_plan reads of a ModelSpec
+  def __init__(self, signature):
+    self.signature = signature
+
+
+def _init_config(heads=False):
+  config = load_config("configs/image_text_digits.py:runlocal")
+  config.update(init_from="/runs/source", init_from_heads=heads)
+  return config
+
+
+def test_a_dual_encoders_description_parses_back_into_its_towers():
+  encoder = f"two_towers({_RESNET},{_BERT},projection=32)"
+  assert state_lib.two_towers.parse_description(encoder) == (_RESNET, _BERT, 32)
+  assert state_lib.two_towers.describe(_RESNET, _BERT, 32) == encoder
+  assert state_lib.two_towers.parse_description(_RESNET) is None
+  assert state_lib.two_towers.parse_description("two_towers(a,b)") is None
+  assert state_lib.towers(_signature(encoder, "wp:1")) == {"image": (_RESNET, None),
+                                                         "text": (_BERT, "wp:1")}
+  assert state_lib.towers(_signature(_BERT, "wp:1")) == {"encoder": (_BERT, "wp:1")}
+
+
+def test_init_plan_takes_each_encoder_with_the_same_architecture_and_tokenizer():
+  dual = _signature(f"two_towers({_RESNET},{_BERT},projection=32)", "wp:1")
+  plan = lambda mine, theirs, heads=False: state_lib.init_plan(_init_config(heads),
+                                                               _Spec(mine), theirs)
+  assert plan(dual, _signature(_RESNET)) == ({"image": "encoder"}, False)
+  assert plan(dual, _signature(_BERT, "wp:1")) == ({"text": "encoder"}, False)
+  assert plan(dual, dual) == ({"image": "image", "text": "text"}, False)
+  assert plan(dual, dual, heads=True) == ({"image": "image", "text": "text"}, True)
+  assert plan(_signature(_RESNET), dual) == ({"encoder": "image"}, False)
+  assert plan(_signature(_BERT, "wp:1"), dual) == ({"encoder": "text"}, False)
+  assert plan(_signature(_RESNET), _signature(_RESNET), heads=True) == (
+      {"encoder": "encoder"}, True)
+  # One tower matches: it is taken (the run prints which).
+  other_text = _signature(f"two_towers({_RESNET},{_BERT[:-1]},num_layers=2)"
+                          ",projection=32)", "wp:1")
+  assert plan(dual, other_text) == ({"image": "image"}, False)
+  # The same architecture read with another tokenizer gives other token ids: not taken.
+  with pytest.raises(state_lib.ConfigError, match=r"holds a model with tokenizer='wp:2' but "
+                                                  r"the config has tokenizer='wp:1'; nothing"):
+    plan(_signature(_BERT, "wp:1"), _signature(_BERT, "wp:2"))
+  with pytest.raises(state_lib.ConfigError, match=r"^config.init_from=/runs/source holds "
+                                                  r"encoder='bert-tiny.*\(tokenizer wp:2\) but "
+                                                  r"the config builds image="):
+    plan(dual, _signature(_BERT, "wp:2"))
+  with pytest.raises(state_lib.ConfigError, match=r"holds a model with encoder='resnet18"
+                                                  r"\(width=4.*; nothing to take$"):
+    plan(_signature(_RESNET.replace("width=4", "width=8")), _signature(_RESNET))
+  # Heads only from a model of the same signature, each field named.
+  for field, value in (("nesting", [8]), ("num_classes", 10), ("head", "mrl"),
+                       ("feature_dim", 32)):
+    with pytest.raises(state_lib.ConfigError, match=rf"with {field}={re.escape(repr(value))} "
+                                                    rf"but the config "
+                                                    rf"has {field}=.*; set config.init_from_"
+                                                    "heads=False to take only the encoder$"):
+      plan(dual, {**dual, field: value}, heads=True)
+  with pytest.raises(state_lib.ConfigError, match="set config.init_from_heads=False"):
+    plan(dual, _signature(_RESNET), heads=True)

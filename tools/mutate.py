@@ -95,6 +95,9 @@ MODULES = {
         ["tests/imagenet_prepare_test.py", "-m", "not slow"]]),
     "convert_hf": ("mrl_jax/convert_hf.py", [
         ["tests/convert_hf_test.py"]]),
+    "state": ("mrl_jax/state.py", [
+        ["tests/state_test.py"],
+        ["tests/two_towers_test.py", "-k", "init_from or lit or locked"]]),
 }
 
 # Calls whose only effect is output: not mutated.
