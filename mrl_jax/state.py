@@ -305,6 +305,7 @@ def init_from_checkpoint(config, spec, state: TrainState) -> TrainState:
   parts = [f"{name} <- {plan.get(name, 'heads')} ({count:,} parameters"
            + (f", {stats:,} BatchNorm statistics)" if stats else ")")
            for name, (count, stats) in taken.items() if count or stats]
+  parts += [f"{name} fresh" for name in towers(spec.signature) if name not in plan]
   if not heads and spec.model_name == models.DUAL:
     parts.append("projections and temperature fresh")
   elif not heads and spec.head != "none":

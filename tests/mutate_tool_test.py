@@ -30,11 +30,15 @@ def test_cache_entries_without_an_access_time_are_removed_so_writes_work(tmp_pat
 
 def test_pending_reruns_survivors_and_other_sources_unless_new_only():
   """Which mutants a run picks, by their recorded result (a hand-written table)."""
-  mutants = [{"id": i} for i in ("killed", "survived", "stale", "new")]
-  results = {"killed": {"fingerprint": "f1", "status": "killed"},
-             "survived": {"fingerprint": "f1", "status": "survived"},
-             "stale": {"fingerprint": "f0", "status": "killed"}}
-  ids = lambda **kw: [m["id"] for m in mutate.pending(mutants, results, "f1", **kw)]
+  mutants = [{"id": f"m:{f}:{i}:1"} for f, i in (("f", "killed"), ("f", "survived"),
+                                                  ("g", "stale"), ("h", "new"))]
+  results = {"m:f:killed:1": {"fingerprint": "f1", "status": "killed"},
+             "m:f:survived:1": {"fingerprint": "f1", "status": "survived"},
+             "m:g:stale:1": {"fingerprint": "f0", "status": "killed"}}
+  ids = lambda **kw: [m["id"].split(":")[2] for m in mutate.pending(mutants, results, "f1",
+                                                                     **kw)]
   assert ids() == ["survived", "stale", "new"]
   assert ids(new_only=True) == ["stale", "new"]
   assert ids(rerun=True) == ["killed", "survived", "stale", "new"]
+  assert ids(functions={"g", "h"}) == ["stale", "new"]  # --functions=g,h
+  assert ids(rerun=True, functions={"f"}) == ["killed", "survived"]

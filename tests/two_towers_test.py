@@ -351,7 +351,8 @@ def test_lit_locks_an_image_tower_taken_from_a_classification_run(digits_dir, tm
                 _under(want_stats, "encoder"))
   count = lambda flat: f"{sum(v.size for v in _under(flat, 'encoder').values()):,}"
   assert (f"step 0: image <- encoder ({count(want_params)} parameters, {count(want_stats)} "
-          "BatchNorm statistics); projections and temperature fresh") in capsys.readouterr().out
+          "BatchNorm statistics); text fresh; projections and temperature fresh"
+          ) in capsys.readouterr().out
 
 
 def test_init_from_takes_each_tower_from_a_run_that_has_it(dual_run, digits_dir, tmp_path,
@@ -368,7 +369,8 @@ def test_init_from_takes_each_tower_from_a_run_that_has_it(dual_run, digits_dir,
   for prefix in ("image", "image_projection", "text_projection", "log_scale"):
     _assert_taken(_under(got, prefix), _under(fresh, prefix))
   _assert_taken(got_stats, fresh_stats)
-  assert "text <- encoder (" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "text <- encoder (" in out and "; image fresh; projections and temperature fresh" in out
 
   saved = _final_state(workdir, 4)
   saved_params = state_lib._flat_str(saved["params"])

@@ -3,6 +3,7 @@ r"""Mutation testing of the core modules: does some test fail when one line is w
   python tools/mutate.py                          # every core module (hours on 2 cores)
   python tools/mutate.py --modules=losses,lock    # some of them
   python tools/mutate.py --modules=lock --list    # the mutants, without running anything
+  python tools/mutate.py --modules=knn --functions=dot_rows   # a change confined to dot_rows
   python tools/mutate.py --show=<mutant id>       # one mutant's diff
   python tools/mutate.py --report                 # rewrite docs/mutation/README.md only
 
@@ -393,7 +394,7 @@ def load(path, default):
 
 
 def pending(candidates: list[dict], results: dict, fingerprint: str, rerun: bool = False,
-            new_only: bool = False) -> list[dict]:
+            new_only: bool = False, functions: set[str] | None = None) -> list[dict]:
   """The mutants to run. Killed mutants of this source stay killed (tests are added, not
   weakened); survivors and mutants of another source run again, survivors not with new_only
   (a survivor whose test was added and run by hand waits for a full rerun)."""
@@ -402,11 +403,14 @@ def pending(candidates: list[dict], results: dict, fingerprint: str, rerun: bool
     if result.get("fingerprint") != fingerprint:
       return False
     return new_only or result["status"] == "killed"
-  return [m for m in candidates if rerun or not done(m)]
+  # (functions: a change confined to them runs their mutants only)
+  return [m for m in candidates if (rerun or not done(m))
+          and (not functions or m["id"].split(":")[1] in functions)]
 
 
 def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = False,
-        only: list[int] | None = None, new_only: bool = False) -> None:
+        only: list[int] | None = None, new_only: bool = False,
+        functions: set[str] | None = None) -> None:
   results = load(RESULTS, {})
   stale = repair_compile_cache(_env()["MRL_JAX_TEST_COMPILE_CACHE"])
   if stale:
@@ -415,7 +419,7 @@ def run(modules: list[str], workers: int, rerun: bool, selected_only: bool = Fal
   copies = [_copy_repo(os.path.join(root, f"w{i}")) for i in range(workers)]
   for module in modules:
     fingerprint = _fingerprint(module)
-    todo = pending(mutants(module), results, fingerprint, rerun, new_only)
+    todo = pending(mutants(module), results, fingerprint, rerun, new_only, functions)
     if not todo:
       print(f"{module}: every mutant has a result for this version", flush=True)
       continue
@@ -539,6 +543,9 @@ def main() -> None:
   parser.add_argument("--tiers", help="comma-separated 1-based tiers of the module's tests to "
                       "use (e.g. 1,2: its fast ones); mutants on lines only other tiers run "
                       "are left for a run with all tiers, survivors are marked")
+  parser.add_argument("--functions", help="comma-separated function names (Class.method for "
+                      "methods): only their mutants run, e.g. after a change confined to them "
+                      "(the module's other results stay as recorded)")
   args = parser.parse_args()
   modules = [m for m in args.modules.split(",") if m]
   unknown = [m for m in modules if m not in MODULES]
@@ -556,7 +563,9 @@ def main() -> None:
   only = [int(t) for t in args.tiers.split(",")] if args.tiers else None
   if args.rerun and args.new_only:
     raise SystemExit("--rerun and --new-only exclude each other; pass one of them")
-  return run(modules, max(1, args.workers), args.rerun, args.selected_only, only, args.new_only)
+  functions = set(args.functions.split(",")) if args.functions else None
+  return run(modules, max(1, args.workers), args.rerun, args.selected_only, only, args.new_only,
+             functions)
 
 
 if __name__ == "__main__":
