@@ -217,6 +217,11 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
   devices = list(devices) if devices is not None else jax.devices()
   num_devices = len(devices)
   spec = validation.validate(config, num_devices, jax.process_count())
+  if spec.model_name == models.DUAL and config.model.get("freeze") and not config.get(
+      "init_from"):
+    raise ConfigError(f"config.model.freeze={config.model.freeze!r} without config.init_from "
+                      "would lock a randomly initialised tower; set config.init_from to a "
+                      "trained run (or converted checkpoint) holding that tower")
   # One job per workdir, before any expensive work (opening or preparing the dataset) and
   # before anything in the workdir is touched.
   with lock_lib.WorkdirLock(workdir):
@@ -252,10 +257,6 @@ def _train_and_evaluate(config, workdir, spec, devices, *, overwrite: bool) -> d
     state, _ = state_lib.create_train_state(config, spec, tx, mesh)
     if config.get("init_from"):
       state = state_lib.init_from_checkpoint(config, spec, state)
-    elif spec.model_name == models.DUAL and config.model.get("freeze"):
-      raise ConfigError(f"config.model.freeze={config.model.freeze!r} without config.init_from "
-                        "would lock a randomly initialised tower; set config.init_from to a "
-                        "trained run (or converted checkpoint) holding that tower")
   workdir_lib.record(workdir, config)
   meta = {"signature": spec.signature, "global_batch": config.input.batch_size,
           "reader": config.input.reader, "num_processes": jax.process_count()}

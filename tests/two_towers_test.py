@@ -422,6 +422,7 @@ def test_init_from_that_would_take_nothing_is_one_line(dual_run, digits_dir, tmp
       devices=jax.devices()[:1]))
   assert code == 2 and err.strip().count("\n") == 0, err
   assert "config.model.freeze='image' without config.init_from would lock a randomly" in err
+  assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
