@@ -59,6 +59,11 @@ def main(argv):
   return cli.run(_evaluate, verbose=FLAGS.verbose)
 
 
+def _print(results):
+  from mrl_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  report.print_results(results)
+
+
 def _evaluate():
   from mrl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from mrl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
@@ -112,30 +117,6 @@ def _adaptive_flags():
       rerank_sizes=tuple(cli.ints(FLAGS.rerank_sizes, "rerank_sizes")),
       shortlist_k=tuple(cli.ints(FLAGS.shortlist_k, "shortlist_k")), funnels=tuple(funnels),
       shortlist_engines=tuple(FLAGS.shortlist_engines)))  # HNSW: ann.HnswParams' defaults
-
-
-SHOWN = ("linear_top1", "prec@1", "knn1_top1", "map@10", "spearman", "ndcg@10", "mrr@10",
-         "mlm_acc", "recall@1_i2t", "recall@1_t2i", "zeroshot_top1", "cosine_gap")
-
-
-def _print(results):
-  from mrl_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  if "split" in results:
-    print(f"{results['dataset']} ({results['split']}): {results['num_queries']} queries, "
-          f"{results['num_database']} database")
-  else:  # a text set (evaluation/text.py)
-    print(f"{results['dataset']}:")
-  for size, m in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
-    shown = {k: v for k, v in m.items() if k in SHOWN}
-    if shown:  # (a cross-modal-only set has no per-size row)
-      print(f"  m={size:>5}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-  rows = results.get("adaptive_retrieval") or ()
-  key = report.map_key(rows) if rows else ""
-  for r in rows:
-    print(f"  {r['name']:<32} {key}={r[key]:.4f}  MFLOPs={r['mflops']:.2f}  "
-          f"speed-up vs exact: {r['mflops_speedup_vs_exact']:.1f}x (MFLOPs), "
-          f"{r['wallclock_speedup_vs_exact']:.1f}x (wall-clock)  "
-          f"shortlist recall={r['shortlist_recall']:.3f}")
 
 
 if __name__ == "__main__":

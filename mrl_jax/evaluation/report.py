@@ -194,6 +194,31 @@ def _finish(fig, ax, path, legend_fontsize=None) -> None:
   paths.write_bytes(path, png.getvalue())
 
 
+# The per-size metrics eval.py prints (print_results).
+SHOWN = ("linear_top1", "prec@1", "knn1_top1", "map@10", "spearman", "ndcg@10", "mrr@10",
+         "mlm_acc", "recall@1_i2t", "recall@1_t2i", "zeroshot_top1", "cosine_gap")
+
+
+def print_results(results: dict) -> None:
+  """eval.py's summary of one set: each size's headline metrics, the adaptive funnels."""
+  if "split" in results:
+    print(f"{results['dataset']} ({results['split']}): {results['num_queries']} queries, "
+          f"{results['num_database']} database")
+  else:  # a text set (evaluation/text.py)
+    print(f"{results['dataset']}:")
+  for size, m in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
+    shown = {k: v for k, v in m.items() if k in SHOWN}
+    if shown:  # (a cross-modal-only set has no per-size row)
+      print(f"  m={size:>5}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+  rows = results.get("adaptive_retrieval") or ()
+  key = map_key(rows) if rows else ""
+  for r in rows:
+    print(f"  {r['name']:<32} {key}={r[key]:.4f}  MFLOPs={r['mflops']:.2f}  "
+          f"speed-up vs exact: {r['mflops_speedup_vs_exact']:.1f}x (MFLOPs), "
+          f"{r['wallclock_speedup_vs_exact']:.1f}x (wall-clock)  "
+          f"shortlist recall={r['shortlist_recall']:.3f}")
+
+
 def main(argv=None) -> int:
   """The comparison plot of results files (module docstring)."""
   import argparse  # pylint: disable=g-import-not-at-top
