@@ -108,14 +108,17 @@ class Embedder:
       out = self._text_pp([{"text": t} for t in chunk], np.arange(i, i + len(chunk)), 0)
       yield len(chunk), {k.removeprefix("text_"): v for k, v in out.items()}
 
+  @property
+  def in_channels(self) -> int:
+    """The channels the image encoder (a dual encoder's image tower) takes."""
+    return (self.config.image_tower if self.dual else self.config.model).get("in_channels", 3)
+
   def _image_batches(self, images):
     first = images[0]
-    image_model = self.config.image_tower if self.dual else self.config.model
-    channels = (np.asarray(first).shape[-1] if not isinstance(first, bytes)
-                else image_model.in_channels)
-    if channels != image_model.get("in_channels", 3):
+    channels = np.asarray(first).shape[-1] if not isinstance(first, bytes) else self.in_channels
+    if channels != self.in_channels:
       raise ConfigError(f"the images have {channels} channels (shape {np.shape(first)}) but the "
-                        f"image tower takes {image_model.get('in_channels', 3)}; pass "
+                        f"image tower takes {self.in_channels}; pass "
                         "[N, H, W, C] uint8 images with its channels, or encoded image bytes")
     pp = preprocess.from_config(self.config.input, train=False, channels=channels)
     for i in range(0, len(images), self.batch_size):

@@ -65,8 +65,7 @@ def check_channels(embedder, source) -> None:
   """A set whose images have other channels than the image tower takes is a one-line error
   (the tower's first convolution would fail in XLA)."""
   shape = source.builder().info.features[source.image_key].shape
-  tower = embedder.config.image_tower if embedder.dual else embedder.config.model
-  want = tower.get("in_channels", 3)
+  want = embedder.in_channels
   if shape and shape[-1] not in (None, want):
     raise ConfigError(f"dataset {source.name!r} has {shape[-1]}-channel images but the image "
                       f"tower takes {want} (config.eval.image_text_sets); evaluate it with a "
