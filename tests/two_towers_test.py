@@ -172,7 +172,7 @@ def test_a_grayscale_set_on_an_rgb_tower_is_one_line(dual_run, data_dir, entry):
 class _Embedder:
   """Embeddings chosen by hand for zero-shot: image of digit c -> e_c; the prompt "a {c}" ->
   e_c (norm 1), "the digit {c}" -> 100 u + 2 e_{c+1} (norm ~100, mostly the shared u)."""
-  dual, in_channels = True, 3  # an RGB image tower, as Embedder says
+  in_channels = 3  # an RGB image tower, as Embedder.in_channels says
 
   def __init__(self, config, images, labels, names):
     self.config = config
