@@ -13,6 +13,9 @@ Evaluation at every size: image <-> text Recall@1/5/10 and the cosine gap on mni
 test, zero-shot top-1 on mnist_colored test (prompt ensemble of the class names), the image
 tower's k-NN on mnist_colored, and cross-modal adaptive retrieval (captions -> images).
 
+`scenes`: train and retrieve on `mnist_scenes` instead (1-4 digits of two sizes on four
+backgrounds, every caption naming all of it: many bits per caption, 48-token captions).
+
 Args: `sigmoid` (SigLIP's loss, learned bias), `standard` (the non-MRL baseline: only 128
 trained, smaller sizes by truncation), `lit=<workdir>` is not an arg: lock the image tower
 with `--config.model.freeze=image --config.init_from=<a workdir of this config>`;
@@ -24,7 +27,7 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, sigmoid=False, standard=False, runlocal=False, reader="grain",
-                         seed=0, steps=0)
+                         seed=0, steps=0, scenes=False)
   c = common.base_config()
   c.seed = arg.seed
   c.model_name = "two_towers"
@@ -65,6 +68,11 @@ def get_config(arg=None):
                                  "crossmodal:mnist_captions:test"),
                 zeroshot_templates=("a {}", "the digit {}", "a handwritten {}",
                                     "a picture of a {}"))
+  if arg.scenes:
+    c.input.dataset = "mnist_scenes"
+    c.text.max_length = 48
+    c.eval.image_text_sets = tuple(s.replace("mnist_captions", "mnist_scenes")
+                                   for s in c.eval.image_text_sets)
   if arg.runlocal:
     c.image_tower.width = 4
     c.text_tower.num_layers = 1
@@ -75,6 +83,6 @@ def get_config(arg=None):
     c.total_steps = arg.steps or 4
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
-    c.eval.update(image_text_sets=("retrieval:mnist_captions:test[:64]",
+    c.eval.update(image_text_sets=(f"retrieval:{c.input.dataset}:test[:64]",
                                    "zeroshot:mnist_colored:test[:64]"), rerank_sizes=(32,))
   return c

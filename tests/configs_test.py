@@ -27,7 +27,8 @@ CONFIGS = [
     "configs/text_wiki.py:contrastive,two_d", "configs/text_wiki.py:standard",
     "configs/text_wiki.py:contrastive,minilm", "configs/bert_base_mlm.py",
     "configs/bert_base_mlm.py:standard", "configs/image_text_digits.py",
-    "configs/image_text_digits.py:sigmoid", "configs/align_vit_bert.py:mrl",
+    "configs/image_text_digits.py:sigmoid", "configs/image_text_digits.py:scenes",
+    "configs/align_vit_bert.py:mrl",
     "configs/align_vit_bert.py:siglip", "configs/align_vit_bert.py:lit",
 ]
 

@@ -91,6 +91,9 @@ MODULES = {
     "quantize": ("mrl_jax/evaluation/quantize.py", [
         ["tests/quantize_test.py"],
         ["tests/inference_test.py"]]),
+    "builtin": ("mrl_jax/data/builtin.py", [
+        ["tests/scenes_test.py"],
+        ["tests/data_test.py", "-m", "not slow"]]),
     "prepare": ("mrl_jax/data/prepare.py", [
         ["tests/prepare_test.py"],
         ["tests/imagenet_prepare_test.py", "-m", "not slow"]]),

