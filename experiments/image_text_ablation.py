@@ -132,6 +132,25 @@ def final_scales(workdir: str) -> dict[str, float]:
   return last
 
 
+def norm_share(run_dir: str, config, size: int, count: int = 500) -> dict[str, float]:
+  """Mean share of |z|^2 in z[:size] over `count` test pairs, per tower: how much of the
+  full-size cosine the first `size` dimensions decide (size / d when spread evenly)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from mrl_jax import inference  # pylint: disable=g-import-not-at-top
+  from mrl_jax.data import builtin  # pylint: disable=g-import-not-at-top
+  source = tfds.data_source(config.input.dataset, split=f"test[:{count}]",
+                            data_dir=config.input.data_dir or builtin.default_data_dir())
+  examples = [source[i] for i in range(len(source))]
+  text = lambda c: c.decode() if isinstance(c, bytes) else str(c)
+  model = inference.load(run_dir)
+  share = {}
+  for tower, inputs in (("image", np.stack([e["image"] for e in examples])),
+                        ("text", [text(e["captions"][0]) for e in examples])):
+    z = np.asarray(model.embed(inputs), np.float64) ** 2
+    share[tower] = float(np.mean(z[:, :size].sum(1) / z.sum(1)))
+  return share
+
+
 def _pm(values) -> str:
   v = np.asarray(values, np.float64)
   return f"{v.mean():.1f}" + (f" ± {v.std():.1f}" if len(v) > 1 else "")
@@ -176,7 +195,7 @@ def main(argv) -> int:
                       os.path.join(REPO, "docs", "image_text_ablation", FLAGS.data))
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   tables = {metric: {} for metric in metrics(FLAGS.data)}
-  scales, seconds, curves, runs = {}, {}, {}, {}
+  scales, seconds, curves, runs, shares = {}, {}, {}, {}, {}
   full = None
   for seed in range(seeds):
     for row in rows:
@@ -189,6 +208,8 @@ def main(argv) -> int:
       seconds.setdefault(row, []).append(secs)
       runs[run] = {k: v["sizes"] for k, v in results.items()}
       curves.setdefault(row, []).append(loss_curve(run_dir, full))
+      for tower, value in norm_share(run_dir, config, 8).items():
+        shares.setdefault(row, {}).setdefault(tower, []).append(value)
       for name, value in final_scales(run_dir).items():
         scales.setdefault(row, {}).setdefault(name, []).append(value)
       for metric, (dataset, _) in metrics(FLAGS.data).items():
@@ -208,12 +229,16 @@ def main(argv) -> int:
           ""]
   for metric, (_, title) in metrics(FLAGS.data).items():
     text += [f"## {title}", "", claims_lib.table(tables[metric], sizes), ""]
-  text += ["## Learned scale (exp t') at the end, and seconds per run (train + eval)", "",
-           "| row | scale(s) | seconds |", "|---|---|---|"]
+  text += ["## Learned scale (exp t') at the end, share of |z|² in z[:8] (test pairs; "
+           f"{800 / full:.0f}% when spread evenly), seconds per run (train + eval)", "",
+           "| row | scale(s) | z[:8] share, image | text | seconds |", "|---|---|---|---|---|"]
   for row in rows:
     cells = ", ".join(f"{name}: {_pm(v)}" for name, v in sorted(
         scales.get(row, {}).items(), key=lambda kv: (len(kv[0]), kv[0])))
-    text.append(f"| {row} | {cells} | {_pm(seconds[row])} |")
+    share = shares.get(row, {})
+    text.append(f"| {row} | {cells} | {_pm(np.multiply(share['image'], 100)) if share else '–'}"
+                f"% | {_pm(np.multiply(share['text'], 100)) if share else '–'}% | "
+                f"{_pm(seconds[row])} |")
   text += ["", f"![full-size training loss](loss_{full}.png)", ""]
   os.makedirs(out, exist_ok=True)
   plot(os.path.join(out, f"loss_{full}.png"), curves, full)
@@ -221,7 +246,8 @@ def main(argv) -> int:
     f.write("\n".join(text))
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump({"rows": rows, "seeds": seeds, "steps": steps, "seconds": seconds,
-               "scales": scales, "runs": runs}, f, indent=1, sort_keys=True)
+               "scales": scales, "norm_share@8": shares, "runs": runs}, f, indent=1,
+              sort_keys=True)
   print("\n".join(text))
   return 0
 

@@ -69,6 +69,9 @@ def test_tables_are_the_runs_own_results(quick_run):
                   if l.startswith(f"| {m} |"))
       assert f"{100 * top1:.1f}" in line.split("|")[1 + ["standard", "mrl_both"].index(row) + 1]
   assert set(summary["scales"]["mrl_both"]) == {"scale@8", "scale@16", "scale@32"}
+  for row in ("standard", "mrl_both"):  # a share of the squared norm, per tower
+    assert set(summary["norm_share@8"][row]) == {"image", "text"}
+    assert all(0 < v[0] < 1 for v in summary["norm_share@8"][row].values())
   assert np.isfinite(summary["seconds"]["standard"]).all()
   assert (work / "out" / "loss_32.png").stat().st_size > 10_000
 
