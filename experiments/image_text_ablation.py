@@ -7,8 +7,9 @@ an ablation, every row against the same standard (full size only, truncated) bas
 
 configs/image_text_digits.py as experiments/image_text_claims.py trains it (600 steps, image
 tower width 16; `--steps`, `--width` for a cheaper look), one run ~15 min on 2 CPU cores (two
-runs side by side, each pinned to a core with `taskset`, finish ~13% sooner in all). Rows
-(`--rows`, default the first five):
+runs side by side, each pinned to a core with `taskset`, finish ~13% sooner in all), so the
+default, 5 rows x 3 seeds, takes about 4 h on a 2-core host. Rows (`--rows`, default the first
+five):
 
 - `standard`: only the full size (128) trained; smaller sizes by truncation (the baseline).
 - `mrl`: the Matryoshka loss at 8, 16, ..., 128, equal weights, one learned scale shared by
