@@ -93,4 +93,7 @@ def test_every_caption_names_what_the_pixels_show(scenes):
       assert digits[error.argmin()] == digit, example["captions"]
     assert example["labels"] == sorted({d for d, _, _, _ in objects})
   assert counts == {1, 2, 3, 4}
+  words = {w for e in examples for c in e["captions"] for w in re.findall(r"[\w]+", c)}
+  assert set(builtin.DIGIT_NAMES) - {"one", "two", "three", "four"} <= words  # by name ...
+  assert {str(d) for d in range(10)} <= words  # ... and by numeral
   assert seen == {*builtin.SCENE_BACKGROUNDS, *builtin.SCENE_INKS, "large", "small"}
