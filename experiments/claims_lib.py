@@ -27,13 +27,17 @@ def train_eval(config, workdir, *, train: bool = True) -> tuple[dict, float]:
   return results, seconds
 
 
+def pm(values) -> str:
+  """mean ± std (population std, as numpy's), the mean alone for one value, – for none."""
+  v = np.asarray(values, np.float64)
+  return "–" if not len(v) else f"{v.mean():.1f}" + (f" ± {v.std():.1f}" if len(v) > 1 else "")
+
+
 def table(rows: dict[str, dict[int, list[float]]], sizes, scale=100.0) -> str:
   lines = ["| m | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
   for m in sizes:
     cells = []
     for values in rows.values():
-      v = np.asarray(values.get(m, []), np.float64) * scale
-      cells.append("–" if not len(v) else f"{v.mean():.1f}" + (
-          f" ± {v.std():.1f}" if len(v) > 1 else ""))
+      cells.append(pm(np.asarray(values.get(m, []), np.float64) * scale))
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

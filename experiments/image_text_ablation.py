@@ -110,27 +110,19 @@ def make_config(row: str, seed: int, steps: int, quick: bool, data_dir=None,
   return config
 
 
-def loss_curve(workdir: str, size: int) -> tuple[list[int], list[float]]:
-  """(steps, train loss at `size`) from the run's metrics.jsonl."""
-  steps, losses = [], []
+def logged(workdir: str, size: int) -> tuple[tuple[list[int], list[float]], dict[str, float]]:
+  """From the run's metrics.jsonl: (steps, train loss at `size`), and the learned scale(s)
+  logged last ({"scale": s} or {"scale@m": s_m})."""
+  steps, losses, scales = [], [], {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       record = json.loads(line)
       if f"train/loss@{size}" in record:
         steps.append(record["step"])
         losses.append(record[f"train/loss@{size}"])
-  return steps, losses
-
-
-def final_scales(workdir: str) -> dict[str, float]:
-  """The learned scale(s) logged last: {"scale": s} or {"scale@m": s_m}."""
-  last = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      last.update({k.split("/", 1)[1]: v for k, v in record.items()
-                   if k.startswith("train/scale")})
-  return last
+      scales.update({k.split("/", 1)[1]: v for k, v in record.items()
+                     if k.startswith("train/scale")})
+  return (steps, losses), scales
 
 
 def norm_share(run_dir: str, config, size: int, count: int = 500) -> dict[str, float]:
@@ -150,11 +142,6 @@ def norm_share(run_dir: str, config, size: int, count: int = 500) -> dict[str, f
     z = np.asarray(model.embed(inputs), np.float64) ** 2
     share[tower] = float(np.mean(z[:, :size].sum(1) / z.sum(1)))
   return share
-
-
-def _pm(values) -> str:
-  v = np.asarray(values, np.float64)
-  return f"{v.mean():.1f}" + (f" ± {v.std():.1f}" if len(v) > 1 else "")
 
 
 def plot(path: str, curves: dict[str, list[tuple[list[int], list[float]]]], size: int) -> None:
@@ -189,6 +176,12 @@ def main(argv) -> int:
   if unknown:
     print(f"--rows: unknown {unknown}; allowed: {list(ROWS)}", file=sys.stderr)
     return 2
+  if len(set(rows)) < len(rows):  # a repeated row would count its runs twice as seeds
+    print(f"--rows={FLAGS.rows}: a row is repeated; name each once", file=sys.stderr)
+    return 2
+  if FLAGS.seeds < 1:
+    print(f"--seeds={FLAGS.seeds}; allowed: 1 or more", file=sys.stderr)
+    return 2
   seeds = 1 if FLAGS.quick else FLAGS.seeds
   steps = 6 if FLAGS.quick else FLAGS.steps
   workdir = FLAGS.workdir or os.path.join(REPO, "runs", "image_text_ablation")
@@ -203,15 +196,18 @@ def main(argv) -> int:
       config = make_config(row, seed, steps, FLAGS.quick, FLAGS.data_dir, FLAGS.data,
                            FLAGS.width)
       run = f"{row}_seed{seed}"
-      run_dir = os.path.join(workdir, f"{FLAGS.data}_steps{steps}_width{FLAGS.width}", run)
+      # Every setting its own folder: finished runs are reused by name.
+      setting = "runlocal" if FLAGS.quick else f"width{FLAGS.width}"
+      run_dir = os.path.join(workdir, f"{FLAGS.data}_steps{steps}_{setting}", run)
       results, secs = claims_lib.train_eval(config, run_dir)
       full = config.model.projection
       seconds.setdefault(row, []).append(secs)
       runs[run] = {k: v["sizes"] for k, v in results.items()}
-      curves.setdefault(row, []).append(loss_curve(run_dir, full))
+      curve, last_scales = logged(run_dir, full)
+      curves.setdefault(row, []).append(curve)
       for tower, value in norm_share(run_dir, config, 8).items():
         shares.setdefault(row, {}).setdefault(tower, []).append(value)
-      for name, value in final_scales(run_dir).items():
+      for name, value in last_scales.items():
         scales.setdefault(row, {}).setdefault(name, []).append(value)
       for metric, (dataset, _) in metrics(FLAGS.data).items():
         for m, values in results[dataset]["sizes"].items():
@@ -234,12 +230,12 @@ def main(argv) -> int:
            f"{800 / full:.0f}% when spread evenly), seconds per run (train + eval)", "",
            "| row | scale(s) | z[:8] share, image | text | seconds |", "|---|---|---|---|---|"]
   for row in rows:
-    cells = ", ".join(f"{name}: {_pm(v)}" for name, v in sorted(
+    cells = ", ".join(f"{name}: {claims_lib.pm(v)}" for name, v in sorted(
         scales.get(row, {}).items(), key=lambda kv: (len(kv[0]), kv[0])))
-    share = shares.get(row, {})
-    text.append(f"| {row} | {cells} | {_pm(np.multiply(share['image'], 100)) if share else '–'}"
-                f"% | {_pm(np.multiply(share['text'], 100)) if share else '–'}% | "
-                f"{_pm(seconds[row])} |")
+    image, text_share = (claims_lib.pm(np.multiply(shares[row][t], 100))
+                         for t in ("image", "text"))
+    text.append(f"| {row} | {cells} | {image}% | {text_share}% | "
+                f"{claims_lib.pm(seconds[row])} |")
   text += ["", f"![full-size training loss](loss_{full}.png)", ""]
   os.makedirs(out, exist_ok=True)
   plot(os.path.join(out, f"loss_{full}.png"), curves, full)

@@ -41,7 +41,7 @@ def test_each_row_trains_what_it_says(quick_run):
   """mrl_both (runlocal: sizes 8, 16, 32): loss = 1/2 loss@8 + 1/2 loss@16 + loss@32 at every
   logged step, and a learned scale per size; standard: the full size's loss and one scale."""
   work, _ = quick_run
-  runs = work / "runs" / "captions_steps6_width16"
+  runs = work / "runs" / "captions_steps6_runlocal"
   both = [r for r in _records(runs / "mrl_both_seed0") if "train/loss" in r]
   assert both
   for r in both:
@@ -60,7 +60,7 @@ def test_tables_are_the_runs_own_results(quick_run):
   work, summary = quick_run
   text = (work / "out" / "results.md").read_text()
   for row in ("standard", "mrl_both"):
-    with open(work / "runs" / "captions_steps6_width16" / f"{row}_seed0" / "claims_run.json") as f:
+    with open(work / "runs" / "captions_steps6_runlocal" / f"{row}_seed0" / "claims_run.json") as f:
       results = json.load(f)["results"]
     assert summary["runs"][f"{row}_seed0"]["mnist_colored"] == results["mnist_colored"]["sizes"]
     for m in (8, 16, 32):  # one seed: the table's cell is the run's value
@@ -80,4 +80,10 @@ def test_an_unknown_row_is_one_line(tmp_path):
   proc = _run("--rows=mrl,bogus", f"--workdir={tmp_path}")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("--rows: unknown ['bogus']; allowed:")
+  assert not os.listdir(tmp_path)
+  for args, want in ((("--rows=mrl,mrl",), "--rows=mrl,mrl: a row is repeated"),
+                     (("--seeds=0",), "--seeds=0; allowed: 1 or more")):
+    proc = _run(*args, f"--workdir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(want)
   assert not os.listdir(tmp_path)
